@@ -1,0 +1,1 @@
+"""Built-in LoRA methods, one module each. Every module here is imported by `load_methods()`."""

@@ -1,0 +1,233 @@
+"""The `dpfl-bench` command line: thin wrappers over the library, user errors printed as one red line."""
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dpfl_bench.errors import UserError
+
+app = typer.Typer(
+    help="Benchmark differentially private federated fine-tuning of large models with LoRA.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+errors = Console(stderr=True)
+
+Section = "Run"
+Federated, Training, Privacy, Adapter = "Federated learning", "Local training", "Privacy", "LoRA"
+
+
+def _opt(help: str, panel: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=help, rich_help_panel=panel, show_default=False)
+
+
+@app.command()
+def run(
+    method: Annotated[Optional[str], _opt("LoRA method: dp-lora, ffa-lora, rolora, la-lora (see `dpfl-bench methods`). [default: la-lora]", Section)] = None,
+    eps: Annotated[Optional[float], _opt("Target privacy budget ε; `inf` trains without privacy. [default: 1]", Privacy)] = None,
+    delta: Annotated[Optional[float], _opt("Target δ; must be below 1/n of the smallest protected dataset. [default: 1e-5]", Privacy)] = None,
+    dp_level: Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. [default: sample]", Privacy)] = None,
+    clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). [default: 1]", Privacy)] = None,
+    accountant: Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. [default: rdp]", Privacy)] = None,
+    task: Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`). [default: sentiment]", Section)] = None,
+    clients: Annotated[Optional[int], _opt("Number of clients N.", Federated)] = None,
+    participation: Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated)] = None,
+    rounds: Annotated[Optional[int], _opt("Communication rounds.", Federated)] = None,
+    local_steps: Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated)] = None,
+    partition: Annotated[Optional[str], _opt("Data split across clients: iid or dirichlet (label skew).", Federated)] = None,
+    dirichlet_alpha: Annotated[Optional[float], _opt("Dirichlet concentration; smaller is more skewed.", Federated)] = None,
+    min_partition_size: Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)] = None,
+    weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
+    batch_size: Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training)] = None,
+    physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split.", Training)] = None,
+    lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
+    optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
+    eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
+    rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
+    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
+    method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
+    seed: Annotated[Optional[int], _opt("Seed for data split, client sampling, init, batches and noise. [default: 0]", Section)] = None,
+    device: Annotated[Optional[str], _opt("auto, cpu or cuda. [default: auto]", Section)] = None,
+    out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. [default: results]", Section)] = None,
+    config: Annotated[Optional[Path], _opt("TOML file of these options (same names); flags override it.", Section)] = None,
+) -> None:
+    """Train one federated LoRA configuration under (ε, δ)-DP and write its per-round metrics to Parquet.
+
+    Task defaults fill the options you leave out; `dpfl-bench tasks` shows them.
+    Example: dpfl-bench run --method la-lora --eps 1
+    """
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt")}
+    with _user_errors():
+        from dpfl_bench.config import build_config, load_toml
+        from dpfl_bench.federated import run_federated
+        from dpfl_bench.tasks import TASKS
+
+        options = load_toml(config) if config else {}
+        options.update(flags)
+        if method_opt:
+            options["method_options"] = {**options.get("method_options", {}), **_key_values(method_opt)}
+        if "out" in options:
+            options["out"] = str(options["out"])
+        chosen = TASKS.get(options.get("task", "sentiment"))
+        resolved = build_config(options, chosen.defaults)
+        _quiet_libraries()
+        fed, priv = resolved.federated, resolved.privacy
+        console.print(
+            f"[bold]{resolved.task}[/] · {resolved.method} · ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level) · "
+            f"{fed.clients} clients × {fed.participation:g} · {fed.rounds} rounds × {fed.local_steps} steps · "
+            f"batch {resolved.training.batch_size} · lr {resolved.training.lr:g} · rank {resolved.adapter.rank}"
+        )
+        if chosen.synthetic:
+            console.print("[yellow]synthetic task: generated data and a random-init model, for tests only[/]")
+        with _progress() as progress:
+            bar = progress.add_task("loading data and model", total=fed.rounds, status="")
+
+            def on_round(done: int, row: dict | None) -> None:
+                status = f"acc {row['test_accuracy']:.3f} · ε spent {row['eps_spent']:.2f}" if row else None
+                progress.update(bar, completed=done, description="training", **({"status": status} if status else {}))
+
+            summary = run_federated(resolved, on_round=on_round)
+        _print_summary(summary)
+
+
+@app.command()
+def privacy(
+    eps: Annotated[Optional[float], typer.Option(help="Target ε: print the noise multiplier σ that meets it.")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="σ: print the ε it gives instead.")] = None,
+    delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
+    dp_level: Annotated[str, typer.Option(help="sample (DP-SGD in clients) or client (DP-FedAvg).")] = "sample",
+    clients: Annotated[int, typer.Option(help="Number of clients N.")] = 4,
+    participation: Annotated[float, typer.Option(help="Fraction of clients per round.")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Rounds.")] = 5,
+    local_steps: Annotated[int, typer.Option(help="Local steps K per round.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 32,
+    client_size: Annotated[int, typer.Option(help="Examples per client n (sample level).")] = 2688,
+    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
+    seed: Annotated[int, typer.Option(help="Seed of the participation schedule.")] = 0,
+) -> None:
+    """Privacy calculator: σ for a target ε, or ε for a given σ, for a training schedule.
+
+    Uses the same calibration and accounting as `run` (equal client datasets of --client-size).
+    """
+    with _user_errors():
+        from dpfl_bench.config import build_config
+        from dpfl_bench.partition import participation_schedule
+        from dpfl_bench.privacy.plan import plan_privacy
+
+        if (eps is None) == (noise_multiplier is None):
+            raise UserError("give exactly one of --eps (to get σ) or --noise-multiplier (to get ε)")
+        options = dict(
+            clients=clients, participation=participation, rounds=rounds, local_steps=local_steps,
+            batch_size=batch_size, delta=delta, dp_level=dp_level, accountant=accountant, seed=seed,
+        )
+        if noise_multiplier is not None and noise_multiplier <= 0:
+            raise UserError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
+        config = build_config({**options, "eps": eps if eps is not None else 1.0})
+        schedule = participation_schedule(clients, participation, rounds, seed=seed)
+        plan = plan_privacy(config, [client_size] * clients, schedule)
+        if eps is not None:
+            console.print(f"noise multiplier σ = [bold]{plan.noise_multiplier:.4f}[/] for ε = {eps:g}, δ = {delta:g} ({dp_level} level)")
+            return
+        if dp_level == "sample":
+            mechanisms = [sum(k in chosen for chosen in schedule) * local_steps for k in range(clients)]
+        else:
+            mechanisms = [rounds]
+        from dataclasses import replace
+
+        spent = replace(plan, noise_multiplier=noise_multiplier).spent(mechanisms)
+        console.print(f"ε = [bold]{max(spent):.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {delta:g} ({dp_level} level)")
+
+
+@app.command()
+def methods() -> None:
+    """List the LoRA methods, their options and citations."""
+    import dataclasses
+
+    from dpfl_bench.method import load_methods
+
+    table = Table("method", "what it does", "options (default)", "citation", show_lines=True)
+    for name, cls in load_methods():
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "—"
+        table.add_row(f"[bold]{name}[/]", cls.summary, opts, cls.citation)
+    console.print(table)
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks (data + pretrained model + LoRA targets) and their default options."""
+    from dpfl_bench.tasks import TASKS
+
+    table = Table("task", "data and model", "LoRA on", "defaults", show_lines=True)
+    for name, task in TASKS:
+        defaults = ", ".join(f"{k}={v}" for k, v in task.defaults.items()) or "—"
+        table.add_row(f"[bold]{name}[/]", task.description, ", ".join(task.lora_targets), defaults)
+    console.print(table)
+
+
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--method-opt takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds · {task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _print_summary(summary: Any) -> None:
+    last = summary.rows[-1]
+    table = Table(title="run finished", show_header=False)
+    eps = "∞ (non-private)" if math.isinf(last["eps_target"]) else f"{last['eps_spent']:.3f} of {last['eps_target']:g} (δ={last['delta']:g})"
+    table.add_row("task · method", f"{last['task']} · {last['method']}")
+    table.add_row("test accuracy", f"{last['test_accuracy']:.4f} after {last['round']} rounds")
+    table.add_row("ε spent", eps)
+    if summary.plan.private:
+        table.add_row("noise multiplier σ", f"{last['noise_multiplier']:.4f} (clip {last['clip']:g}, {last['dp_level']} level)")
+    table.add_row("time", f"{last['wall_seconds']:.1f} s ({last['train_seconds'] / last['round']:.1f} s training per round)")
+    table.add_row("results", str(summary.path))
+    console.print(table)
+
+
+class _user_errors:
+    """Turn a UserError into one red line and exit code 1; Ctrl-C into a short note and exit code 130."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if isinstance(error, UserError):
+            errors.print(f"[red]error:[/] {error}", highlight=False)
+            raise typer.Exit(1)
+        if isinstance(error, KeyboardInterrupt):
+            errors.print("[yellow]interrupted[/]: the rounds evaluated so far are saved in the results folder")
+            raise typer.Exit(130)
+        return False

@@ -1,0 +1,126 @@
+"""One client's local training for one round.
+
+`train_client` is a pure function of (global state, client id, round, seed) and the run's fixed setup:
+all of its randomness (batches, DP noise, dropout) comes from a seed derived from those, so a client
+can be run anywhere and in any order and still upload the same tensors.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpfl_bench.adapters import State, TrainableParams
+from dpfl_bench.config import RunConfig
+from dpfl_bench.method import Factor, Method
+from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
+from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.tasks import Examples
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The fixed parts a client trains with: the model (with LoRA) on its device, and how to read it."""
+
+    model: nn.Module
+    params: TrainableParams
+    device: torch.device
+    per_example: PerExampleGradients | None  # present when clients run DP-SGD
+    physical_batch_size: int  # examples per forward pass; a logical batch may take several
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    upload: State  # the uploaded factors and head after local training
+    num_examples: int
+    train_loss: float  # mean loss over the examples seen this round
+
+
+def client_seed(seed: int, round: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, round, client]).generate_state(1)[0])
+
+
+def train_client(
+    ws: Workspace,
+    global_state: State,
+    data: Examples,
+    *,
+    client: int,
+    round: int,
+    method: Method,
+    config: RunConfig,
+    plan: PrivacyPlan,
+) -> ClientResult:
+    torch.manual_seed(client_seed(config.seed, round, client))
+    ws.params.load(global_state)
+    set_train_mode(ws.model)
+    optimizer = make_optimizer(ws.params, method, config)
+    sample_level = plan.level == "sample"
+    batch_size = config.training.batch_size
+    loss_sum, seen = 0.0, 0
+    for step in range(config.federated.local_steps):
+        factors = method.trains(round, step) | {Factor.HEAD}
+        ws.params.set_trainable(factors)
+        if sample_level:  # Poisson sampling: the amplification the accountant assumes
+            index = torch.nonzero(torch.rand(len(data)) < plan.sample_rates[client]).flatten()
+        else:
+            index = torch.randperm(len(data))[:batch_size]
+        grads, batch_loss = _summed_gradients(ws, data, index, plan if sample_level else None)
+        if sample_level:
+            for name, g in grads.items():
+                g += torch.randn_like(g) * (plan.noise_multiplier * plan.clip)
+        denominator = min(batch_size, len(data)) if sample_level else max(len(index), 1)
+        for factor in factors:
+            for name, param in ws.params.by_factor[factor].items():
+                param.grad = method.postprocess(factor, grads[name] / denominator).to(param.dtype)
+        optimizer.step()
+        loss_sum, seen = loss_sum + batch_loss, seen + len(index)
+    uploaded = method.uploads(round) | {Factor.HEAD}
+    upload = {n: p.detach().clone() for n, p in ws.params.of(uploaded).items()}
+    return ClientResult(upload, len(data), loss_sum / max(seen, 1))
+
+
+def _summed_gradients(
+    ws: Workspace, data: Examples, index: torch.Tensor, dp: PrivacyPlan | None
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Sum over the batch of each example's gradient (clipped to dp.clip per example under DP), and the
+    summed loss. The batch is processed in physical chunks, so memory does not grow with its size."""
+    trainable = {n: p for n, p in ws.params.all().items() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
+    loss_sum = 0.0
+    for chunk in index.split(ws.physical_batch_size):
+        features, labels = data.batch(chunk)
+        features = {k: v.to(ws.device, non_blocking=True) for k, v in features.items()}
+        losses = F.cross_entropy(ws.model(**features), labels.to(ws.device), reduction="none")
+        loss_sum += float(losses.detach().sum())
+        if dp is not None:
+            clipped, _ = clip_and_sum(ws.per_example.compute(losses), dp.clip)
+            grads = [clipped[n] for n in trainable]
+        else:
+            grads = torch.autograd.grad(losses.sum(), list(trainable.values()))
+        for name, g in zip(trainable, grads):
+            total[name] += g.float()
+    return total, loss_sum
+
+
+def make_optimizer(params: TrainableParams, method: Method, config: RunConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer for one client-round, one parameter group per factor (for its lr multiplier)."""
+    lr = config.training.lr
+    groups = [
+        {"params": list(p.values()), "lr": lr * (1.0 if f is Factor.HEAD else method.lr_multiplier(f))}
+        for f, p in params.by_factor.items()
+        if p
+    ]
+    if config.training.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode, but BatchNorm stays in eval mode: batch statistics would mix examples."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

@@ -1,0 +1,171 @@
+"""Run configuration: one frozen dataclass per concern, built from defaults, task defaults, TOML and flags.
+
+Every option has one flat name, the same on the command line (`--local-steps`) and in a TOML file
+(`local-steps = 10`). Precedence, lowest first: the defaults below, the task's own defaults, the TOML
+file, the flags. Validation happens once, here, and fails with a one-line `UserError`.
+"""
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dpfl_bench.errors import UserError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    clients: int = 4
+    participation: float = 0.5  # fraction of clients sampled each round
+    rounds: int = 5
+    local_steps: int = 10  # optimizer steps each sampled client runs per round
+    partition: str = "iid"  # iid | dirichlet
+    dirichlet_alpha: float = 0.5  # label skew; smaller is more skewed
+    min_partition_size: int = 10
+    weighting: str = "uniform"  # FedAvg weights: uniform | size
+
+    def __post_init__(self) -> None:
+        _require(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
+        _require(0 < self.participation <= 1, f"--participation must be in (0, 1], got {self.participation}")
+        _require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
+        _require(self.local_steps >= 1, f"--local-steps must be at least 1, got {self.local_steps}")
+        _require(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
+        _require(self.dirichlet_alpha > 0, f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        _require(self.min_partition_size >= 1, f"--min-partition-size must be at least 1, got {self.min_partition_size}")
+        _require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
+
+    @property
+    def clients_per_round(self) -> int:
+        return math.ceil(self.participation * self.clients)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 32  # expected batch size (Poisson-sampled under sample-level DP)
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd
+    eval_every: int = 1  # evaluate the global model every this many rounds (and always after the last)
+    physical_batch_size: int = 64  # examples per forward pass; larger batches are split (same math, less memory)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
+        _require(self.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 8
+    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / rank
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
+        _require(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    eps: float = 1.0  # target ε; inf trains without privacy
+    delta: float = 1e-5
+    dp_level: str = "sample"  # sample (DP-SGD in every client) | client (DP-FedAvg)
+    clip: float = 1.0  # clipping norm C: per example (sample level) or per client update (client level)
+    accountant: str = "rdp"  # rdp | prv
+
+    def __post_init__(self) -> None:
+        _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
+        _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
+        _require(self.dp_level in ("sample", "client"), f"--dp-level must be sample or client, got {self.dp_level!r}")
+        _require(self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.eps)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "sentiment"
+    method: str = "la-lora"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = "results"
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        # inf is not JSON; keep it readable and reversible as the string "inf".
+        return json.dumps(self.to_dict(), default=str, sort_keys=True).replace("Infinity", '"inf"')
+
+
+_SECTIONS: dict[str, type] = {
+    "federated": FederatedConfig,
+    "training": TrainingConfig,
+    "adapter": AdapterConfig,
+    "privacy": PrivacyConfig,
+}
+_TOP_LEVEL = ("task", "method", "seed", "device", "out", "method_options")
+
+
+def option_names() -> list[str]:
+    """Every flat option name, as written in TOML and (with `--`) on the command line."""
+    names = [n for n in _TOP_LEVEL]
+    for section in _SECTIONS.values():
+        names += [f.name for f in dataclasses.fields(section)]
+    return [n.replace("_", "-") for n in names]
+
+
+def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = {}) -> RunConfig:
+    """Build a validated RunConfig from flat options (keys with dashes or underscores), over task defaults."""
+    flat = {**_normalise(task_defaults), **_normalise(options)}
+    sections = {}
+    for name, section in _SECTIONS.items():
+        wanted = {f.name for f in dataclasses.fields(section)}
+        sections[name] = section(**{k: v for k, v in flat.items() if k in wanted})
+    top = {k: v for k, v in flat.items() if k in _TOP_LEVEL}
+    return RunConfig(**top, **sections)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file of flat options; a `[method-options]` table holds the method's own options."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    if "method-options" in data:
+        data["method_options"] = data.pop("method-options")
+    _normalise(data)
+    return data
+
+
+def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
+    valid = set(option_names())
+    out = {}
+    for key, value in options.items():
+        dashed = key.replace("_", "-")
+        if dashed not in valid:
+            raise UserError(f"unknown option {key!r}; valid options: {', '.join(sorted(valid))}")
+        out[dashed.replace("-", "_")] = value
+    return out

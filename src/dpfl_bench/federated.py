@@ -1,0 +1,185 @@
+"""The federated core: sample clients -> local training -> aggregate -> evaluate -> record.
+
+It knows nothing of any particular method: a method only answers the questions in `dpfl_bench.method`.
+"""
+
+import hashlib
+import resource
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpfl_bench
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.client import ClientResult, Workspace, train_client
+from dpfl_bench.config import RunConfig
+from dpfl_bench.errors import UserError
+from dpfl_bench.method import create_method
+from dpfl_bench.partition import dirichlet_partition, iid_partition, participation_schedule
+from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.privacy.plan import PrivacyPlan, plan_privacy
+from dpfl_bench.results import write_rows
+from dpfl_bench.server import aggregate
+from dpfl_bench.tasks import TASKS, Examples
+
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    path: Path
+    rows: list[dict[str, Any]]
+    plan: PrivacyPlan
+    client_sizes: list[int]
+
+
+def run_id(config: RunConfig) -> str:
+    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
+    return f"{config.task}_{config.method}_eps{config.privacy.eps:g}_seed{config.seed}_{digest}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def run_federated(
+    config: RunConfig, *, on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None
+) -> RunSummary:
+    """Run one configuration to the end, writing its results file after every evaluation."""
+    started = time.perf_counter()
+    task = TASKS.get(config.task)
+    method = create_method(config.method, config.method_options)
+    fed, device = config.federated, resolve_device(config.device)
+    if config.privacy.dp_level == "client" and config.privacy.private and fed.weighting != "uniform":
+        raise UserError("client-level DP needs uniform FedAvg weights; drop --weighting size")
+
+    data = task.load_data()
+    shards = partition(data.train, config)
+    clients = [data.train.subset(torch.from_numpy(idx)) for idx in shards]
+    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed)
+    plan = plan_privacy(config, [len(c) for c in clients], schedule)
+
+    torch.manual_seed(config.seed)  # the head's and LoRA A's initial values are part of the run
+    model = task.build_model(data.num_classes).to(device)  # move first, then add adapters (Opacus issue 820)
+    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    model.to(device)
+    ws = Workspace(
+        model=model,
+        params=params,
+        device=device,
+        per_example=PerExampleGradients(model, params.all()) if plan.level == "sample" else None,
+        physical_batch_size=config.training.physical_batch_size,
+    )
+    global_state = params.state()
+    noise = torch.Generator().manual_seed(config.seed)  # client-level DP noise, drawn by the server
+    mechanisms_run = [0] * (fed.clients if plan.level != "client" else 1)
+    out = Path(config.out) / f"{run_id(config)}.parquet"
+    rows: list[dict[str, Any]] = []
+    train_seconds, bytes_uploaded = 0.0, 0
+
+    for round, chosen in enumerate(schedule):
+        round_started = time.perf_counter()
+        results: list[ClientResult] = [
+            train_client(ws, global_state, clients[k], client=k, round=round, method=method, config=config, plan=plan)
+            for k in chosen
+        ]
+        weights = [1.0 if fed.weighting == "uniform" else r.num_examples for r in results]
+        global_state = aggregate(
+            global_state,
+            [r.upload for r in results],
+            weights,
+            clip=plan.clip if plan.level == "client" else None,
+            noise_multiplier=plan.noise_multiplier,
+            generator=noise,
+        )
+        train_seconds += time.perf_counter() - round_started
+        bytes_uploaded += sum(t.numel() * t.element_size() for r in results for t in r.upload.values())
+        if plan.level == "sample":
+            for k in chosen:
+                mechanisms_run[k] += fed.local_steps
+        elif plan.level == "client":
+            mechanisms_run[0] += 1
+
+        row = None
+        if (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds:
+            params.load(global_state)
+            accuracy, loss = evaluate(model, data.test, device)
+            spent = plan.spent(mechanisms_run)
+            row = {
+                "run_id": out.stem,
+                "task": task.name,
+                "model": task.model_name,
+                "method": method.name,
+                "dp_level": plan.level,
+                "eps_target": config.privacy.eps,
+                "delta": config.privacy.delta,
+                "noise_multiplier": plan.noise_multiplier,
+                "clip": plan.clip,
+                "eps_spent": max(spent),
+                "eps_spent_mean": float(np.mean(spent)),
+                "round": round + 1,
+                "rounds_total": fed.rounds,
+                "test_accuracy": accuracy,
+                "test_loss": loss,
+                "train_loss": float(np.mean([r.train_loss for r in results])),
+                "wall_seconds": time.perf_counter() - started,
+                "train_seconds": train_seconds,
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
+                "seed": config.seed,
+                "config_json": config.to_json(),
+                **versions(),
+            }
+            rows.append(row)
+            write_rows(rows, out)
+        on_round(round + 1, row)
+    if ws.per_example is not None:
+        ws.per_example.remove()
+    return RunSummary(out, rows, plan, [len(c) for c in clients])
+
+
+def partition(train: Examples, config: RunConfig) -> list[np.ndarray]:
+    fed = config.federated
+    if fed.partition == "iid":
+        return iid_partition(len(train), fed.clients, seed=config.seed)
+    return dirichlet_partition(
+        train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, min_size=fed.min_partition_size, seed=config.seed
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test: Examples, device: torch.device) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of `model` on `test`."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for chunk in test.by_length().split(EVAL_BATCH_SIZE):
+        features, labels = test.batch(chunk)
+        logits = model(**{k: v.to(device) for k, v in features.items()})
+        labels = labels.to(device)
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+    return correct / len(test), loss / len(test)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, str]:
+    return {
+        "dpfl_bench_version": dpfl_bench.__version__,
+        **{f"{pkg}_version": version(pkg) for pkg in ("torch", "peft", "opacus", "transformers")},
+    }

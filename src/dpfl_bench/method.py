@@ -1,0 +1,122 @@
+"""The method interface: the few questions on which LoRA methods for private federated learning differ.
+
+The federated core asks a method four things and nothing else:
+
+- `trains(round, step)`: which LoRA factors (A, B) are trained at this local step of this round;
+- `lr_multiplier(factor)`: the factor's learning rate relative to `--lr`;
+- `postprocess(factor, grad)`: what to do to a factor's (already privatized) gradient before the step;
+- `uploads(round)`: which factors clients send and the server averages this round.
+
+The classification head always trains and is always uploaded. A method is one class in one file in
+`methods/`, decorated with `@register_method`; its options are a frozen dataclass named in `Options`.
+Third-party packages add methods through the entry-point group `dpfl_bench.methods`.
+"""
+
+import dataclasses
+import enum
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from dpfl_bench.errors import UserError
+from dpfl_bench.registry import Registry
+
+
+class Factor(str, enum.Enum):
+    A = "A"  # lora_A: rank x in_features, random init
+    B = "B"  # lora_B: out_features x rank, zero init
+    HEAD = "head"  # the classification head, trained and uploaded by every method
+
+
+BOTH = frozenset({Factor.A, Factor.B})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Method:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `dpfl-bench methods`
+    citation: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def trains(self, round: int, step: int) -> frozenset[Factor]:
+        return BOTH
+
+    def lr_multiplier(self, factor: Factor) -> float:
+        return 1.0
+
+    def postprocess(self, factor: Factor, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def uploads(self, round: int) -> frozenset[Factor]:
+        return BOTH
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator that adds a method to the registry under `cls.name`."""
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+    return METHODS.add(cls.name, cls)
+
+
+_loaded = False
+
+
+def load_methods() -> Registry[type[Method]]:
+    """Import every module of the built-in `dpfl_bench.methods` package, then the entry points."""
+    global _loaded
+    if not _loaded:
+        import dpfl_bench.methods as builtin
+
+        for module in pkgutil.iter_modules(builtin.__path__):
+            importlib.import_module(f"{builtin.__name__}.{module.name}")
+        for entry in entry_points(group="dpfl_bench.methods"):
+            cls = entry.load()
+            if cls.name not in METHODS:
+                register_method(cls)
+        _loaded = True
+    return METHODS
+
+
+def create_method(name: str, options: Mapping[str, Any] = {}) -> Method:
+    """The named method with its options; option values given as strings (from the CLI) are converted."""
+    cls = load_methods().get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    values = {}
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise UserError(f"method {name!r} has no option {key!r}; its options: {valid}")
+        values[key] = _convert(value, fields[key].type, f"{name} option {key}")
+    try:
+        return cls(cls.Options(**values))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad options for method {name!r}: {e}") from None
+
+
+def _convert(value: Any, annotation: Any, what: str) -> Any:
+    kind = {"float": float, "int": int, "str": str, "bool": bool}.get(getattr(annotation, "__name__", annotation))
+    if not isinstance(value, str) or kind in (None, str):
+        return value
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise UserError(f"{what} must be true or false, got {value!r}")
+        return value.lower() == "true"
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"{what} must be a {kind.__name__}, got {value!r}") from None

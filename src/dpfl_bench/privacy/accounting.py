@@ -1,0 +1,73 @@
+"""Privacy accounting and noise calibration, on top of Opacus's RDP and PRV accountants.
+
+The only mechanism here is the subsampled Gaussian: `steps` applications at `sample_rate` with
+`noise_multiplier` σ. Under sample-level DP each client's dataset is protected separately (rate
+batch/n_k, one application per local step it runs); under client-level DP the set of clients is (rate
+m/N, one application per round). Calibration picks the smallest σ that keeps *every* client within ε.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from dpfl_bench.errors import UserError
+
+MAX_NOISE_MULTIPLIER = 1e4
+
+
+@lru_cache(maxsize=65536)
+def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """ε after `steps` subsampled Gaussian mechanisms; 0 before the first, inf without noise."""
+    from opacus.accountants import create_accountant
+
+    if steps == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """How often one protected dataset is touched: `steps` mechanisms at `sample_rate`."""
+
+    sample_rate: float
+    steps: int
+
+
+def worst_epsilon(noise_multiplier: float, exposures: list[Exposure], *, delta: float, accountant: str) -> float:
+    return max(
+        epsilon(noise_multiplier=noise_multiplier, sample_rate=e.sample_rate, steps=e.steps, delta=delta, accountant=accountant)
+        for e in set(exposures)
+    )
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, exposures: list[Exposure], accountant: str) -> float:
+    """The smallest noise multiplier (to 0.1%) whose worst ε over `exposures` is at most `target_epsilon`."""
+
+    def fits(sigma: float) -> bool:
+        return worst_epsilon(sigma, exposures, delta=delta, accountant=accountant) <= target_epsilon
+
+    high = 1.0
+    while not fits(high):
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise UserError(
+                f"ε = {target_epsilon} cannot be met even with noise multiplier {MAX_NOISE_MULTIPLIER:g}; "
+                "raise --eps or use fewer --rounds or --local-steps"
+            )
+    low = 0.0
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def check_delta(delta: float, smallest_dataset: int, what: str) -> None:
+    if delta >= 1 / smallest_dataset:
+        raise UserError(
+            f"--delta {delta:g} must be below 1/n = {1 / smallest_dataset:.3g} for the smallest {what} "
+            f"({smallest_dataset}); lower --delta"
+        )

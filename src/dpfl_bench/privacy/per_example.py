@@ -1,0 +1,81 @@
+"""Per-example gradients of the trainable LoRA factors and head, for DP-SGD.
+
+Every trainable weight here lives in an `nn.Linear` (LoRA on linear layers, the head) or a 1x1 `nn.Conv2d`
+(LoRA on pointwise convolutions). For such a layer y = W x, the gradient of example i's loss is
+sum_t g_it x_it^T, with g = dL/dy over the t tokens or pixels of that example. So a forward hook keeps
+each trainable layer's input and output; `torch.autograd.grad` then asks for dL/dy alone, which
+backpropagates through the frozen network without ever forming the (summed) weight gradients.
+
+Layers whose weight is frozen at this step record nothing: the alternating methods change the trainable
+set every step or round, and nothing here needs re-wrapping when they do.
+"""
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class PerExampleGradients:
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        names = {id(p): n for n, p in params.items()}
+        self._layers: list[tuple[nn.Module, str, str | None]] = []  # layer, weight name, bias name
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or id(weight) not in names:
+                continue
+            if not _supported(module):
+                raise TypeError(f"per-example gradients are not implemented for {module}")
+            bias = getattr(module, "bias", None)
+            self._layers.append((module, names[id(weight)], names.get(id(bias)) if bias is not None else None))
+        self._records: list[tuple[nn.Module, str, str | None, torch.Tensor, torch.Tensor]] = []
+        self._handles = [layer.register_forward_hook(self._make_hook(w, b)) for layer, w, b in self._layers]
+
+    def _make_hook(self, weight_name: str, bias_name: str | None) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if module.weight.requires_grad and torch.is_grad_enabled():
+                self._records.append((module, weight_name, bias_name, inputs[0].detach(), output))
+
+        return hook
+
+    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
+        the last call; `losses` holds one loss per example."""
+        records, self._records = self._records, []
+        outputs = [r[4] for r in records]
+        grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+        grads: dict[str, torch.Tensor] = {}
+        for (module, weight_name, bias_name, x, y), g in zip(records, grads_out):
+            g = torch.zeros_like(y) if g is None else g
+            x, g = _tokens_last(module, x.float()), _tokens_last(module, g.float())  # [batch, tokens, features]
+            weight = torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape)
+            grads[weight_name] = grads[weight_name] + weight if weight_name in grads else weight
+            if bias_name is not None and module.bias.requires_grad:
+                bias = g.sum(dim=1)
+                grads[bias_name] = grads[bias_name] + bias if bias_name in grads else bias
+        return grads
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def _tokens_last(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):  # [b, c, h, w] -> [b, h*w, c]
+        return t.flatten(2).transpose(1, 2)
+    return t.reshape(len(t), -1, t.shape[-1])
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip each example's whole gradient (all parameters together) to norm `clip`, then sum over examples.
+
+    Returns the summed clipped gradients and the per-example norms before clipping."""
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, norms

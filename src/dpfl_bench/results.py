@@ -1,0 +1,69 @@
+"""Run results: one tidy Parquet file per run, one row per evaluated round.
+
+The file is rewritten after every evaluation through a temporary file and an atomic rename, so an
+interrupted run leaves the rounds it finished and never a half-written file.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("task", pa.string()),
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("dp_level", pa.string()),  # none | sample | client
+        ("eps_target", pa.float64()),  # inf for a non-private run
+        ("delta", pa.float64()),
+        ("noise_multiplier", pa.float64()),  # σ; noise std is σ·clip
+        ("clip", pa.float64()),
+        ("eps_spent", pa.float64()),  # largest ε spent by any client so far (client level: by the client set)
+        ("eps_spent_mean", pa.float64()),  # mean over clients
+        ("round", pa.int64()),  # 1-based: the number of rounds finished
+        ("rounds_total", pa.int64()),
+        ("test_accuracy", pa.float64()),
+        ("test_loss", pa.float64()),
+        ("train_loss", pa.float64()),  # mean over the examples the round's clients trained on
+        ("wall_seconds", pa.float64()),  # since the run started, evaluation included
+        ("train_seconds", pa.float64()),  # local training and aggregation only, summed over rounds
+        ("peak_memory_bytes", pa.int64()),  # CUDA peak allocation, or peak resident memory on CPU
+        ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
+        ("seed", pa.int64()),
+        ("config_json", pa.string()),
+        ("dpfl_bench_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("peft_version", pa.string()),
+        ("opacus_version", pa.string()),
+        ("transformers_version", pa.string()),
+    ]
+)
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write `rows` to `path` atomically: readers see the old file or the new one, never a partial one."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_run(path: Path) -> pd.DataFrame:
+    """One run's rows; raises if the file is not a dpfl-bench results file."""
+    table = pq.read_table(path)
+    missing = set(SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path} is not a dpfl-bench results file (missing {', '.join(sorted(missing))})")
+    return table.to_pandas()

