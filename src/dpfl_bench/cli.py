@@ -80,8 +80,9 @@ def run(
         resolved = build_config(options, chosen.defaults)
         _quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
+        privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level)" if priv.private else "non-private"
         console.print(
-            f"[bold]{resolved.task}[/] · {resolved.method} · ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level) · "
+            f"[bold]{resolved.task}[/] · {resolved.method} · {privacy_text} · "
             f"{fed.clients} clients × {fed.participation:g} · {fed.rounds} rounds × {fed.local_steps} steps · "
             f"batch {resolved.training.batch_size} · lr {resolved.training.lr:g} · rank {resolved.adapter.rank}"
         )
@@ -91,7 +92,10 @@ def run(
             bar = progress.add_task("loading data and model", total=fed.rounds, status="")
 
             def on_round(done: int, row: dict | None) -> None:
-                status = f"acc {row['test_accuracy']:.3f} · ε spent {row['eps_spent']:.2f}" if row else None
+                status = None
+                if row:
+                    status = f"acc {row['test_accuracy']:.3f}"
+                    status += f" · ε spent {row['eps_spent']:.2f}" if priv.private else ""
                 progress.update(bar, completed=done, description="training", **({"status": status} if status else {}))
 
             summary = run_federated(resolved, on_round=on_round)
@@ -120,30 +124,29 @@ def privacy(
     with _user_errors():
         from dpfl_bench.config import build_config
         from dpfl_bench.partition import participation_schedule
-        from dpfl_bench.privacy.plan import plan_privacy
+        from dpfl_bench.privacy.accounting import worst_epsilon
+        from dpfl_bench.privacy.plan import exposures_of, plan_privacy
 
         if (eps is None) == (noise_multiplier is None):
             raise UserError("give exactly one of --eps (to get σ) or --noise-multiplier (to get ε)")
-        options = dict(
-            clients=clients, participation=participation, rounds=rounds, local_steps=local_steps,
-            batch_size=batch_size, delta=delta, dp_level=dp_level, accountant=accountant, seed=seed,
-        )
         if noise_multiplier is not None and noise_multiplier <= 0:
             raise UserError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
-        config = build_config({**options, "eps": eps if eps is not None else 1.0})
+        config = build_config(
+            dict(
+                clients=clients, participation=participation, rounds=rounds, local_steps=local_steps,
+                batch_size=batch_size, delta=delta, dp_level=dp_level, accountant=accountant, seed=seed,
+                eps=eps if eps is not None else 1.0,
+            )
+        )
         schedule = participation_schedule(clients, participation, rounds, seed=seed)
-        plan = plan_privacy(config, [client_size] * clients, schedule)
+        sizes = [client_size] * clients
         if eps is not None:
-            console.print(f"noise multiplier σ = [bold]{plan.noise_multiplier:.4f}[/] for ε = {eps:g}, δ = {delta:g} ({dp_level} level)")
-            return
-        if dp_level == "sample":
-            mechanisms = [sum(k in chosen for chosen in schedule) * local_steps for k in range(clients)]
+            sigma = plan_privacy(config, sizes, schedule).noise_multiplier
+            console.print(f"noise multiplier σ = [bold]{sigma:.4f}[/] for ε = {eps:g}, δ = {delta:g} ({dp_level} level)")
         else:
-            mechanisms = [rounds]
-        from dataclasses import replace
-
-        spent = replace(plan, noise_multiplier=noise_multiplier).spent(mechanisms)
-        console.print(f"ε = [bold]{max(spent):.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {delta:g} ({dp_level} level)")
+            _, exposures = exposures_of(config, sizes, schedule)
+            spent = worst_epsilon(noise_multiplier, exposures, delta=delta, accountant=accountant)
+            console.print(f"ε = [bold]{spent:.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {delta:g} ({dp_level} level)")
 
 
 @app.command()
@@ -225,7 +228,7 @@ class _user_errors:
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
         if isinstance(error, UserError):
-            errors.print(f"[red]error:[/] {error}", highlight=False)
+            errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         if isinstance(error, KeyboardInterrupt):
             errors.print("[yellow]interrupted[/]: the rounds evaluated so far are saved in the results folder")

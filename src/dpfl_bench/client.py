@@ -91,6 +91,8 @@ def _summed_gradients(
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
     loss_sum = 0.0
     for chunk in index.split(ws.physical_batch_size):
+        if len(chunk) == 0:  # an empty Poisson batch: the step is noise alone
+            continue
         features, labels = data.batch(chunk)
         features = {k: v.to(ws.device, non_blocking=True) for k, v in features.items()}
         losses = F.cross_entropy(ws.model(**features), labels.to(ws.device), reduction="none")

@@ -44,7 +44,9 @@ class FederatedConfig:
 
     @property
     def clients_per_round(self) -> int:
-        return math.ceil(self.participation * self.clients)
+        from dpfl_bench.partition import clients_per_round
+
+        return clients_per_round(self.clients, self.participation)
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        # inf is not JSON; keep it readable and reversible as the string "inf".
-        return json.dumps(self.to_dict(), default=str, sort_keys=True).replace("Infinity", '"inf"')
+        return json.dumps(_jsonable(self.to_dict()), sort_keys=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """inf is not JSON: write it as the string "inf", readable and reversible."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 _SECTIONS: dict[str, type] = {
@@ -139,10 +149,25 @@ def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = 
     flat = {**_normalise(task_defaults), **_normalise(options)}
     sections = {}
     for name, section in _SECTIONS.items():
-        wanted = {f.name for f in dataclasses.fields(section)}
-        sections[name] = section(**{k: v for k, v in flat.items() if k in wanted})
-    top = {k: v for k, v in flat.items() if k in _TOP_LEVEL}
-    return RunConfig(**top, **sections)
+        sections[name] = section(**_typed(flat, section))
+    return RunConfig(**_typed(flat, RunConfig), **sections)
+
+
+def _typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:
+    """The options that belong to `section`, checked against its field types (ints may stand for floats)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.name not in flat or f.name in _SECTIONS:
+            continue
+        value, kind = flat[f.name], f.type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        expected = dict if kind == Mapping[str, Any] else kind
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            wanted = {int: "an integer", float: "a number", str: "a string", dict: "a table"}[expected]
+            raise UserError(f"option {f.name.replace('_', '-')} must be {wanted}, got {value!r}")
+        out[f.name] = value
+    return out
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ It knows nothing of any particular method: a method only answers the questions i
 """
 
 import hashlib
+import json
 import resource
 import time
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class RunSummary:
 
 
 def run_id(config: RunConfig) -> str:
-    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
+    """Readable, and the same for the same configuration wherever its results are written."""
+    identity = {k: v for k, v in json.loads(config.to_json()).items() if k != "out"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.task}_{config.method}_eps{config.privacy.eps:g}_seed{config.seed}_{digest}"
 
 

@@ -41,9 +41,14 @@ def dirichlet_partition(
     )
 
 
+def clients_per_round(num_clients: int, participation: float) -> int:
+    """⌈p·N⌉, computed so that float error cannot add a client (0.07 · 100 is 7.000000000000001)."""
+    return max(1, math.ceil(round(participation * num_clients, 9)))
+
+
 def participation_schedule(num_clients: int, participation: float, rounds: int, *, seed: int) -> list[list[int]]:
     """Which clients take part in each round. It depends only on the seed, so privacy can be calibrated
     for the real schedule before training starts."""
     rng = np.random.default_rng([seed, 2])
-    per_round = math.ceil(participation * num_clients)
+    per_round = clients_per_round(num_clients, participation)
     return [sorted(rng.choice(num_clients, size=per_round, replace=False).tolist()) for _ in range(rounds)]

@@ -54,6 +54,9 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -38,9 +38,21 @@ class PrivacyPlan:
 
 def plan_privacy(config: RunConfig, client_sizes: list[int], schedule: list[list[int]]) -> PrivacyPlan:
     """Check the privacy settings against the data and calibrate σ for the whole schedule."""
-    privacy, federated = config.privacy, config.federated
+    privacy = config.privacy
     if not privacy.private:
         return PrivacyPlan("none", 0.0, math.inf, privacy.delta, privacy.accountant, ())
+    rates, exposures = exposures_of(config, client_sizes, schedule)
+    sigma = calibrate_noise(
+        target_epsilon=privacy.eps, delta=privacy.delta, exposures=exposures, accountant=privacy.accountant
+    )
+    return PrivacyPlan(privacy.dp_level, sigma, privacy.clip, privacy.delta, privacy.accountant, rates)
+
+
+def exposures_of(
+    config: RunConfig, client_sizes: list[int], schedule: list[list[int]]
+) -> tuple[tuple[float, ...], list[Exposure]]:
+    """Sampling rate of each protected unit and how often the whole run touches it (checks δ too)."""
+    privacy, federated = config.privacy, config.federated
     if privacy.dp_level == "sample":
         check_delta(privacy.delta, min(client_sizes), "client dataset")
         rates = tuple(min(1.0, config.training.batch_size / n) for n in client_sizes)
@@ -50,7 +62,4 @@ def plan_privacy(config: RunConfig, client_sizes: list[int], schedule: list[list
         check_delta(privacy.delta, federated.clients, "set of clients")
         rates = (federated.clients_per_round / federated.clients,)
         exposures = [Exposure(rates[0], federated.rounds)]
-    sigma = calibrate_noise(
-        target_epsilon=privacy.eps, delta=privacy.delta, exposures=exposures, accountant=privacy.accountant
-    )
-    return PrivacyPlan(privacy.dp_level, sigma, privacy.clip, privacy.delta, privacy.accountant, rates)
+    return rates, exposures

@@ -1,0 +1,71 @@
+"""Time of one DP-SGD local step against one non-private step on a task (same batch, same model).
+
+    python benchmarks/step_overhead.py [--task sentiment] [--batch-size 32] [--repeats 15]
+
+Prints the median seconds of each and their ratio, and saves them to results/bench_step_overhead.json.
+The DP step is: per-example gradients of the trainable factors and head, per-example clipping, sum;
+the non-private step is the ordinary gradient of the mean loss. Noise and the optimizer are the same
+cheap elementwise work in both and are left out.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.client import Workspace, _summed_gradients, set_train_mode
+from dpfl_bench.config import build_config
+from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.tasks import TASKS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_step_overhead.json"))
+    args = parser.parse_args()
+
+    task = TASKS.get(args.task)
+    config = build_config({"task": args.task}, task.defaults)
+    data = task.load_data()
+    torch.manual_seed(0)
+    model = task.build_model(data.num_classes)
+    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    params.set_trainable(frozenset(params.by_factor))
+    set_train_mode(model)
+    device = torch.device("cpu")
+    plain = Workspace(model, params, device, None, args.batch_size)
+    private = Workspace(model, params, device, PerExampleGradients(model, params.all()), args.batch_size)
+    plan = PrivacyPlan("sample", 1.0, 1.0, 1e-5, "rdp", ())
+    index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.batch_size]
+
+    times: dict[str, list[float]] = {"non_private": [], "dp": []}
+    for _ in range(args.repeats + 2):  # interleaved, so drift in machine load hits both alike
+        for name, ws, dp in (("non_private", plain, None), ("dp", private, plan)):
+            start = time.perf_counter()
+            _summed_gradients(ws, data.train, index, dp)
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v[2:]) for k, v in times.items()}  # first two are warm-up
+    result = {
+        "task": args.task,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "non_private_seconds": medians["non_private"],
+        "dp_seconds": medians["dp"],
+        "ratio": medians["dp"] / medians["non_private"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

