@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpfl_bench import server
-from dpfl_bench.server import aggregate, clip_update, fedavg
+from dpfl_bench.server import aggregate, aggregate_private, clip_update, fedavg
 
 
 def t(*values: float) -> torch.Tensor:
@@ -58,10 +58,22 @@ def test_aggregate_without_clip_is_fedavg_and_only_changes_uploaded_names():
     assert torch.equal(global_state["lora_A"], t(0, 0))
 
 
-def test_aggregate_with_clip_only_changes_uploaded_names():
+def private(global_state, uploads, *, clip, noise_multiplier=0.0, expected_clients=None, generator=None):
+    return aggregate_private(
+        global_state,
+        uploads,
+        names=list(uploads[0]),
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        expected_clients=expected_clients or len(uploads),
+        generator=generator or torch.Generator().manual_seed(0),
+    )
+
+
+def test_private_aggregate_only_changes_uploaded_names():
     global_state = {"lora_A": t(0, 0), "lora_B": t(1, 1), "head": t(5)}
     uploads = [{"lora_B": t(100, 100), "head": t(5)}, {"lora_B": t(1, 1), "head": t(5)}]
-    new = aggregate(global_state, uploads, [1.0, 1.0], clip=1.0, noise_multiplier=0.0)
+    new = private(global_state, uploads, clip=1.0)
     assert set(new) == set(global_state)
     assert new["lora_A"] is global_state["lora_A"]
     assert not torch.equal(new["lora_B"], global_state["lora_B"])
@@ -116,13 +128,13 @@ def test_client_level_aggregate_averages_clipped_deltas(monkeypatch):
         return out
 
     monkeypatch.setattr(server, "clip_update", recording_clip)
-    new = aggregate(g, uploads, [1.0, 50.0, 2.0, 3.0], clip=clip, noise_multiplier=0.0)
+    new = private(g, uploads, clip=clip)
 
     assert len(entering) == len(uploads)
     for d in entering:
         assert total_norm(d) <= clip * (1 + 1e-6)
 
-    # expected: g + mean over clients of delta * min(1, clip / |delta|), uniform weights whatever `weights` says
+    # expected: g + mean over clients of delta * min(1, clip / |delta|)
     expected_clipped = []
     for d in deltas:
         norm = total_norm({n: d[n] for n in d})
@@ -139,12 +151,23 @@ def test_client_level_aggregate_noise_has_std_sigma_clip_over_m():
     n, m, sigma, clip = 200_000, 4, 2.0, 0.5
     g = {"w": torch.zeros(n)}
     uploads = [{"w": torch.zeros(n)} for _ in range(m)]  # no update at all: only the noise moves the state
-    new = aggregate(g, uploads, [1.0] * m, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
+    new = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
     std = float(new["w"].std())
     assert std == pytest.approx(sigma * clip / m, rel=0.02)
     assert abs(float(new["w"].mean())) < 5 * sigma * clip / m / math.sqrt(n)
     # seeded: the same generator seed gives the same noise, another seed different noise
-    again = aggregate(g, uploads, [1.0] * m, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
-    other = aggregate(g, uploads, [1.0] * m, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(1))
+    again = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
+    other = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(1))
     assert torch.equal(new["w"], again["w"])
     assert not torch.equal(new["w"], other["w"])
+
+
+def test_private_aggregate_divides_by_the_expected_number_of_clients():
+    """Clients are Poisson-sampled under client-level DP: the divisor is fixed, whoever came (even nobody)."""
+    g = {"w": t(0, 0)}
+    one = private(g, [{"w": t(0.3, 0.4)}], clip=1.0, expected_clients=2.5)
+    torch.testing.assert_close(one["w"], t(0.3, 0.4) / 2.5)
+    nobody = aggregate_private(
+        g, [], names=["w"], clip=1.0, noise_multiplier=1.0, expected_clients=2.5, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(nobody["w"], g["w"])  # noise alone still moves the state

@@ -5,6 +5,7 @@ It knows nothing of any particular method: a method only answers the questions i
 
 import hashlib
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -22,12 +23,12 @@ from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.method import create_method
+from dpfl_bench.method import Factor, create_method
 from dpfl_bench.partition import dirichlet_partition, iid_partition, participation_schedule
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan, plan_privacy
 from dpfl_bench.results import write_rows
-from dpfl_bench.server import aggregate
+from dpfl_bench.server import aggregate, aggregate_private
 from dpfl_bench.tasks import TASKS, Examples
 
 EVAL_BATCH_SIZE = 256
@@ -64,13 +65,14 @@ def run_federated(
     task = TASKS.get(config.task)
     method = create_method(config.method, config.method_options)
     fed, device = config.federated, resolve_device(config.device)
-    if config.privacy.dp_level == "client" and config.privacy.private and fed.weighting != "uniform":
+    client_level = config.privacy.private and config.privacy.dp_level == "client"
+    if client_level and fed.weighting != "uniform":
         raise UserError("client-level DP needs uniform FedAvg weights; drop --weighting size")
 
     data = task.load_data()
     shards = partition(data.train, config)
     clients = [data.train.subset(torch.from_numpy(idx)) for idx in shards]
-    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed)
+    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
     plan = plan_privacy(config, [len(c) for c in clients], schedule)
 
     torch.manual_seed(config.seed)  # the head's and LoRA A's initial values are part of the run
@@ -97,21 +99,26 @@ def run_federated(
             train_client(ws, global_state, clients[k], client=k, round=round, method=method, config=config, plan=plan)
             for k in chosen
         ]
-        weights = [1.0 if fed.weighting == "uniform" else r.num_examples for r in results]
-        global_state = aggregate(
-            global_state,
-            [r.upload for r in results],
-            weights,
-            clip=plan.clip if plan.level == "client" else None,
-            noise_multiplier=plan.noise_multiplier,
-            generator=noise,
-        )
+        uploads = [r.upload for r in results]
+        if client_level:
+            global_state = aggregate_private(
+                global_state,
+                uploads,
+                names=list(params.of(method.uploads(round) | {Factor.HEAD})),
+                clip=plan.clip,
+                noise_multiplier=plan.noise_multiplier,
+                expected_clients=fed.participation * fed.clients,
+                generator=noise,
+            )
+        else:
+            weights = [1.0 if fed.weighting == "uniform" else r.num_examples for r in results]
+            global_state = aggregate(global_state, uploads, weights)
         train_seconds += time.perf_counter() - round_started
         bytes_uploaded += sum(t.numel() * t.element_size() for r in results for t in r.upload.values())
         if plan.level == "sample":
             for k in chosen:
                 mechanisms_run[k] += fed.local_steps
-        elif plan.level == "client":
+        elif client_level:
             mechanisms_run[0] += 1
 
         row = None
@@ -135,7 +142,7 @@ def run_federated(
                 "rounds_total": fed.rounds,
                 "test_accuracy": accuracy,
                 "test_loss": loss,
-                "train_loss": float(np.mean([r.train_loss for r in results])),
+                "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
                 "wall_seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
                 "peak_memory_bytes": peak_memory_bytes(device),

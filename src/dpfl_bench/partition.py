@@ -46,9 +46,16 @@ def clients_per_round(num_clients: int, participation: float) -> int:
     return max(1, math.ceil(round(participation * num_clients, 9)))
 
 
-def participation_schedule(num_clients: int, participation: float, rounds: int, *, seed: int) -> list[list[int]]:
+def participation_schedule(
+    num_clients: int, participation: float, rounds: int, *, seed: int, poisson: bool = False
+) -> list[list[int]]:
     """Which clients take part in each round. It depends only on the seed, so privacy can be calibrated
-    for the real schedule before training starts."""
+    for the real schedule before training starts.
+
+    By default each round takes ⌈p·N⌉ clients without replacement. With `poisson`, each client joins each
+    round independently with probability p (client-level DP: the sampler its accountant analyses)."""
     rng = np.random.default_rng([seed, 2])
+    if poisson:
+        return [np.flatnonzero(rng.random(num_clients) < participation).tolist() for _ in range(rounds)]
     per_round = clients_per_round(num_clients, participation)
     return [sorted(rng.choice(num_clients, size=per_round, replace=False).tolist()) for _ in range(rounds)]

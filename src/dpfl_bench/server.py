@@ -1,4 +1,4 @@
-"""Server-side aggregation: FedAvg, and its client-level DP form (DP-FedAvg)."""
+"""Server-side aggregation: FedAvg, and its client-level DP form (DP-FedAvg, McMahan et al. 2018)."""
 
 import torch
 
@@ -13,32 +13,36 @@ def fedavg(states: list[State], weights: list[float]) -> State:
 
 def clip_update(update: State, clip: float) -> State:
     """Scale a client's whole update (all tensors together) down to norm at most `clip`."""
-    norm = torch.sqrt(sum(t.float().pow(2).sum() for t in update.values()))
+    norm = torch.sqrt(sum(t.double().pow(2).sum() for t in update.values()))
     scale = min(1.0, clip / (float(norm) + 1e-12))
     return {n: t * scale for n, t in update.items()}
 
 
-def aggregate(
+def aggregate(global_state: State, uploads: list[State], weights: list[float]) -> State:
+    """The next global state under FedAvg; only the uploaded names change."""
+    return {**global_state, **fedavg(uploads, weights)}
+
+
+def aggregate_private(
     global_state: State,
     uploads: list[State],
-    weights: list[float],
     *,
-    clip: float | None = None,
-    noise_multiplier: float = 0.0,
-    generator: torch.Generator | None = None,
+    names: list[str],
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    generator: torch.Generator,
 ) -> State:
-    """The next global state. Only the uploaded names change.
+    """The next global state under client-level DP.
 
-    Without `clip` this is FedAvg. With it (client-level DP), each client's update (upload − global) is
-    clipped to `clip`, Gaussian noise of std noise_multiplier·clip is added to their sum, and the sum is
-    divided by the number of clients (uniform weights: the sensitivity analysis needs them)."""
+    Each client's update (upload − global, over `names`) is clipped to `clip`; Gaussian noise of std
+    noise_multiplier·clip is added to their sum, which is divided by the *expected* number of clients.
+    Clients are Poisson-sampled, so a round may have none, and a fixed divisor keeps one client's
+    influence on the result at most `clip` / expected_clients: the sensitivity the accountant assumes."""
+    deltas = [clip_update({n: u[n] - global_state[n] for n in names}, clip) for u in uploads]
     new_state = dict(global_state)
-    if clip is None:
-        new_state.update(fedavg(uploads, weights))
-        return new_state
-    deltas = [clip_update({n: u[n] - global_state[n] for n in u}, clip) for u in uploads]
-    for name in uploads[0]:
-        summed = sum(d[name] for d in deltas)
+    for name in names:
+        summed = sum((d[name] for d in deltas), torch.zeros_like(global_state[name]))
         noise = torch.randn(summed.shape, generator=generator).to(summed.device) * (noise_multiplier * clip)
-        new_state[name] = global_state[name] + (summed + noise) / len(uploads)
+        new_state[name] = global_state[name] + (summed + noise) / expected_clients
     return new_state

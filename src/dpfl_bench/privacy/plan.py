@@ -60,6 +60,6 @@ def exposures_of(
         exposures = [Exposure(q, r * federated.local_steps) for q, r in zip(rates, rounds_taken)]
     else:
         check_delta(privacy.delta, federated.clients, "set of clients")
-        rates = (federated.clients_per_round / federated.clients,)
+        rates = (federated.participation,)  # clients are Poisson-sampled at this rate
         exposures = [Exposure(rates[0], federated.rounds)]
     return rates, exposures

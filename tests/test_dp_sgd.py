@@ -1,0 +1,474 @@
+"""DP-SGD as the clients run it (per-example gradients, per-example clipping, noise), and client-level DP.
+
+Everything that trains uses the `synthetic` task (tiny random-init BERT) or a tiny 1x1-conv CNN built here.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpfl_bench.server as server
+from dpfl_bench.adapters import TrainableParams, add_lora
+from dpfl_bench.client import Workspace, client_seed, train_client
+from dpfl_bench.config import AdapterConfig, build_config
+from dpfl_bench.federated import run_federated
+from dpfl_bench.method import BOTH, Factor, Method, create_method
+from dpfl_bench.partition import participation_schedule
+from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
+from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.tasks import TASKS
+
+SYNTHETIC = TASKS.get("synthetic")
+ALL = frozenset(Factor)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are tiny: one intra-op thread is faster, and with two OpenMP threads on a busy 2-core
+    # machine each small matmul took ~100x longer (spin-waiting), which made this file take minutes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic_data():
+    return SYNTHETIC.load_data()
+
+
+def synthetic_model(rank: int = 4, seed: int = 0) -> tuple[nn.Module, TrainableParams]:
+    torch.manual_seed(seed)
+    model = SYNTHETIC.build_model(2)
+    params = add_lora(model, SYNTHETIC.lora_targets, SYNTHETIC.head, AdapterConfig(rank=rank, lora_alpha=2.0 * rank))
+    return model, params
+
+
+def randomize_b(params: TrainableParams, seed: int = 1, scale: float = 0.1) -> None:
+    """B starts at zero, which makes every A gradient zero; give it values so that A's gradients are real."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params.by_factor[Factor.B].values():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+class TinyCNN(nn.Module):
+    """1x1 convolutions and a linear head, called like a task model: model(**features) -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(pixel_values).mean(dim=(2, 3)))
+
+
+def cnn_model(seed: int = 0) -> tuple[nn.Module, TrainableParams]:
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    params = add_lora(model, ("body.0", "body.2"), "head", AdapterConfig(rank=2, lora_alpha=4.0))
+    return model, params
+
+
+def brute_force_per_example(model, params: dict[str, nn.Parameter], features, labels) -> dict[str, torch.Tensor]:
+    """One example at a time, ordinary backward."""
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+    for i in range(len(labels)):
+        one = {k: v[i : i + 1] for k, v in features.items()}
+        loss = F.cross_entropy(model(**one), labels[i : i + 1])
+        for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            rows[name].append(g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+def dp_config(**options):
+    base = {
+        "task": "synthetic",
+        "method": "dp-lora",
+        "device": "cpu",
+        "optimizer": "sgd",
+        "lr": 1.0,
+        "local-steps": 1,
+        "batch-size": 16,
+        "physical-batch-size": 64,
+    }
+    return build_config({**base, **options}, SYNTHETIC.defaults)
+
+
+def sample_plan(sigma: float, clip: float, rate: float) -> PrivacyPlan:
+    return PrivacyPlan("sample", sigma, clip, 1e-5, "rdp", (rate,))
+
+
+# ---------------------------------------------------------------------------------------------- per-example
+
+
+def test_per_example_gradients_match_brute_force_on_synthetic_lora(synthetic_data):
+    model, params = synthetic_model()
+    randomize_b(params)
+    params.set_trainable(ALL)
+    model.train()
+    trainable = params.all()
+    features, labels = synthetic_data.train.batch(torch.arange(8))
+
+    per_example = PerExampleGradients(model, trainable)
+    losses = F.cross_entropy(model(**features), labels, reduction="none")
+    ours = per_example.compute(losses)
+    per_example.remove()  # the brute-force forwards below must not be recorded
+
+    expected = brute_force_per_example(model, trainable, features, labels)
+    assert set(ours) == set(trainable)
+    assert any(".lora_A." in n for n in ours) and any(".lora_B." in n for n in ours)
+    assert "model.classifier.weight" in ours and "model.classifier.bias" in ours
+    for name, g in expected.items():
+        assert ours[name].shape == (8, *trainable[name].shape)
+        torch.testing.assert_close(ours[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        assert g.abs().max() > 0, f"{name}: a vacuous comparison"
+
+
+def test_per_example_gradients_match_brute_force_on_1x1_conv_lora():
+    model, params = cnn_model()
+    randomize_b(params, scale=0.5)
+    params.set_trainable(ALL)
+    trainable = params.all()
+    generator = torch.Generator().manual_seed(3)
+    features = {"pixel_values": torch.randn(6, 3, 5, 4, generator=generator)}
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    per_example = PerExampleGradients(model, trainable)
+    losses = F.cross_entropy(model(**features), labels, reduction="none")
+    ours = per_example.compute(losses)
+    per_example.remove()
+
+    expected = brute_force_per_example(model, trainable, features, labels)
+    assert set(ours) == set(trainable) and len(trainable) == 6
+    for name, g in expected.items():
+        torch.testing.assert_close(ours[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        assert g.abs().max() > 0, name
+
+
+class PerTokenHead(nn.Module):
+    """The head (with bias) runs on every token before pooling: the bias gradient sums over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(input_ids)))).mean(dim=1)
+
+
+def test_per_example_gradients_with_multi_token_head_bias():
+    torch.manual_seed(0)
+    model = PerTokenHead()
+    params = add_lora(model, ("mix",), "head", AdapterConfig(rank=2, lora_alpha=4.0))
+    randomize_b(params, scale=0.5)
+    params.set_trainable(ALL)
+    features = {"input_ids": torch.randint(0, 20, (5, 7), generator=torch.Generator().manual_seed(1))}
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    per_example = PerExampleGradients(model, params.all())
+    ours = per_example.compute(F.cross_entropy(model(**features), labels, reduction="none"))
+    per_example.remove()
+    expected = brute_force_per_example(model, params.all(), features, labels)
+    assert set(ours) == set(expected) == {"mix.lora_A.default.weight", "mix.lora_B.default.weight", "head.weight", "head.bias"}
+    for name, g in expected.items():
+        torch.testing.assert_close(ours[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- clipping
+
+
+def test_clip_and_sum_clips_each_example_not_the_batch():
+    clip = 1.0
+    generator = torch.Generator().manual_seed(0)
+    grads = {"w": torch.randn(5, 3, 4, generator=generator), "b": torch.randn(5, 3, generator=generator)}
+    norms = torch.sqrt(grads["w"].flatten(1).pow(2).sum(1) + grads["b"].pow(2).sum(1))
+    for g in grads.values():  # examples 1..4 well inside the clip
+        g[1:] *= (0.5 / norms[1:]).view(-1, *[1] * (g.dim() - 1))
+    grads["w"][0] *= 1e6  # example 0 enormous
+    grads["b"][0] *= 1e6
+
+    summed, reported = clip_and_sum(grads, clip)
+    assert reported[0] > 1e5 and torch.all(reported[1:] < clip)
+
+    others = {n: g[1:].sum(0) for n, g in grads.items()}  # unscaled sum of the small examples
+    contribution = {n: summed[n] - others[n] for n in grads}  # what example 0 added
+    norm0 = math.sqrt(sum(float(t.pow(2).sum()) for t in contribution.values()))
+    assert norm0 <= clip * (1 + 1e-5)
+    assert norm0 == pytest.approx(clip, rel=1e-4)  # scaled down to C, not to zero
+    direction = torch.cat([grads["w"][0].flatten(), grads["b"][0]])
+    got = torch.cat([contribution["w"].flatten(), contribution["b"]])
+    assert torch.nn.functional.cosine_similarity(direction, got, dim=0) > 0.9999
+
+    # Without the big example the others pass through exactly as they are.
+    small, _ = clip_and_sum({n: g[1:] for n, g in grads.items()}, clip)
+    for n in grads:
+        torch.testing.assert_close(small[n], others[n])
+
+
+def test_clipping_through_the_model_bounds_an_outlier_example():
+    """An example whose input is scaled up 1e4 has a huge gradient; after clipping it adds at most C."""
+    model, params = cnn_model()
+    randomize_b(params, scale=0.5)
+    params.set_trainable(ALL)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 4, 4, generator=generator)
+    x[2] *= 1e4
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    per_example = PerExampleGradients(model, params.all())
+    grads = per_example.compute(F.cross_entropy(model(pixel_values=x), labels, reduction="none"))
+    per_example.remove()
+
+    raw_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    others = [i for i in range(6) if i != 2]
+    clip = 2 * float(raw_norms[others].max())  # the normal examples stay below C; the outlier is far above
+    assert raw_norms[2] > 100 * clip
+
+    summed, _ = clip_and_sum(grads, clip)
+    rest, _ = clip_and_sum({n: g[others] for n, g in grads.items()}, clip)
+    outlier = torch.sqrt(sum((summed[n] - rest[n]).pow(2).sum() for n in grads))
+    assert outlier <= clip * (1 + 1e-4)
+    for n, g in grads.items():  # the other examples are not scaled down on the outlier's account
+        torch.testing.assert_close(rest[n], g[others].sum(0), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+
+def test_noise_std_is_sigma_c_over_expected_batch(synthetic_data):
+    """With B = 0 every per-example gradient of A is exactly 0 (dL/dA = B^T ...), so after one SGD step
+    with lr 1 the change of A is exactly -noise / expected_batch_size: a direct sample of the noise the
+    client adds, through the real `train_client`. Its std must be σ·C / min(batch, n) — the *expected*
+    Poisson batch, not the realised one (which varies by ±25% here) — over ~3,800 A entries per round."""
+    sigma, clip, batch = 3.0, 0.7, 16
+    data = synthetic_data.train.subset(torch.arange(200))
+    model, params = synthetic_model(rank=8)
+    ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 64)
+    config = dp_config(**{"batch-size": batch, "clip": clip})
+    plan = sample_plan(sigma, clip, batch / len(data))
+    method = create_method("dp-lora")
+    global_state = params.state()
+    a_names = list(params.by_factor[Factor.A])
+    expected_std = sigma * clip / batch
+
+    stds, realised = [], []
+    for round in range(6):
+        result = train_client(ws, global_state, data, client=0, round=round, method=method, config=config, plan=plan)
+        change = torch.cat([(result.upload[n] - global_state[n]).flatten() for n in a_names]).double()
+        assert change.numel() > 3000
+        assert abs(float(change.mean())) < 4 * expected_std / math.sqrt(change.numel())
+        stds.append(float(change.std()))
+        torch.manual_seed(client_seed(config.seed, round, 0))  # the Poisson draw train_client made
+        realised.append(int((torch.rand(len(data)) < plan.sample_rates[0]).sum()))
+    for s in stds:
+        assert s == pytest.approx(expected_std, rel=0.05)
+    assert sum(stds) / len(stds) == pytest.approx(expected_std, rel=0.02)
+    assert len(set(stds)) == len(stds)  # fresh noise every round
+    assert max(realised) != min(realised)  # the batches really did vary in size
+
+    # Same (seed, round, client): the same noise, bit for bit.
+    again = train_client(ws, global_state, data, client=0, round=0, method=method, config=config, plan=plan)
+    first = train_client(ws, global_state, data, client=0, round=0, method=method, config=config, plan=plan)
+    for n in again.upload:
+        assert torch.equal(again.upload[n], first.upload[n])
+
+
+class TrainsBOnly(Method):
+    name = "test-b-only"
+    summary = "trains only B (test helper)"
+    citation = "-"
+
+    def trains(self, round, step):
+        return frozenset({Factor.B})
+
+    def uploads(self, round):
+        return BOTH
+
+
+def test_frozen_factor_is_bit_identical_and_gets_no_noise(synthetic_data):
+    data = synthetic_data.train.subset(torch.arange(100))
+    model, params = synthetic_model()
+    randomize_b(params)  # so A *would* get a nonzero gradient if it were trainable
+    per_example = PerExampleGradients(model, params.all())
+    ws = Workspace(model, params, torch.device("cpu"), per_example, 64)
+    config = dp_config(**{"local-steps": 3, "lr": 0.5})
+    plan = sample_plan(2.0, 1.0, 16 / len(data))
+    global_state = params.state()
+
+    result = train_client(ws, global_state, data, client=0, round=0, method=TrainsBOnly(), config=config, plan=plan)
+    for name in params.by_factor[Factor.A]:
+        assert torch.equal(result.upload[name], global_state[name]), name
+    for factor in (Factor.B, Factor.HEAD):
+        for name in params.by_factor[factor]:
+            assert not torch.equal(result.upload[name], global_state[name]), name
+
+    # The per-example machinery does not even compute gradients for the frozen factor.
+    params.set_trainable(frozenset({Factor.B, Factor.HEAD}))
+    features, labels = data.batch(torch.arange(4))
+    grads = per_example.compute(F.cross_entropy(model(**features), labels, reduction="none"))
+    assert set(grads) == set(params.of(frozenset({Factor.B, Factor.HEAD})))
+    per_example.remove()
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+
+def run_options(tmp_path, **options):
+    base = {"task": "synthetic", "method": "dp-lora", "device": "cpu", "out": str(tmp_path), "seed": 0}
+    return build_config({**base, **options}, SYNTHETIC.defaults)
+
+
+def test_sample_level_run_stays_within_budget(tmp_path):
+    config = run_options(tmp_path, eps=1.0, rounds=4, clients=3, participation=2 / 3)
+    summary = run_federated(config)
+    spent = [row["eps_spent"] for row in summary.rows]
+    assert [row["round"] for row in summary.rows] == [1, 2, 3, 4]
+    assert all(row["dp_level"] == "sample" for row in summary.rows)
+    assert all(e <= 1.0 for e in spent), spent
+    assert spent == sorted(spent) and spent[0] > 0
+    assert spent[-1] == pytest.approx(1.0, rel=0.02)  # σ was calibrated for exactly this schedule
+    sigma = summary.rows[-1]["noise_multiplier"]
+    assert 0 < sigma == summary.plan.noise_multiplier
+    for row in summary.rows:
+        assert row["eps_spent_mean"] <= row["eps_spent"]
+
+
+def test_non_private_run_has_no_noise(tmp_path):
+    summary = run_federated(run_options(tmp_path, eps=math.inf, rounds=1, **{"local-steps": 2}))
+    (row,) = summary.rows
+    assert row["noise_multiplier"] == 0 and row["dp_level"] == "none"
+    assert row["eps_spent"] == math.inf
+
+
+def test_client_level_run_clips_every_update_and_stays_within_budget(tmp_path, monkeypatch):
+    clip = 0.05
+    seen: list[tuple[float, float]] = []
+    original = server.clip_update
+
+    def recording_clip_update(update, c):
+        clipped = original(update, c)
+        norm = lambda s: math.sqrt(sum(float(t.float().pow(2).sum()) for t in s.values()))  # noqa: E731
+        seen.append((norm(update), norm(clipped)))
+        assert c == clip
+        return clipped
+
+    monkeypatch.setattr(server, "clip_update", recording_clip_update)
+    config = run_options(
+        tmp_path, eps=4.0, rounds=3, clients=6, participation=0.5, clip=clip, lr=0.05, **{"dp-level": "client"}
+    )
+    summary = run_federated(config)
+    assert summary.plan.level == "client" and summary.plan.sample_rates == (0.5,)
+    schedule = participation_schedule(6, 0.5, 3, seed=config.seed, poisson=True)  # the run's client sampler
+    assert len(seen) == sum(len(chosen) for chosen in schedule) > 0  # every sampled client's update was clipped
+    assert all(after <= clip * (1 + 1e-6) for _, after in seen), seen
+    assert any(before > clip for before, _ in seen)  # the clip was active, not vacuous
+    spent = [row["eps_spent"] for row in summary.rows]
+    assert all(e <= 4.0 for e in spent) and spent == sorted(spent)
+    assert all(row["dp_level"] == "client" for row in summary.rows)
+
+
+def test_aggregate_client_level_noise_and_clip():
+    """Without noise the new state is global + mean of the clipped deltas; with noise its std is σC/m."""
+    global_state = {"x": torch.zeros(20000)}
+    uploads = [{"x": torch.full((20000,), 10.0)}, {"x": torch.full((20000,), -0.0001)}]
+    def private(uploads, clip, noise_multiplier):
+        return server.aggregate_private(
+            global_state, uploads, names=["x"], clip=clip, noise_multiplier=noise_multiplier,
+            expected_clients=len(uploads), generator=torch.Generator().manual_seed(0),
+        )
+
+    clean = private(uploads, clip=1.0, noise_multiplier=0.0)
+    per_client = [server.clip_update({"x": u["x"]}, 1.0)["x"] for u in uploads]
+    torch.testing.assert_close(clean["x"], (per_client[0] + per_client[1]) / 2)
+    assert float(per_client[0].double().norm()) == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(per_client[1], uploads[1]["x"])  # small updates pass unscaled
+
+    zero = [{"x": torch.zeros(20000)}] * 4
+    noisy = private(zero, clip=0.5, noise_multiplier=2.0)
+    assert float(noisy["x"].std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------- Opacus #820
+
+
+def test_lora_params_survive_a_move_after_wrapping(synthetic_data):
+    """Opacus issue 820: with peft, moving the model after wrapping could leave the DP engine updating
+    tensors the forward no longer reads. Here the model is moved (float64 and back) *after* LoRA and the
+    per-example hooks are attached; one DP step must then change exactly the LoRA factors and head that the
+    forward uses, and nothing else."""
+    data = synthetic_data.train.subset(torch.arange(100))
+    model, params = synthetic_model()
+    randomize_b(params)
+    per_example = PerExampleGradients(model, params.all())
+    model.to(torch.float64)
+    model.to(torch.float32)
+    model.to("cpu")
+
+    live = dict(model.named_parameters())
+    for name, p in params.all().items():
+        assert live[name] is p, f"{name}: the tracked parameter is no longer the model's"
+        assert p.dtype == torch.float32
+
+    features, labels = data.batch(torch.arange(32))
+    model.eval()
+    with torch.no_grad():
+        before_out = model(**features)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = copy.deepcopy(model)
+
+    ws = Workspace(model, params, torch.device("cpu"), per_example, 64)
+    config = dp_config(**{"lr": 0.5})
+    plan = sample_plan(1.0, 1.0, 16 / len(data))
+    result = train_client(
+        ws, params.state(), data, client=0, round=0, method=create_method("dp-lora"), config=config, plan=plan
+    )
+
+    tracked = set(params.all())
+    for name, p in model.named_parameters():
+        if name in tracked:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+            assert torch.equal(p.detach(), result.upload[name])
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    model.eval()
+    with torch.no_grad():
+        after_out = model(**features)
+        assert not torch.allclose(after_out, before_out)
+        # The upload, loaded into an untouched copy, reproduces the stepped model's outputs: the tensors the
+        # engine updated are the ones the forward reads.
+        ref_params = dict(reference.named_parameters())
+        for name, value in result.upload.items():
+            ref_params[name].copy_(value)
+        torch.testing.assert_close(reference(**features), after_out)
+    per_example.remove()
+
+
+# ---------------------------------------------------------------------------------------------- empty batch
+
+
+def test_empty_poisson_batch_still_takes_a_noisy_step(synthetic_data):
+    """Regression: an empty Poisson draw (probability ≈ e^-batch per step) used to reach the model as a
+    0-example forward, which BERT rejects. The step must still happen, as noise alone."""
+    data = synthetic_data.train.subset(torch.arange(200))
+    config = dp_config(**{"batch-size": 1})
+    plan = sample_plan(1.0, 1.0, 1 / len(data))
+    # A round whose first Poisson draw selects nobody (≈ 37% of rounds at q = 1/n).
+    round = next(r for r in range(100) if _poisson_draw_is_empty(client_seed(config.seed, r, 0), len(data), 1 / len(data)))
+    model, params = synthetic_model()
+    ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 64)
+    global_state = params.state()
+    result = train_client(ws, global_state, data, client=0, round=round, method=create_method("dp-lora"), config=config, plan=plan)
+    # Nothing was sampled, yet the step is still a noisy one (the noise is what protects the empty draw).
+    name = next(iter(params.by_factor[Factor.A]))
+    assert not torch.equal(result.upload[name], global_state[name])
+
+
+def _poisson_draw_is_empty(seed: int, n: int, rate: float) -> bool:
+    torch.manual_seed(seed)  # as train_client does before its first Poisson draw
+    return not bool((torch.rand(n) < rate).any())
