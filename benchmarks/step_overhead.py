@@ -18,31 +18,39 @@ import torch
 
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import Workspace, _summed_gradients, set_train_mode
-from dpfl_bench.config import build_config
+from dpfl_bench.config import RunConfig, build_config
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan
-from dpfl_bench.tasks import TASKS
+from dpfl_bench.tasks import TASKS, Task
+
+
+def workspace(task: Task, num_classes: int, config: RunConfig, dp: bool) -> Workspace:
+    """Two identical models, so that the non-private one carries no per-example hooks at all."""
+    torch.manual_seed(0)
+    model = task.build_model(num_classes)
+    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    params.set_trainable(frozenset(params.by_factor))
+    set_train_mode(model)
+    engine = PerExampleGradients(model, params.all()) if dp else None
+    return Workspace(model, params, torch.device("cpu"), engine, config.training.physical_batch_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="sentiment")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--physical-batch-size", type=int, default=None, help="default: the task's")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("results/bench_step_overhead.json"))
     args = parser.parse_args()
 
     task = TASKS.get(args.task)
-    config = build_config({"task": args.task}, task.defaults)
+    options = {"task": args.task, "batch_size": args.batch_size}
+    if args.physical_batch_size:
+        options["physical_batch_size"] = args.physical_batch_size
+    config = build_config(options, task.defaults)
     data = task.load_data()
-    torch.manual_seed(0)
-    model = task.build_model(data.num_classes)
-    params = add_lora(model, task.lora_targets, task.head, config.adapter)
-    params.set_trainable(frozenset(params.by_factor))
-    set_train_mode(model)
-    device = torch.device("cpu")
-    plain = Workspace(model, params, device, None, args.batch_size)
-    private = Workspace(model, params, device, PerExampleGradients(model, params.all()), args.batch_size)
+    plain, private = (workspace(task, data.num_classes, config, dp) for dp in (False, True))
     plan = PrivacyPlan("sample", 1.0, 1.0, 1e-5, "rdp", ())
     index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.batch_size]
 
@@ -56,6 +64,7 @@ def main() -> None:
     result = {
         "task": args.task,
         "batch_size": args.batch_size,
+        "physical_batch_size": config.training.physical_batch_size,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "non_private_seconds": medians["non_private"],

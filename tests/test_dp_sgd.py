@@ -123,11 +123,38 @@ def test_per_example_gradients_match_brute_force_on_synthetic_lora(synthetic_dat
     expected = brute_force_per_example(model, trainable, features, labels)
     assert set(ours) == set(trainable)
     assert any(".lora_A." in n for n in ours) and any(".lora_B." in n for n in ours)
-    assert "model.classifier.weight" in ours and "model.classifier.bias" in ours
+    assert "head.weight" in ours and "head.bias" in ours
     for name, g in expected.items():
         assert ours[name].shape == (8, *trainable[name].shape)
         torch.testing.assert_close(ours[name], g, atol=1e-5, rtol=1e-4, msg=name)
         assert g.abs().max() > 0, f"{name}: a vacuous comparison"
+
+
+@pytest.mark.parametrize("build", ["synthetic", "cnn"])
+def test_fused_clipped_sum_equals_clipping_the_brute_force_per_example_gradients(build, synthetic_data):
+    """The training path (`clipped_sum`, never holding every per-example gradient) gives the same sums and
+    norms as clipping brute-force per-example gradients one example at a time."""
+    if build == "synthetic":
+        model, params = synthetic_model()
+        features, labels = synthetic_data.train.batch(torch.arange(12))
+    else:
+        model, params = cnn_model()
+        features, labels = {"pixel_values": torch.randn(12, 3, 5, 5)}, torch.randint(0, 3, (12,))
+    randomize_b(params, scale=0.5)
+    params.set_trainable(ALL)
+    trainable = params.all()
+    expected = brute_force_per_example(model, trainable, features, labels)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in expected.values()))
+    clip = float(norms.median())  # about half the examples get clipped
+    expected_sums, _ = clip_and_sum(expected, clip)
+
+    per_example = PerExampleGradients(model, trainable)
+    sums, our_norms = per_example.clipped_sum(F.cross_entropy(model(**features), labels, reduction="none"), clip)
+    per_example.remove()
+    torch.testing.assert_close(our_norms, norms, atol=1e-5, rtol=1e-4)
+    assert set(sums) == set(trainable)
+    for name, value in expected_sums.items():
+        torch.testing.assert_close(sums[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_per_example_gradients_match_brute_force_on_1x1_conv_lora():

@@ -76,7 +76,7 @@ def test_trainable_set_is_lora_factors_and_head():
     names = trainable_names(ws)
     assert names[Factor.A] and all(".lora_A." in n for n in names[Factor.A])
     assert names[Factor.B] and all(".lora_B." in n for n in names[Factor.B])
-    assert names[Factor.HEAD] == {"model.classifier.weight", "model.classifier.bias"}
+    assert names[Factor.HEAD] == {"head.weight", "head.bias"}
     # LoRA goes on every targeted linear layer: query, key, value and the dense layers, in both layers
     assert len(names[Factor.A]) == len(names[Factor.B])
     assert any("attention.self.value" in n for n in names[Factor.A])

@@ -15,7 +15,7 @@ from torch import nn
 from dpfl_bench.adapters import State, TrainableParams
 from dpfl_bench.config import RunConfig
 from dpfl_bench.method import Factor, Method
-from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
+from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import Examples
 
@@ -98,7 +98,7 @@ def _summed_gradients(
         losses = F.cross_entropy(ws.model(**features), labels.to(ws.device), reduction="none")
         loss_sum += float(losses.detach().sum())
         if dp is not None:
-            clipped, _ = clip_and_sum(ws.per_example.compute(losses), dp.clip)
+            clipped, _ = ws.per_example.clipped_sum(losses, dp.clip)
             grads = [clipped[n] for n in trainable]
         else:
             grads = torch.autograd.grad(losses.sum(), list(trainable.values()))

@@ -55,7 +55,7 @@ class TrainingConfig:
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd
     eval_every: int = 1  # evaluate the global model every this many rounds (and always after the last)
-    physical_batch_size: int = 64  # examples per forward pass; larger batches are split (same math, less memory)
+    physical_batch_size: int = 32  # examples per forward pass; larger batches are split (same math, less memory)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")

@@ -38,26 +38,59 @@ class PerExampleGradients:
 
         return hook
 
-    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
-        the last call; `losses` holds one loss per example."""
+    def _take(self, losses: torch.Tensor) -> list[tuple[nn.Module, str, str | None, torch.Tensor, torch.Tensor]]:
+        """For each layer used since the last call: its names, input x and dL/dy as [batch, tokens, features]."""
         records, self._records = self._records, []
         outputs = [r[4] for r in records]
         grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-        grads: dict[str, torch.Tensor] = {}
+        taken = []
         for (module, weight_name, bias_name, x, y), g in zip(records, grads_out):
             g = torch.zeros_like(y) if g is None else g
-            x, g = _tokens_last(module, x.float()), _tokens_last(module, g.float())  # [batch, tokens, features]
-            weight = torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape)
-            grads[weight_name] = grads[weight_name] + weight if weight_name in grads else weight
-            if bias_name is not None and module.bias.requires_grad:
-                bias = g.sum(dim=1)
-                grads[bias_name] = grads[bias_name] + bias if bias_name in grads else bias
+            if bias_name is not None and not module.bias.requires_grad:
+                bias_name = None
+            taken.append((module, weight_name, bias_name, _tokens_last(module, x.float()), _tokens_last(module, g.float())))
+        return taken
+
+    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
+        the last call; `losses` holds one loss per example."""
+        grads: dict[str, torch.Tensor] = {}
+        for module, weight_name, bias_name, x, g in self._take(losses):
+            _add(grads, weight_name, torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape))
+            if bias_name is not None:
+                _add(grads, bias_name, g.sum(dim=1))
         return grads
+
+    def clipped_sum(self, losses: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Σ_i clip(∇ loss_i): each example's whole gradient scaled to norm ≤ `clip`, summed over examples.
+
+        Same result as `clip_and_sum(self.compute(losses), clip)`, but each layer's per-example gradients
+        live only long enough to give their norms; the clipped sum is then one matmul per layer, with
+        the examples' scales folded into dL/dy. Returns the sums and the per-example norms."""
+        taken = self._take(losses)
+        squared = torch.zeros(len(losses), device=losses.device)
+        for _, _, bias_name, x, g in taken:
+            squared += torch.einsum("bto,bti->boi", g, x).pow(2).sum(dim=(1, 2))
+            if bias_name is not None:
+                squared += g.sum(dim=1).pow(2).sum(dim=1)
+        norms = squared.sqrt()
+        scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+        sums: dict[str, torch.Tensor] = {}
+        for module, weight_name, bias_name, x, g in taken:
+            scaled = (g * scale[:, None, None]).flatten(0, 1)  # [batch·tokens, out]
+            _add(sums, weight_name, (scaled.T @ x.flatten(0, 1)).reshape(module.weight.shape))
+            if bias_name is not None:
+                _add(sums, bias_name, scaled.sum(dim=0))
+        return sums, norms
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _add(into: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Accumulate, for a layer called more than once in a forward pass."""
+    into[name] = into[name] + value if name in into else value
 
 
 def _supported(module: nn.Module) -> bool:

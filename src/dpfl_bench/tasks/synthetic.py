@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
-from dpfl_bench.tasks.sentiment import LogitsOnly
+from dpfl_bench.tasks.sentiment import MeanPooledClassifier
 
 VOCAB = 64
 LENGTH = 12
@@ -29,7 +29,7 @@ def load_data() -> TaskData:
 
 
 def build_model(num_classes: int) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
 
     config = BertConfig(
         vocab_size=VOCAB,
@@ -38,11 +38,10 @@ def build_model(num_classes: int) -> nn.Module:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=LENGTH,
-        num_labels=num_classes,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return LogitsOnly(BertForSequenceClassification(config))
+    return MeanPooledClassifier(BertModel(config, add_pooling_layer=False), num_classes)
 
 
 register_task(
@@ -53,7 +52,7 @@ register_task(
         load_data=load_data,
         build_model=build_model,
         lora_targets=("query", "key", "value", "dense"),
-        head="model.classifier",
+        head="head",
         defaults={"clients": 3, "participation": 1.0, "rounds": 3, "local-steps": 4, "batch-size": 16, "lr": 1e-2},
         synthetic=True,
     )
