@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpfl_bench.method import BOTH, Factor, Method, register_method
+from dpfl_bench.method import BOTH, Factor, Method, alternating, register_method
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,7 @@ class LALoRA(Method):
     Options = LALoRAOptions
 
     def trains(self, round: int, step: int) -> frozenset[Factor]:
-        first = Factor(self.options.first_factor)
-        other = Factor.A if first is Factor.B else Factor.B
-        return frozenset({first if step % 2 == 0 else other})
+        return alternating(self.options.first_factor, step)
 
     def lr_multiplier(self, factor: Factor) -> float:
         return self.options.lr_b_multiplier if factor is Factor.B else 1.0

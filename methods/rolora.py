@@ -5,7 +5,7 @@ With one factor fixed across clients, averaging the other is exact (mean of B_k 
 
 from dataclasses import dataclass
 
-from dpfl_bench.method import Factor, Method, register_method
+from dpfl_bench.method import Factor, Method, alternating, register_method
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,8 @@ class RoLoRA(Method):
     )
     Options = RoLoRAOptions
 
-    def _factor(self, round: int) -> frozenset[Factor]:
-        first = Factor(self.options.first_factor)
-        other = Factor.A if first is Factor.B else Factor.B
-        return frozenset({first if round % 2 == 0 else other})
-
     def trains(self, round: int, step: int) -> frozenset[Factor]:
-        return self._factor(round)
+        return alternating(self.options.first_factor, round)
 
     def uploads(self, round: int) -> frozenset[Factor]:
-        return self._factor(round)
+        return alternating(self.options.first_factor, round)

@@ -5,39 +5,22 @@ import math
 import pytest
 import torch
 
-from dpfl_bench.adapters import add_lora
-from dpfl_bench.client import Workspace, train_client
+from dpfl_bench.client import train_client
 from dpfl_bench.config import build_config
 from dpfl_bench.method import Factor, create_method
-from dpfl_bench.partition import iid_partition, participation_schedule
-from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.privacy.plan import plan_privacy
+from dpfl_bench.federated import prepare
 from dpfl_bench.tasks import TASKS
 
 
 def make_setup(**options):
-    """Build the workspace as federated.run_federated does, on the synthetic task."""
+    """The workspace exactly as federated.run_federated builds it, on the synthetic task."""
     task = TASKS.get("synthetic")
     config = build_config(
         {"task": "synthetic", "method": "dp-lora", "eps": math.inf, "local-steps": 1, "device": "cpu", **options},
         task.defaults,
     )
-    data = task.load_data()
-    fed = config.federated
-    shards = iid_partition(len(data.train), fed.clients, seed=config.seed)
-    clients = [data.train.subset(torch.from_numpy(idx)) for idx in shards]
-    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed)
-    plan = plan_privacy(config, [len(c) for c in clients], schedule)
-    torch.manual_seed(config.seed)
-    model = task.build_model(data.num_classes)
-    params = add_lora(model, task.lora_targets, task.head, config.adapter)
-    ws = Workspace(
-        model=model,
-        params=params,
-        device=torch.device("cpu"),
-        per_example=PerExampleGradients(model, params.all()) if plan.level == "sample" else None,
-        physical_batch_size=config.training.physical_batch_size,
-    )
+    exp = prepare(config)
+    ws, plan, clients = exp.workspace, exp.plan, exp.clients
     return ws, config, plan, clients
 
 

@@ -16,15 +16,13 @@ import dpfl_bench.cli as cli
 import dpfl_bench.client as client_module
 import dpfl_bench.federated as federated
 import dpfl_bench.method as method_module
-from dpfl_bench.adapters import State, add_lora
+from dpfl_bench.adapters import State
 from dpfl_bench.client import Workspace, make_optimizer, train_client
 from dpfl_bench.config import RunConfig, build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import BOTH, METHODS, Factor, Method, create_method, load_methods
 from dpfl_bench.methods.la_lora import gaussian_smooth
-from dpfl_bench.partition import participation_schedule
-from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.privacy.plan import PrivacyPlan, plan_privacy
+from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import TASKS, Examples
 
 INF = math.inf
@@ -193,20 +191,9 @@ class ClientSetup:
 
 
 def client_setup(method: str, eps: float, **options: Any) -> ClientSetup:
-    """The fixed parts a client trains with, built the way `federated.run_federated` builds them."""
-    config = config_for(method, eps, **options)
-    task = TASKS.get(config.task)
-    data = task.load_data()
-    clients = [data.train.subset(torch.from_numpy(i)) for i in federated.partition(data.train, config)]
-    fed = config.federated
-    schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed)
-    plan = plan_privacy(config, [len(c) for c in clients], schedule)
-    torch.manual_seed(config.seed)
-    model = task.build_model(data.num_classes)
-    params = add_lora(model, task.lora_targets, task.head, config.adapter)
-    per_example = PerExampleGradients(model, params.all()) if plan.level == "sample" else None
-    ws = Workspace(model, params, torch.device("cpu"), per_example, config.training.physical_batch_size)
-    return ClientSetup(ws, params.state(), clients, create_method(config.method, config.method_options), config, plan)
+    """The fixed parts a client trains with, exactly as `federated.run_federated` builds them."""
+    exp = federated.prepare(config_for(method, eps, **options))
+    return ClientSetup(exp.workspace, exp.workspace.params.state(), exp.clients, exp.method, exp.config, exp.plan)
 
 
 def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 0) -> tuple[list[State], State]:

@@ -37,7 +37,7 @@ def run(
     dp_level: Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. [default: sample]", Privacy)] = None,
     clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). [default: 1]", Privacy)] = None,
     accountant: Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. [default: rdp]", Privacy)] = None,
-    task: Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`). [default: sentiment]", Section)] = None,
+    task: Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`). [default: fashion]", Section)] = None,
     clients: Annotated[Optional[int], _opt("Number of clients N.", Federated)] = None,
     participation: Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated)] = None,
     rounds: Annotated[Optional[int], _opt("Communication rounds.", Federated)] = None,
@@ -66,7 +66,7 @@ def run(
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt")}
     with _user_errors():
-        from dpfl_bench.config import build_config, load_toml
+        from dpfl_bench.config import RunConfig, build_config, load_toml
         from dpfl_bench.federated import run_federated
         from dpfl_bench.tasks import TASKS
 
@@ -76,7 +76,7 @@ def run(
             options["method_options"] = {**options.get("method_options", {}), **_key_values(method_opt)}
         if "out" in options:
             options["out"] = str(options["out"])
-        chosen = TASKS.get(options.get("task", "sentiment"))
+        chosen = TASKS.get(options.get("task", RunConfig.task))
         resolved = build_config(options, chosen.defaults)
         _quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
@@ -157,8 +157,9 @@ def methods() -> None:
     from dpfl_bench.method import load_methods
 
     table = Table("method", "what it does", "options (default)", "citation", show_lines=True)
+    table.columns[2].no_wrap = True
     for name, cls in load_methods():
-        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "—"
+        opts = "\n".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "—"
         table.add_row(f"[bold]{name}[/]", cls.summary, opts, cls.citation)
     console.print(table)
 

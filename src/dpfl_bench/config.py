@@ -97,7 +97,7 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    task: str = "sentiment"
+    task: str = "fashion"
     method: str = "la-lora"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

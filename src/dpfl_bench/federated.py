@@ -23,13 +23,13 @@ from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.method import Factor, create_method
+from dpfl_bench.method import Factor, Method, create_method
 from dpfl_bench.partition import dirichlet_partition, iid_partition, participation_schedule
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan, plan_privacy
 from dpfl_bench.results import write_rows
 from dpfl_bench.server import aggregate, aggregate_private
-from dpfl_bench.tasks import TASKS, Examples
+from dpfl_bench.tasks import TASKS, Examples, Task, TaskData
 
 EVAL_BATCH_SIZE = 256
 
@@ -57,11 +57,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_federated(
-    config: RunConfig, *, on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None
-) -> RunSummary:
-    """Run one configuration to the end, writing its results file after every evaluation."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run trains with, fixed before its first round."""
+
+    config: RunConfig
+    task: Task
+    method: Method
+    data: TaskData
+    clients: list[Examples]  # each client's private training data
+    schedule: list[list[int]]  # the clients that take part in each round
+    plan: PrivacyPlan
+    workspace: Workspace
+
+
+def prepare(config: RunConfig) -> Experiment:
+    """Load data and model, split the data, draw the participation schedule and calibrate the noise."""
     task = TASKS.get(config.task)
     method = create_method(config.method, config.method_options)
     fed, device = config.federated, resolve_device(config.device)
@@ -70,30 +81,40 @@ def run_federated(
         raise UserError("client-level DP needs uniform FedAvg weights; drop --weighting size")
 
     data = task.load_data()
-    shards = partition(data.train, config)
-    clients = [data.train.subset(torch.from_numpy(idx)) for idx in shards]
+    clients = [data.train.subset(torch.from_numpy(idx)) for idx in partition(data.train, config)]
     schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
     plan = plan_privacy(config, [len(c) for c in clients], schedule)
 
     torch.manual_seed(config.seed)  # the head's and LoRA A's initial values are part of the run
     model = task.build_model(data.num_classes).to(device)  # move first, then add adapters (Opacus issue 820)
     params = add_lora(model, task.lora_targets, task.head, config.adapter)
-    model.to(device)
-    ws = Workspace(
+    workspace = Workspace(
         model=model,
         params=params,
         device=device,
         per_example=PerExampleGradients(model, params.all()) if plan.level == "sample" else None,
         physical_batch_size=config.training.physical_batch_size,
     )
+    return Experiment(config, task, method, data, clients, schedule, plan, workspace)
+
+
+def run_federated(
+    config: RunConfig, *, on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None
+) -> RunSummary:
+    """Run one configuration to the end, writing its results file after every evaluation."""
+    started = time.perf_counter()
+    exp = prepare(config)
+    task, method, data, clients, plan, ws = exp.task, exp.method, exp.data, exp.clients, exp.plan, exp.workspace
+    fed, params = config.federated, ws.params
+    client_level = plan.level == "client"
     global_state = params.state()
     noise = torch.Generator().manual_seed(config.seed)  # client-level DP noise, drawn by the server
-    mechanisms_run = [0] * (fed.clients if plan.level != "client" else 1)
+    mechanisms_run = [0] * (1 if client_level else fed.clients)
     out = Path(config.out) / f"{run_id(config)}.parquet"
     rows: list[dict[str, Any]] = []
     train_seconds, bytes_uploaded = 0.0, 0
 
-    for round, chosen in enumerate(schedule):
+    for round, chosen in enumerate(exp.schedule):
         round_started = time.perf_counter()
         results: list[ClientResult] = [
             train_client(ws, global_state, clients[k], client=k, round=round, method=method, config=config, plan=plan)
@@ -115,7 +136,7 @@ def run_federated(
             global_state = aggregate(global_state, uploads, weights)
         train_seconds += time.perf_counter() - round_started
         bytes_uploaded += sum(t.numel() * t.element_size() for r in results for t in r.upload.values())
-        if plan.level == "sample":
+        if plan.level == "sample":  # each local step is one subsampled Gaussian mechanism on the client's data
             for k in chosen:
                 mechanisms_run[k] += fed.local_steps
         elif client_level:
@@ -124,7 +145,7 @@ def run_federated(
         row = None
         if (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds:
             params.load(global_state)
-            accuracy, loss = evaluate(model, data.test, device)
+            accuracy, loss = evaluate(ws.model, data.test, ws.device)
             spent = plan.spent(mechanisms_run)
             row = {
                 "run_id": out.stem,
@@ -145,7 +166,7 @@ def run_federated(
                 "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
                 "wall_seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
-                "peak_memory_bytes": peak_memory_bytes(device),
+                "peak_memory_bytes": peak_memory_bytes(ws.device),
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
                 "config_json": config.to_json(),

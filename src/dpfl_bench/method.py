@@ -35,6 +35,12 @@ class Factor(str, enum.Enum):
 BOTH = frozenset({Factor.A, Factor.B})
 
 
+def alternating(first: str, index: int) -> frozenset[Factor]:
+    """Factor `first` ("A" or "B") at even `index`, the other one at odd: for methods that take turns."""
+    factor = Factor(first)
+    return frozenset({factor if index % 2 == 0 else (Factor.A if factor is Factor.B else Factor.B)})
+
+
 @dataclass(frozen=True)
 class NoOptions:
     pass
@@ -84,9 +90,11 @@ def load_methods() -> Registry[type[Method]]:
         for module in pkgutil.iter_modules(builtin.__path__):
             importlib.import_module(f"{builtin.__name__}.{module.name}")
         for entry in entry_points(group="dpfl_bench.methods"):
-            cls = entry.load()
-            if cls.name not in METHODS:
+            try:
+                cls = entry.load()
                 register_method(cls)
+            except Exception as e:  # a broken plugin must say which one it is
+                raise UserError(f"method plugin {entry.name!r} ({entry.value}) cannot be loaded: {e}") from None
         _loaded = True
     return METHODS
 
