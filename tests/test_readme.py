@@ -1,0 +1,27 @@
+"""The README's examples are code a reader will copy: they must work."""
+
+import re
+from pathlib import Path
+
+from dpfl_bench.method import METHODS, Factor, create_method
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_the_add_a_method_example_registers_a_working_method():
+    section = README.split("## Adding a method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        method = create_method("b-only-late", {"switch_round": "2"})
+        assert method.trains(1, 0) == {Factor.A, Factor.B}
+        assert method.trains(2, 0) == {Factor.B}
+    finally:
+        METHODS._entries.pop("b-only-late", None)
+
+
+def test_the_quick_start_names_the_test_command_that_ci_runs():
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    assert "python -m pytest -q" in quick_start
+    assert "python -m pytest -q" in ci and "make install" in ci and "make install" in quick_start
