@@ -2,12 +2,15 @@
 
     python benchmarks/methods_at_eps.py [--task fashion] [--eps 1] [--seeds 0 1 2] [--out results/methods]
 
-Each run is an ordinary `dpfl-bench run` (its Parquet file lands in --out); the table is printed and saved
-as Markdown beside them. Runs whose results file is complete are not run again.
+Each run is an ordinary `dpfl-bench run` in its own process (its Parquet file lands in --out, and its peak
+memory is its own); the table is printed and saved as Markdown beside them. Runs whose results file is
+complete are not run again.
 """
 
 import argparse
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpfl_bench.config import build_config
-from dpfl_bench.federated import run_federated, run_id
+from dpfl_bench.federated import run_id
 from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
 
@@ -40,7 +43,9 @@ def main() -> None:
             path = args.out / f"{run_id(config)}.parquet"
             rows = read_run(path) if path.exists() else None
             if rows is None or rows["round"].max() < config.federated.rounds:
-                rows = pd.DataFrame(run_federated(config).rows)
+                command = ["run", "--task", args.task, "--method", method, "--eps", str(args.eps), "--seed", str(seed)]
+                subprocess.run([sys.executable, "-m", "dpfl_bench", *command, "--out", str(args.out)], check=True)
+                rows = read_run(path)
             final = rows.iloc[-1]
             finals.append(
                 {"method": method, "seed": seed, "accuracy": final["test_accuracy"],
@@ -59,7 +64,7 @@ def main() -> None:
     for column in ("method", "test accuracy (mean ± std)", "s / round", "max ε spent", "seeds"):
         table.add_column(column)
     for method, r in summary.iterrows():
-        cells = [method, f"{r.acc_mean:.4f} ± {r.acc_std:.4f}", f"{r.sec_mean:.1f} ± {r.sec_std:.1f}", f"{r.eps:.3f}", str(r.seeds)]
+        cells = [method, f"{r.acc_mean:.4f} ± {r.acc_std:.4f}", f"{r.sec_mean:.1f} ± {r.sec_std:.1f}", f"{r.eps:.3f}", str(int(r.seeds))]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     Console().print(table)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpfl_bench.method import BOTH, Factor, Method, alternating, register_method
+from dpfl_bench.method import Factor, Method, alternating, register_method
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,3 @@ class LALoRA(Method):
         if factor is Factor.B:
             return gaussian_smooth(grad, 0, self.options.smooth_sigma)
         return grad  # the head is never filtered
-
-    def uploads(self, round: int) -> frozenset[Factor]:
-        return BOTH

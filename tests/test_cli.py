@@ -213,18 +213,18 @@ def test_methods_lists_the_registered_methods():
 
 
 def test_privacy_sigma_for_eps_and_eps_for_sigma_round_trip():
-    forward = invoke("privacy", "--eps", "1")
+    forward = invoke("privacy", "--eps", "1", "--client-size", "5000")
     assert forward.exit_code == 0, forward.output
     sigma = float(re.search(r"σ = ([0-9.]+)", forward.stdout).group(1))
     assert 0.3 < sigma < 20
 
-    back = invoke("privacy", "--noise-multiplier", str(sigma))
+    back = invoke("privacy", "--noise-multiplier", str(sigma), "--client-size", "5000")
     assert back.exit_code == 0, back.output
     eps = float(re.search(r"ε = ([0-9.]+)", back.stdout).group(1))
     assert eps == pytest.approx(1.0, rel=0.02)
 
     # more noise, less ε
-    noisier = invoke("privacy", "--noise-multiplier", str(2 * sigma))
+    noisier = invoke("privacy", "--noise-multiplier", str(2 * sigma), "--client-size", "5000")
     assert float(re.search(r"ε = ([0-9.]+)", noisier.stdout).group(1)) < 0.7
 
 
@@ -234,7 +234,19 @@ def test_privacy_needs_exactly_one_of_eps_and_sigma(args):
 
 
 def test_privacy_rejects_nonpositive_sigma():
-    assert_one_line_error(invoke("privacy", "--noise-multiplier", "0"), "--noise-multiplier must be > 0")
+    assert_one_line_error(invoke("privacy", "--noise-multiplier", "0"), "--noise-multiplier must be a number > 0")
+
+
+def test_privacy_prints_the_sigma_that_run_uses(tmp_path):
+    """Same task, same options: the calculator and the run calibrate on the same schedule and data split."""
+    options = ["--task", "synthetic", "--eps", "2", "--rounds", "2", "--clients", "3", "--local-steps", "1"]
+    calculated = invoke("privacy", *options)
+    assert calculated.exit_code == 0, calculated.output
+    sigma = float(re.search(r"σ = ([0-9.]+)", calculated.stdout).group(1))
+    run = invoke("run", *options, "--method", "dp-lora", "--out", str(tmp_path))
+    assert run.exit_code == 0, run.output
+    (parquet,) = tmp_path.glob("*.parquet")
+    assert pd.read_parquet(parquet)["noise_multiplier"].iloc[0] == pytest.approx(sigma, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------ missing offline assets

@@ -1,5 +1,6 @@
 """Run configuration: precedence, validation messages, TOML files, JSON form."""
 
+import dataclasses
 import json
 import math
 
@@ -23,11 +24,20 @@ from dpfl_bench.errors import UserError
 
 def test_defaults_when_nothing_is_given():
     config = build_config({})
-    assert config == RunConfig()
+    # the method's options are resolved to its defaults, so they are saved with the run
+    assert config == dataclasses.replace(RunConfig(), method_options={"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 1.0})
     assert config.federated == FederatedConfig()
     assert config.training == TrainingConfig()
     assert config.privacy == PrivacyConfig()
     assert config.adapter == AdapterConfig()
+
+
+def test_method_options_are_resolved_the_same_from_the_cli_and_from_toml():
+    from_cli = build_config({"method": "la-lora", "method_options": {"smooth-sigma": "0"}})
+    from_toml = build_config({"method": "la-lora", "method_options": {"smooth_sigma": 0}})
+    assert from_cli.method_options == from_toml.method_options
+    assert from_cli.method_options == {"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 0.0}
+    assert from_cli.to_json() == from_toml.to_json()
 
 
 def test_precedence_defaults_then_task_defaults_then_options():
@@ -43,21 +53,21 @@ def test_precedence_defaults_then_task_defaults_then_options():
 
 
 def test_dashes_and_underscores_name_the_same_option():
-    a = build_config({"local-steps": 2, "dp-level": "client", "method-options": {"x": 1}})
-    b = build_config({"local_steps": 2, "dp_level": "client", "method_options": {"x": 1}})
+    a = build_config({"local-steps": 2, "dp-level": "client", "method-options": {"smooth-sigma": 0.5}})
+    b = build_config({"local_steps": 2, "dp_level": "client", "method_options": {"smooth_sigma": 0.5}})
     assert a == b
     assert a.federated.local_steps == 2 and a.privacy.dp_level == "client"
-    assert a.method_options == {"x": 1}
+    assert a.method_options["smooth_sigma"] == 0.5
 
 
 def test_every_option_lands_in_the_config():
     options = {
-        "task": "synthetic", "method": "dp-lora", "seed": 3, "device": "cpu", "out": "elsewhere",
+        "task": "synthetic", "method": "la-lora", "seed": 3, "device": "cpu", "out": "elsewhere",
         "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet",
         "dirichlet-alpha": 0.3, "min-partition-size": 5, "weighting": "size", "batch-size": 4, "lr": 0.2,
         "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
         "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
-        "method-options": {"k": "v"},
+        "method-options": {"first_factor": "A", "lr_b_multiplier": 3.0, "smooth_sigma": 0.5},
     }
     assert set(options) == set(option_names())
     config = build_config(options)
@@ -98,12 +108,15 @@ BAD_VALUES = [
     ({"rounds": 0}, "--rounds must be at least 1"),
     ({"local-steps": 0}, "--local-steps must be at least 1"),
     ({"batch-size": 0}, "--batch-size must be at least 1"),
-    ({"lr": 0}, "--lr must be > 0"),
+    ({"lr": 0}, "--lr must be a number > 0"),
+    ({"lr": math.inf}, "--lr must be a number > 0"),
     ({"optimizer": "adam"}, "--optimizer must be adamw or sgd"),
     ({"partition": "shards"}, "--partition must be iid or dirichlet"),
     ({"delta": 0}, "--delta must be in (0, 1)"),
     ({"delta": 1}, "--delta must be in (0, 1)"),
-    ({"clip": 0}, "--clip must be > 0"),
+    ({"clip": 0}, "--clip must be a number > 0"),
+    ({"clip": math.inf}, "--clip must be a number > 0"),
+    ({"seed": -1}, "--seed must be 0 or more"),
     ({"dp-level": "user"}, "--dp-level must be sample or client"),
     ({"accountant": "gdp"}, "--accountant must be rdp or prv"),
     ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
@@ -144,9 +157,12 @@ def test_config_is_frozen():
 
 
 def test_clients_per_round_is_ceil_of_p_n():
-    assert build_config({"clients": 10, "participation": 0.25}).federated.clients_per_round == 3
-    assert build_config({"clients": 4, "participation": 1.0}).federated.clients_per_round == 4
-    assert build_config({"clients": 3, "participation": 0.01}).federated.clients_per_round == 1
+    from dpfl_bench.partition import clients_per_round
+
+    assert clients_per_round(10, 0.25) == 3
+    assert clients_per_round(4, 1.0) == 4
+    assert clients_per_round(3, 0.01) == 1
+    assert clients_per_round(100, 0.07) == 7  # 0.07 * 100 is 7.000000000000001 in floats
 
 
 # --------------------------------------------------------------------------------------------- TOML
@@ -155,20 +171,20 @@ def test_clients_per_round_is_ceil_of_p_n():
 def test_load_toml_reads_flat_options_and_method_options(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
-        'task = "synthetic"\nmethod = "dp-lora"\nlocal-steps = 3\nlr = 0.02\neps = inf\nseed = 5\n'
-        'dp_level = "client"\n\n[method-options]\nsmooth_sigma = 0.5\nflag = true\n'
+        'task = "synthetic"\nmethod = "la-lora"\nlocal-steps = 3\nlr = 0.02\neps = inf\nseed = 5\n'
+        'dp_level = "client"\n\n[method-options]\nsmooth_sigma = 0.5\nfirst_factor = "A"\n'
     )
     data = load_toml(path)
     assert data["local-steps"] == 3 and data["lr"] == 0.02 and data["seed"] == 5
     assert math.isinf(data["eps"])
-    assert data["method_options"] == {"smooth_sigma": 0.5, "flag": True}
+    assert data["method_options"] == {"smooth_sigma": 0.5, "first_factor": "A"}
     assert "method-options" not in data
     config = build_config(data, {"local-steps": 9, "rounds": 2})
     assert config.federated.local_steps == 3  # the file beats task defaults
     assert config.federated.rounds == 2
     assert config.task == "synthetic" and config.privacy.dp_level == "client"
     assert not config.privacy.private
-    assert config.method_options == {"smooth_sigma": 0.5, "flag": True}
+    assert config.method_options == {"first_factor": "A", "lr_b_multiplier": 2.0, "smooth_sigma": 0.5}
 
 
 def test_load_toml_rejects_an_unknown_key(tmp_path):

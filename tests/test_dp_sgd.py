@@ -18,7 +18,7 @@ from dpfl_bench.config import AdapterConfig, build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.method import BOTH, Factor, Method, create_method
 from dpfl_bench.partition import participation_schedule
-from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
+from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import TASKS
 
@@ -84,6 +84,22 @@ def brute_force_per_example(model, params: dict[str, nn.Parameter], features, la
         for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
             rows[name].append(g)
     return {n: torch.stack(r) for n, r in rows.items()}
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Reference: clip each example's whole materialized gradient to `clip`, then sum over examples."""
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, norms
+
+
+def test_a_layer_called_twice_per_forward_is_refused():
+    """Per-call norms would understate the example's norm (and break the clip), so this must not pass."""
+    layer = nn.Linear(3, 2)
+    per_example = PerExampleGradients(layer, dict(layer.named_parameters()))
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="called once"):
+        per_example.clipped_sum(layer(layer(x)[:, :1].expand(-1, 3)).sum(dim=1), 1.0)
 
 
 def dp_config(**options):
@@ -211,34 +227,6 @@ def test_per_example_gradients_with_multi_token_head_bias():
 # ---------------------------------------------------------------------------------------------- clipping
 
 
-def test_clip_and_sum_clips_each_example_not_the_batch():
-    clip = 1.0
-    generator = torch.Generator().manual_seed(0)
-    grads = {"w": torch.randn(5, 3, 4, generator=generator), "b": torch.randn(5, 3, generator=generator)}
-    norms = torch.sqrt(grads["w"].flatten(1).pow(2).sum(1) + grads["b"].pow(2).sum(1))
-    for g in grads.values():  # examples 1..4 well inside the clip
-        g[1:] *= (0.5 / norms[1:]).view(-1, *[1] * (g.dim() - 1))
-    grads["w"][0] *= 1e6  # example 0 enormous
-    grads["b"][0] *= 1e6
-
-    summed, reported = clip_and_sum(grads, clip)
-    assert reported[0] > 1e5 and torch.all(reported[1:] < clip)
-
-    others = {n: g[1:].sum(0) for n, g in grads.items()}  # unscaled sum of the small examples
-    contribution = {n: summed[n] - others[n] for n in grads}  # what example 0 added
-    norm0 = math.sqrt(sum(float(t.pow(2).sum()) for t in contribution.values()))
-    assert norm0 <= clip * (1 + 1e-5)
-    assert norm0 == pytest.approx(clip, rel=1e-4)  # scaled down to C, not to zero
-    direction = torch.cat([grads["w"][0].flatten(), grads["b"][0]])
-    got = torch.cat([contribution["w"].flatten(), contribution["b"]])
-    assert torch.nn.functional.cosine_similarity(direction, got, dim=0) > 0.9999
-
-    # Without the big example the others pass through exactly as they are.
-    small, _ = clip_and_sum({n: g[1:] for n, g in grads.items()}, clip)
-    for n in grads:
-        torch.testing.assert_close(small[n], others[n])
-
-
 def test_clipping_through_the_model_bounds_an_outlier_example():
     """An example whose input is scaled up 1e4 has a huge gradient; after clipping it adds at most C."""
     model, params = cnn_model()
@@ -249,18 +237,23 @@ def test_clipping_through_the_model_bounds_an_outlier_example():
     x[2] *= 1e4
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     per_example = PerExampleGradients(model, params.all())
-    grads = per_example.compute(F.cross_entropy(model(pixel_values=x), labels, reduction="none"))
-    per_example.remove()
 
+    def losses(index):
+        return F.cross_entropy(model(pixel_values=x[index]), labels[index], reduction="none")
+
+    everyone, others = list(range(6)), [i for i in range(6) if i != 2]
+    grads = per_example.compute(losses(everyone))
     raw_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
-    others = [i for i in range(6) if i != 2]
     clip = 2 * float(raw_norms[others].max())  # the normal examples stay below C; the outlier is far above
     assert raw_norms[2] > 100 * clip
 
-    summed, _ = clip_and_sum(grads, clip)
-    rest, _ = clip_and_sum({n: g[others] for n, g in grads.items()}, clip)
+    summed, norms = per_example.clipped_sum(losses(everyone), clip)  # the training path
+    rest, _ = per_example.clipped_sum(losses(others), clip)
+    per_example.remove()
+    torch.testing.assert_close(norms, raw_norms, rtol=1e-4, atol=0)
     outlier = torch.sqrt(sum((summed[n] - rest[n]).pow(2).sum() for n in grads))
     assert outlier <= clip * (1 + 1e-4)
+    assert outlier == pytest.approx(clip, rel=1e-3)  # scaled down to C, not dropped
     for n, g in grads.items():  # the other examples are not scaled down on the outlier's account
         torch.testing.assert_close(rest[n], g[others].sum(0), atol=1e-6, rtol=1e-5)
 

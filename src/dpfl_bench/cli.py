@@ -104,49 +104,58 @@ def run(
 
 @app.command()
 def privacy(
-    eps: Annotated[Optional[float], typer.Option(help="Target ε: print the noise multiplier σ that meets it.")] = None,
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="σ: print the ε it gives instead.")] = None,
-    delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
-    dp_level: Annotated[str, typer.Option(help="sample (DP-SGD in clients) or client (DP-FedAvg).")] = "sample",
-    clients: Annotated[int, typer.Option(help="Number of clients N.")] = 4,
-    participation: Annotated[float, typer.Option(help="Fraction of clients per round.")] = 0.5,
-    rounds: Annotated[int, typer.Option(help="Rounds.")] = 5,
-    local_steps: Annotated[int, typer.Option(help="Local steps K per round.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 32,
-    client_size: Annotated[int, typer.Option(help="Examples per client n (sample level).")] = 2688,
-    accountant: Annotated[str, typer.Option(help="rdp or prv.")] = "rdp",
-    seed: Annotated[int, typer.Option(help="Seed of the participation schedule.")] = 0,
+    eps: Annotated[Optional[float], _opt("Target ε: print the noise multiplier σ that meets it.", Privacy)] = None,
+    noise_multiplier: Annotated[Optional[float], _opt("σ: print the ε it gives instead.", Privacy)] = None,
+    delta: Annotated[Optional[float], _opt("Target δ. [default: 1e-5]", Privacy)] = None,
+    dp_level: Annotated[Optional[str], _opt("sample (DP-SGD in clients) or client (DP-FedAvg). [default: sample]", Privacy)] = None,
+    accountant: Annotated[Optional[str], _opt("rdp or prv. [default: rdp]", Privacy)] = None,
+    task: Annotated[Optional[str], _opt("Task whose defaults and data split give the schedule. [default: fashion]", Section)] = None,
+    clients: Annotated[Optional[int], _opt("Number of clients N.", Federated)] = None,
+    participation: Annotated[Optional[float], _opt("Fraction of clients per round.", Federated)] = None,
+    rounds: Annotated[Optional[int], _opt("Rounds.", Federated)] = None,
+    local_steps: Annotated[Optional[int], _opt("Local steps K per round.", Federated)] = None,
+    batch_size: Annotated[Optional[int], _opt("Expected batch size.", Training)] = None,
+    client_size: Annotated[Optional[int], _opt("Assume equal clients of this many examples instead of splitting the task's data.", Federated)] = None,
+    seed: Annotated[Optional[int], _opt("Seed of the data split and participation schedule. [default: 0]", Section)] = None,
 ) -> None:
-    """Privacy calculator: σ for a target ε, or ε for a given σ, for a training schedule.
+    """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
-    Uses the same calibration and accounting as `run` (equal client datasets of --client-size).
+    Options left out take the task's defaults, as in `run`, and client datasets come from splitting the
+    task's data the same way; so `dpfl-bench privacy --eps 1` prints the σ of `dpfl-bench run --eps 1`.
     """
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier", "client_size")}
     with _user_errors():
-        from dpfl_bench.config import build_config
+        from dpfl_bench.config import RunConfig, build_config
+        from dpfl_bench.federated import partition
         from dpfl_bench.partition import participation_schedule
         from dpfl_bench.privacy.accounting import worst_epsilon
         from dpfl_bench.privacy.plan import exposures_of, plan_privacy
+        from dpfl_bench.tasks import TASKS
 
         if (eps is None) == (noise_multiplier is None):
             raise UserError("give exactly one of --eps (to get σ) or --noise-multiplier (to get ε)")
-        if noise_multiplier is not None and noise_multiplier <= 0:
-            raise UserError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
-        config = build_config(
-            dict(
-                clients=clients, participation=participation, rounds=rounds, local_steps=local_steps,
-                batch_size=batch_size, delta=delta, dp_level=dp_level, accountant=accountant, seed=seed,
-                eps=eps if eps is not None else 1.0,
-            )
-        )
-        schedule = participation_schedule(clients, participation, rounds, seed=seed)
-        sizes = [client_size] * clients
+        if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
+            raise UserError(f"--noise-multiplier must be a number > 0, got {noise_multiplier}")
+        if client_size is not None and client_size < 1:
+            raise UserError(f"--client-size must be at least 1, got {client_size}")
+        chosen = TASKS.get(flags.get("task", RunConfig.task))
+        config = build_config({**flags, "eps": eps if eps is not None else 1.0}, chosen.defaults)
+        fed, priv = config.federated, config.privacy
+        if client_size is not None:
+            sizes = [client_size] * fed.clients
+        else:
+            _quiet_libraries()
+            sizes = [len(shard) for shard in partition(chosen.load_data().train, config)]
+        client_level = priv.dp_level == "client"
+        schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
+        level = f"{priv.dp_level} level, {fed.clients} clients of {min(sizes)}–{max(sizes)} examples"
         if eps is not None:
             sigma = plan_privacy(config, sizes, schedule).noise_multiplier
-            console.print(f"noise multiplier σ = [bold]{sigma:.4f}[/] for ε = {eps:g}, δ = {delta:g} ({dp_level} level)")
+            console.print(f"noise multiplier σ = [bold]{sigma:.4f}[/] for ε = {eps:g}, δ = {priv.delta:g} ({level})")
         else:
             _, exposures = exposures_of(config, sizes, schedule)
-            spent = worst_epsilon(noise_multiplier, exposures, delta=delta, accountant=accountant)
-            console.print(f"ε = [bold]{spent:.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {delta:g} ({dp_level} level)")
+            spent = worst_epsilon(noise_multiplier, exposures, delta=priv.delta, accountant=priv.accountant)
+            console.print(f"ε = [bold]{spent:.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {priv.delta:g} ({level})")
 
 
 @app.command()

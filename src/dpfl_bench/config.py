@@ -42,12 +42,6 @@ class FederatedConfig:
         _require(self.min_partition_size >= 1, f"--min-partition-size must be at least 1, got {self.min_partition_size}")
         _require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
 
-    @property
-    def clients_per_round(self) -> int:
-        from dpfl_bench.partition import clients_per_round
-
-        return clients_per_round(self.clients, self.participation)
-
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -59,7 +53,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}")
         _require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
         _require(self.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
@@ -87,7 +81,7 @@ class PrivacyConfig:
         _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
         _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
         _require(self.dp_level in ("sample", "client"), f"--dp-level must be sample or client, got {self.dp_level!r}")
-        _require(self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        _require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
         _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
 
     @property
@@ -110,6 +104,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        _require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,11 +141,17 @@ def option_names() -> list[str]:
 
 def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = {}) -> RunConfig:
     """Build a validated RunConfig from flat options (keys with dashes or underscores), over task defaults."""
+    from dpfl_bench.method import create_method
+
     flat = {**_normalise(task_defaults), **_normalise(options)}
     sections = {}
     for name, section in _SECTIONS.items():
         sections[name] = section(**_typed(flat, section))
-    return RunConfig(**_typed(flat, RunConfig), **sections)
+    top = _typed(flat, RunConfig)
+    # Saved and hashed with every run: the method's options after conversion, its defaults included.
+    method = create_method(top.get("method", RunConfig.method), top.get("method_options", {}))
+    top["method_options"] = dataclasses.asdict(method.options)
+    return RunConfig(**top, **sections)
 
 
 def _typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:
@@ -177,10 +178,14 @@ def load_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
     if "method-options" in data:
         data["method_options"] = data.pop("method-options")
+        if not isinstance(data["method_options"], dict):
+            raise UserError(f"config file {path}: [method-options] must be a table of key = value")
     _normalise(data)
     return data
 

@@ -6,6 +6,7 @@ It knows nothing of any particular method: a method only answers the questions i
 import hashlib
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ class RunSummary:
     path: Path
     rows: list[dict[str, Any]]
     plan: PrivacyPlan
-    client_sizes: list[int]
 
 
 def run_id(config: RunConfig) -> str:
@@ -85,6 +85,8 @@ def prepare(config: RunConfig) -> Experiment:
     schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
     plan = plan_privacy(config, [len(c) for c in clients], schedule)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)  # the head's and LoRA A's initial values are part of the run
     model = task.build_model(data.num_classes).to(device)  # move first, then add adapters (Opacus issue 820)
     params = add_lora(model, task.lora_targets, task.head, config.adapter)
@@ -103,14 +105,22 @@ def run_federated(
 ) -> RunSummary:
     """Run one configuration to the end, writing its results file after every evaluation."""
     started = time.perf_counter()
+    out = writable_folder(Path(config.out)) / f"{run_id(config)}.parquet"  # fail before training, not after
     exp = prepare(config)
     task, method, data, clients, plan, ws = exp.task, exp.method, exp.data, exp.clients, exp.plan, exp.workspace
     fed, params = config.federated, ws.params
     client_level = plan.level == "client"
     global_state = params.state()
-    noise = torch.Generator().manual_seed(config.seed)  # client-level DP noise, drawn by the server
+    server_seed = int(np.random.SeedSequence([config.seed, 3]).generate_state(1)[0])
+    noise = torch.Generator().manual_seed(server_seed)  # client-level DP noise, drawn by the server
     mechanisms_run = [0] * (1 if client_level else fed.clients)
-    out = Path(config.out) / f"{run_id(config)}.parquet"
+    client_data = json.dumps(
+        [
+            {"examples": len(c), "labels": torch.bincount(c.labels, minlength=data.num_classes).tolist()}
+            | ({"sample_rate": plan.sample_rates[k]} if plan.level == "sample" else {})
+            for k, c in enumerate(clients)
+        ]
+    )
     rows: list[dict[str, Any]] = []
     train_seconds, bytes_uploaded = 0.0, 0
 
@@ -170,6 +180,7 @@ def run_federated(
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
                 "config_json": config.to_json(),
+                "client_data_json": client_data,
                 **versions(),
             }
             rows.append(row)
@@ -177,7 +188,17 @@ def run_federated(
         on_round(round + 1, row)
     if ws.per_example is not None:
         ws.per_example.remove()
-    return RunSummary(out, rows, plan, [len(c) for c in clients])
+    return RunSummary(out, rows, plan)
+
+
+def writable_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {folder} cannot be created: {e.strerror}; choose another folder") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {folder} is not writable; choose another folder")
+    return folder
 
 
 def partition(train: Examples, config: RunConfig) -> list[np.ndarray]:

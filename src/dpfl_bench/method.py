@@ -118,6 +118,8 @@ def create_method(name: str, options: Mapping[str, Any] = {}) -> Method:
 
 def _convert(value: Any, annotation: Any, what: str) -> Any:
     kind = {"float": float, "int": int, "str": str, "bool": bool}.get(getattr(annotation, "__name__", annotation))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # TOML's `0` for a float option
     if not isinstance(value, str) or kind in (None, str):
         return value
     if kind is bool:

@@ -36,7 +36,8 @@ SCHEMA = pa.schema(
         ("peak_memory_bytes", pa.int64()),  # CUDA peak allocation, or peak resident memory on CPU
         ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
         ("seed", pa.int64()),
-        ("config_json", pa.string()),
+        ("config_json", pa.string()),  # the fully resolved configuration, method options included
+        ("client_data_json", pa.string()),  # per client: examples, label histogram, Poisson rate (sample level)
         ("dpfl_bench_version", pa.string()),
         ("torch_version", pa.string()),
         ("peft_version", pa.string()),

@@ -41,6 +41,10 @@ class PerExampleGradients:
     def _take(self, losses: torch.Tensor) -> list[tuple[nn.Module, str, str | None, torch.Tensor, torch.Tensor]]:
         """For each layer used since the last call: its names, input x and dL/dy as [batch, tokens, features]."""
         records, self._records = self._records, []
+        names = [r[1] for r in records]
+        if len(set(names)) < len(names):  # norms per call would understate the example's true norm
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise RuntimeError(f"per-example clipping needs each trainable layer called once per forward: {twice}")
         outputs = [r[4] for r in records]
         grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
         taken = []
@@ -56,15 +60,15 @@ class PerExampleGradients:
         the last call; `losses` holds one loss per example."""
         grads: dict[str, torch.Tensor] = {}
         for module, weight_name, bias_name, x, g in self._take(losses):
-            _add(grads, weight_name, torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape))
+            grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape)
             if bias_name is not None:
-                _add(grads, bias_name, g.sum(dim=1))
+                grads[bias_name] = g.sum(dim=1)
         return grads
 
     def clipped_sum(self, losses: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Σ_i clip(∇ loss_i): each example's whole gradient scaled to norm ≤ `clip`, summed over examples.
 
-        Same result as `clip_and_sum(self.compute(losses), clip)`, but each layer's per-example gradients
+        Same result as clipping `self.compute(losses)` example by example and summing, but each layer's per-example gradients
         live only long enough to give their norms; the clipped sum is then one matmul per layer, with
         the examples' scales folded into dL/dy. Returns the sums and the per-example norms."""
         taken = self._take(losses)
@@ -78,19 +82,14 @@ class PerExampleGradients:
         sums: dict[str, torch.Tensor] = {}
         for module, weight_name, bias_name, x, g in taken:
             scaled = (g * scale[:, None, None]).flatten(0, 1)  # [batch·tokens, out]
-            _add(sums, weight_name, (scaled.T @ x.flatten(0, 1)).reshape(module.weight.shape))
+            sums[weight_name] = (scaled.T @ x.flatten(0, 1)).reshape(module.weight.shape)
             if bias_name is not None:
-                _add(sums, bias_name, scaled.sum(dim=0))
+                sums[bias_name] = scaled.sum(dim=0)
         return sums, norms
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _add(into: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """Accumulate, for a layer called more than once in a forward pass."""
-    into[name] = into[name] + value if name in into else value
 
 
 def _supported(module: nn.Module) -> bool:
@@ -103,12 +102,3 @@ def _tokens_last(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):  # [b, c, h, w] -> [b, h*w, c]
         return t.flatten(2).transpose(1, 2)
     return t.reshape(len(t), -1, t.shape[-1])
-
-
-def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Clip each example's whole gradient (all parameters together) to norm `clip`, then sum over examples.
-
-    Returns the summed clipped gradients and the per-example norms before clipping."""
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
-    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, norms
