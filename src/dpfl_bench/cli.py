@@ -29,24 +29,38 @@ def _opt(help: str, panel: str, *flags: str) -> Any:
     return typer.Option(*flags, help=help, rich_help_panel=panel, show_default=False)
 
 
+# Options that `run` and `privacy` share, declared once.
+Eps = Annotated[Optional[float], _opt("Target privacy budget ε; `inf` trains without privacy. \\[default: 1]", Privacy)]
+Delta = Annotated[Optional[float], _opt("Target δ; must be below 1/n of the smallest protected dataset. \\[default: 1e-5]", Privacy)]
+DpLevel = Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. \\[default: sample]", Privacy)]
+AccountantName = Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. \\[default: rdp]", Privacy)]
+TaskName = Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`); its defaults fill options left out. \\[default: fashion]", Section)]
+Clients = Annotated[Optional[int], _opt("Number of clients N.", Federated)]
+Participation = Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated)]
+Rounds = Annotated[Optional[int], _opt("Communication rounds.", Federated)]
+LocalSteps = Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated)]
+BatchSize = Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training)]
+Seed = Annotated[Optional[int], _opt("Seed for data split, client sampling, init, batches and noise. \\[default: 0]", Section)]
+
+
 @app.command()
 def run(
-    method: Annotated[Optional[str], _opt("LoRA method: dp-lora, ffa-lora, rolora, la-lora (see `dpfl-bench methods`). [default: la-lora]", Section)] = None,
-    eps: Annotated[Optional[float], _opt("Target privacy budget ε; `inf` trains without privacy. [default: 1]", Privacy)] = None,
-    delta: Annotated[Optional[float], _opt("Target δ; must be below 1/n of the smallest protected dataset. [default: 1e-5]", Privacy)] = None,
-    dp_level: Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. [default: sample]", Privacy)] = None,
-    clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). [default: 1]", Privacy)] = None,
-    accountant: Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. [default: rdp]", Privacy)] = None,
-    task: Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`). [default: fashion]", Section)] = None,
-    clients: Annotated[Optional[int], _opt("Number of clients N.", Federated)] = None,
-    participation: Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated)] = None,
-    rounds: Annotated[Optional[int], _opt("Communication rounds.", Federated)] = None,
-    local_steps: Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated)] = None,
+    method: Annotated[Optional[str], _opt("LoRA method: dp-lora, ffa-lora, rolora, la-lora (see `dpfl-bench methods`). \\[default: la-lora]", Section)] = None,
+    eps: Eps = None,
+    delta: Delta = None,
+    dp_level: DpLevel = None,
+    clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). \\[default: 1]", Privacy)] = None,
+    accountant: AccountantName = None,
+    task: TaskName = None,
+    clients: Clients = None,
+    participation: Participation = None,
+    rounds: Rounds = None,
+    local_steps: LocalSteps = None,
     partition: Annotated[Optional[str], _opt("Data split across clients: iid or dirichlet (label skew).", Federated)] = None,
     dirichlet_alpha: Annotated[Optional[float], _opt("Dirichlet concentration; smaller is more skewed.", Federated)] = None,
     min_partition_size: Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)] = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
-    batch_size: Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training)] = None,
+    batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split.", Training)] = None,
     lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
@@ -54,9 +68,9 @@ def run(
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
     method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
-    seed: Annotated[Optional[int], _opt("Seed for data split, client sampling, init, batches and noise. [default: 0]", Section)] = None,
-    device: Annotated[Optional[str], _opt("auto, cpu or cuda. [default: auto]", Section)] = None,
-    out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. [default: results]", Section)] = None,
+    seed: Seed = None,
+    device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
+    out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. \\[default: results]", Section)] = None,
     config: Annotated[Optional[Path], _opt("TOML file of these options (same names); flags override it.", Section)] = None,
 ) -> None:
     """Train one federated LoRA configuration under (ε, δ)-DP and write its per-round metrics to Parquet.
@@ -106,22 +120,22 @@ def run(
 def privacy(
     eps: Annotated[Optional[float], _opt("Target ε: print the noise multiplier σ that meets it.", Privacy)] = None,
     noise_multiplier: Annotated[Optional[float], _opt("σ: print the ε it gives instead.", Privacy)] = None,
-    delta: Annotated[Optional[float], _opt("Target δ. [default: 1e-5]", Privacy)] = None,
-    dp_level: Annotated[Optional[str], _opt("sample (DP-SGD in clients) or client (DP-FedAvg). [default: sample]", Privacy)] = None,
-    accountant: Annotated[Optional[str], _opt("rdp or prv. [default: rdp]", Privacy)] = None,
-    task: Annotated[Optional[str], _opt("Task whose defaults and data split give the schedule. [default: fashion]", Section)] = None,
-    clients: Annotated[Optional[int], _opt("Number of clients N.", Federated)] = None,
-    participation: Annotated[Optional[float], _opt("Fraction of clients per round.", Federated)] = None,
-    rounds: Annotated[Optional[int], _opt("Rounds.", Federated)] = None,
-    local_steps: Annotated[Optional[int], _opt("Local steps K per round.", Federated)] = None,
-    batch_size: Annotated[Optional[int], _opt("Expected batch size.", Training)] = None,
+    delta: Delta = None,
+    dp_level: DpLevel = None,
+    accountant: AccountantName = None,
+    task: TaskName = None,
+    clients: Clients = None,
+    participation: Participation = None,
+    rounds: Rounds = None,
+    local_steps: LocalSteps = None,
+    batch_size: BatchSize = None,
     client_size: Annotated[Optional[int], _opt("Assume equal clients of this many examples instead of splitting the task's data.", Federated)] = None,
-    seed: Annotated[Optional[int], _opt("Seed of the data split and participation schedule. [default: 0]", Section)] = None,
+    seed: Seed = None,
 ) -> None:
     """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
-    Options left out take the task's defaults, as in `run`, and client datasets come from splitting the
-    task's data the same way; so `dpfl-bench privacy --eps 1` prints the σ of `dpfl-bench run --eps 1`.
+    Options left out take the task's defaults and the task's data is split as `run` splits it,
+    so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses.
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier", "client_size")}
     with _user_errors():

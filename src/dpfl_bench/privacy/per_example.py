@@ -38,8 +38,9 @@ class PerExampleGradients:
 
         return hook
 
-    def _take(self, losses: torch.Tensor) -> list[tuple[nn.Module, str, str | None, torch.Tensor, torch.Tensor]]:
-        """For each layer used since the last call: its names, input x and dL/dy as [batch, tokens, features]."""
+    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
+        the last call; `losses` holds one loss per example."""
         records, self._records = self._records, []
         names = [r[1] for r in records]
         if len(set(names)) < len(names):  # norms per call would understate the example's true norm
@@ -47,45 +48,26 @@ class PerExampleGradients:
             raise RuntimeError(f"per-example clipping needs each trainable layer called once per forward: {twice}")
         outputs = [r[4] for r in records]
         grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-        taken = []
+        grads: dict[str, torch.Tensor] = {}
         for (module, weight_name, bias_name, x, y), g in zip(records, grads_out):
             g = torch.zeros_like(y) if g is None else g
-            if bias_name is not None and not module.bias.requires_grad:
-                bias_name = None
-            taken.append((module, weight_name, bias_name, _tokens_last(module, x.float()), _tokens_last(module, g.float())))
-        return taken
-
-    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
-        the last call; `losses` holds one loss per example."""
-        grads: dict[str, torch.Tensor] = {}
-        for module, weight_name, bias_name, x, g in self._take(losses):
+            x, g = _tokens_last(module, x.float()), _tokens_last(module, g.float())  # [batch, tokens, features]
             grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape)
-            if bias_name is not None:
+            if bias_name is not None and module.bias.requires_grad:
                 grads[bias_name] = g.sum(dim=1)
         return grads
 
     def clipped_sum(self, losses: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Σ_i clip(∇ loss_i): each example's whole gradient scaled to norm ≤ `clip`, summed over examples.
+        """Σ_i clip(∇ loss_i): each example's whole gradient (all layers together) scaled to norm ≤ `clip`,
+        then summed over examples. Returns the sums and the per-example norms before clipping.
 
-        Same result as clipping `self.compute(losses)` example by example and summing, but each layer's per-example gradients
-        live only long enough to give their norms; the clipped sum is then one matmul per layer, with
-        the examples' scales folded into dL/dy. Returns the sums and the per-example norms."""
-        taken = self._take(losses)
-        squared = torch.zeros(len(losses), device=losses.device)
-        for _, _, bias_name, x, g in taken:
-            squared += torch.einsum("bto,bti->boi", g, x).pow(2).sum(dim=(1, 2))
-            if bias_name is not None:
-                squared += g.sum(dim=1).pow(2).sum(dim=1)
-        norms = squared.sqrt()
+        Per-example gradients of LoRA factors are small (rank × features each), so holding them for one
+        physical batch costs little; it is the layers' output gradients that are large, and those are
+        dropped as soon as `compute` has used them."""
+        grads = self.compute(losses)
+        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
         scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-        sums: dict[str, torch.Tensor] = {}
-        for module, weight_name, bias_name, x, g in taken:
-            scaled = (g * scale[:, None, None]).flatten(0, 1)  # [batch·tokens, out]
-            sums[weight_name] = (scaled.T @ x.flatten(0, 1)).reshape(module.weight.shape)
-            if bias_name is not None:
-                sums[bias_name] = scaled.sum(dim=0)
-        return sums, norms
+        return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, norms
 
     def remove(self) -> None:
         for handle in self._handles:
