@@ -2,6 +2,7 @@
 
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -103,7 +104,7 @@ def run(
         if chosen.synthetic:
             console.print("[yellow]synthetic task: generated data and a random-init model, for tests only[/]")
         with _progress() as progress:
-            bar = progress.add_task("loading data and model", total=fed.rounds, status="")
+            bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
             def on_round(done: int, row: dict | None) -> None:
                 status = None
@@ -199,6 +200,208 @@ def tasks() -> None:
     console.print(table)
 
 
+@app.command()
+def sweep(
+    suite: Annotated[Path, typer.Argument(help="Suite file: base options and a grid (see benchmarks/*.toml).", show_default=False)],
+    out: Annotated[Optional[Path], _opt("Results folder; overrides the suite's `out`.", Section)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what is finished; run nothing.")] = False,
+) -> None:
+    """Run every point of a benchmark suite once, each in its own process.
+
+    Resumable: after an interruption (Ctrl-C, kill, crash) run the same command again; finished runs are
+    skipped and an unfinished one starts over. Example: dpfl-bench sweep benchmarks/smoke.toml
+    """
+    with _user_errors():
+        from dpfl_bench.federated import writable_folder
+        from dpfl_bench.sweep import load_suite, rounds_done, run_point
+
+        loaded = load_suite(suite, out)
+        saved = [rounds_done(config) for config in loaded.points]
+        todo = [c for c, r in zip(loaded.points, saved) if r < c.federated.rounds]
+        console.print(
+            f"[bold]{suite}[/]: {len(loaded.points)} runs, {len(loaded.points) - len(todo)} finished, "
+            f"{len(todo)} to run · results in {loaded.out}"
+        )
+        if dry_run:
+            console.print(_grid_table(loaded, saved))
+            return
+        writable_folder(loaded.out)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the sweep the way Ctrl-C does
+        failed: list[tuple[str, str]] = []
+        finished = len(loaded.points) - len(todo)
+        try:
+            with _progress() as progress:
+                grid = progress.add_task("suite", total=len(loaded.points), completed=finished, status="", unit="runs")
+                for config in todo:
+                    name = _run_label(config, loaded.varying)
+                    bar = progress.add_task(f"  {name}", total=config.federated.rounds, status="loading", unit="rounds")
+
+                    def on_event(event: tuple, bar: Any = bar) -> None:
+                        _, done, row = event
+                        progress.update(bar, completed=done, **({"status": _round_status(row)} if row else {}))
+
+                    try:
+                        run_point(config, on_event)
+                        progress.console.print(f"[green]✓[/] {name}: {_round_status(_last_row(config))}")
+                    except UserError as e:
+                        failed.append((name, str(e)))
+                        progress.console.print(f"[red]✗[/] {name}: {e}", highlight=False)
+                    progress.remove_task(bar)
+                    finished += 1
+                    progress.update(grid, completed=finished, status=f"{len(failed)} failed" if failed else "")
+        except KeyboardInterrupt:
+            done = sum(rounds_done(c) >= c.federated.rounds for c in loaded.points)
+            errors.print(
+                f"[yellow]interrupted[/]: {done} of {len(loaded.points)} runs finished; "
+                "run the same command again to resume (the unfinished run starts over)"
+            )
+            raise typer.Exit(130)
+        if failed:
+            table = Table("run", "error", title=f"{len(failed)} of {len(todo)} runs failed")
+            for name, message in failed:
+                table.add_row(name, message)
+            errors.print(table)
+            raise typer.Exit(1)
+        console.print(f"all {len(loaded.points)} runs finished · compare them: dpfl-bench compare {loaded.out}")
+
+
+@app.command()
+def compare(
+    results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
+    metric: Annotated[str, typer.Option(help="Any numeric results column, e.g. test_accuracy, eps_spent, seconds_per_round.")] = "test_accuracy",
+    by: Annotated[str, typer.Option(help="What a table's rows are: results columns or run options, comma-separated, e.g. method,rank.")] = "method",
+    format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json (csv and json: one line per cell).")] = "table",
+    plot: Annotated[Optional[Path], _opt("Also draw the metric against round (a panel per ε) and the final metric against ε to this PNG file.", Section)] = None,
+) -> None:
+    """Compare finished runs: per task, methods × ε, each cell the final metric's mean ± std over seeds.
+
+    The best cell of each column is highlighted; a last row gives LA-LoRA's gain over the best other method.
+    Example: dpfl-bench compare results/ --plot comparison.png
+    """
+    with _user_errors():
+        from dpfl_bench import compare as summary_of
+
+        if format not in ("table", "markdown", "csv", "json"):
+            raise UserError(f"--format must be table, markdown, csv or json, got {format!r}")
+        loaded = _load_results(results)
+        columns = [c.strip() for c in by.split(",") if c.strip()]
+        summary = summary_of.summarize(loaded.finals, metric, columns)
+        mixed = summary_of.mixed_options(loaded.finals, columns)
+        if mixed:
+            errors.print(
+                f"[yellow]warning[/]: some cells average runs that differ in {', '.join(mixed)}; "
+                f"to separate them use --by {','.join([*columns, mixed[0]])}",
+                highlight=False,
+            )
+        tables = summary_of.pivots(summary, metric, columns)
+        if format == "table":
+            for table in summary_of.to_rich(tables, metric):
+                console.print(table)
+        elif format == "markdown":
+            console.print(summary_of.to_markdown(tables, metric), markup=False, highlight=False, soft_wrap=True)
+        elif format == "csv":
+            print(summary_of.to_records(summary).to_csv(index=False), end="")
+        else:
+            print(summary_of.to_records(summary).to_json(orient="records", indent=1))
+        if plot:
+            from dpfl_bench.plots import plot_comparison
+
+            plot_comparison(loaded.rows, loaded.finals, metric, columns, plot)
+            errors.print(f"plot written to {plot}")
+
+
+@app.command()
+def check(
+    results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively.", show_default=False)],
+    reference: Annotated[Path, typer.Option(help="Reference results: the last row of each reference run.", show_default=False)],
+    tolerance: Annotated[float, typer.Option(help="How far below the reference's final accuracy a run may fall.")] = 0.03,
+    update_reference: Annotated[bool, typer.Option("--update-reference", help="Write these results as the new reference instead of checking.")] = False,
+) -> None:
+    """CI regression gate: exit 1, with a table, when a reference run is missing, falls more than
+    --tolerance below its reference accuracy, spends more ε than its target or diverges.
+
+    Example: dpfl-bench check results/smoke --reference benchmarks/reference/smoke.parquet
+    """
+    with _user_errors():
+        from dpfl_bench.check import check_runs
+        from dpfl_bench.results import SCHEMA, read_run, write_rows
+
+        if not 0 <= tolerance < 1:
+            raise UserError(f"--tolerance must be in [0, 1), got {tolerance}")
+        loaded = _load_results(results)
+        if update_reference:
+            write_rows(loaded.finals[SCHEMA.names].to_dict("records"), reference)
+            console.print(f"reference written: {reference} ({len(loaded.finals)} runs)")
+            return
+        fix = f"write one with `dpfl-bench check {results} --reference {reference} --update-reference`"
+        if not reference.is_file():
+            raise UserError(f"reference {reference} does not exist; {fix}")
+        try:
+            expected = read_run(reference)
+        except Exception as e:
+            raise UserError(f"reference {reference} cannot be read ({type(e).__name__}); {fix}") from None
+        shortfalls = check_runs(loaded.rows, loaded.unfinished, expected, tolerance)
+        if shortfalls:
+            table = Table("run", "problem", "expected", "got", title=f"check failed: {len(shortfalls)} problems")
+            for s in shortfalls:
+                table.add_row(s.run, f"[red]{s.problem}[/]", s.expected, s.got)
+            console.print(table)
+            raise typer.Exit(1)
+        console.print(
+            f"[green]check passed[/]: {len(expected)} reference runs present, each within {tolerance:g} of its "
+            f"reference accuracy; {len(loaded.finals)} runs within their ε and finite"
+        )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _load_results(folder: Path) -> Any:
+    from dpfl_bench.compare import load_results
+
+    loaded = load_results(folder)
+    for warning in loaded.warnings:
+        errors.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)
+    if loaded.finals.empty:
+        raise UserError(f"no finished runs under {folder}" + (f" ({len(loaded.warnings)} files skipped)" if loaded.warnings else ""))
+    return loaded
+
+
+def _run_label(config: Any, varying: list[str]) -> str:
+    from dpfl_bench.compare import eps_label, flat_options
+
+    options = flat_options(config.to_json())
+    shown = [config.task, config.method, eps_label(config.privacy.eps), f"seed {config.seed}"]
+    shown += [f"{k.replace('_', '-')} {options[k]}" for k in varying if k not in ("task", "method", "eps", "seed")]
+    return " · ".join(shown)
+
+
+def _round_status(row: Optional[dict]) -> str:
+    if not row:
+        return ""
+    status = f"acc {row['test_accuracy']:.3f}"
+    return status + (f" · ε spent {row['eps_spent']:.2f}" if math.isfinite(row["eps_target"]) else "")
+
+
+def _last_row(config: Any) -> dict:
+    from dpfl_bench.results import read_run
+    from dpfl_bench.sweep import results_path
+
+    return read_run(results_path(config)).iloc[-1].to_dict()
+
+
+def _grid_table(loaded: Any, saved: list[int]) -> Table:
+    from dpfl_bench.federated import run_id
+
+    table = Table("#", "run", "status", "run id")
+    for i, (config, rounds) in enumerate(zip(loaded.points, saved), 1):
+        total = config.federated.rounds
+        status = "[green]finished[/]" if rounds >= total else f"[yellow]round {rounds} of {total}[/]" if rounds else "to run"
+        table.add_row(str(i), _run_label(config, loaded.varying), status, run_id(config))
+    return table
+
+
 def _key_values(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -222,7 +425,7 @@ def _progress() -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("rounds · {task.fields[status]}"),
+        TextColumn("{task.fields[unit]} · {task.fields[status]}"),
         TimeElapsedColumn(),
         TextColumn("left"),
         TimeRemainingColumn(),

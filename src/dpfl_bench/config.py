@@ -173,21 +173,26 @@ def _typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file of flat options; a `[method-options]` table holds the method's own options."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, "config file")
     if "method-options" in data:
         data["method_options"] = data.pop("method-options")
         if not isinstance(data["method_options"], dict):
             raise UserError(f"config file {path}: [method-options] must be a table of key = value")
     _normalise(data)
     return data
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing, unreadable or invalid file is a one-line UserError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{what} {path} is not valid TOML: {e}") from None
 
 
 def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:

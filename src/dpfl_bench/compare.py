@@ -1,0 +1,235 @@
+"""Read a folder of results files and summarize them: one cell per (task, method, ε), over seeds.
+
+Loading is forgiving, summarizing is strict: a file that is corrupt, foreign, unfinished or a duplicate is
+skipped with a one-line warning, but runs that differ in anything other than their seed are never
+averaged into one cell without saying so.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from dpfl_bench.errors import UserError
+from dpfl_bench.results import SCHEMA, read_run
+
+TABLE_KEYS = ["task", "model"]  # one table per task and model
+COLUMN_KEY = "eps_target"  # the columns of a table: ε, ∞ last
+HIGHLIGHTED_METHOD = "la-lora"  # the method whose gain over the best other method gets its own row
+LOWER_IS_BETTER = ("loss", "seconds", "bytes", "memory", "eps_spent", "noise")
+
+
+@dataclass(frozen=True)
+class Results:
+    rows: pd.DataFrame  # every evaluated round of every finished run
+    finals: pd.DataFrame  # each run's last row, its configuration options as extra columns
+    unfinished: dict[str, int]  # run id -> rounds saved, for runs that stopped before their last round
+    warnings: list[str]
+
+
+def load_results(folder: Path) -> Results:
+    """Every finished run under `folder` (searched recursively), and a warning per file left out."""
+    if not folder.exists():
+        raise UserError(f"{folder} does not exist; give a folder of results files (e.g. results/)")
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    runs, warnings, seen, unfinished = [], [], {}, {}
+    for path in files:
+        try:
+            run = read_run(path)
+        except Exception as e:
+            reason = str(e) if isinstance(e, ValueError) and "dpfl-bench" in str(e) else f"not a readable Parquet file ({type(e).__name__})"
+            warnings.append(f"skipped {path}: {reason.replace(f'{path} ', '')}")
+            continue
+        if run.empty:
+            warnings.append(f"skipped {path}: no rows")
+            continue
+        last = run.iloc[-1]
+        if last["round"] < last["rounds_total"]:
+            unfinished[last["run_id"]] = int(last["round"])
+            warnings.append(f"skipped {path}: unfinished (round {last['round']} of {last['rounds_total']}); run it again to finish it")
+            continue
+        if last["run_id"] in seen:
+            warnings.append(f"skipped {path}: the same run as {seen[last['run_id']]}")
+            continue
+        seen[last["run_id"]] = path
+        runs.append(run)
+    rows = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame(columns=SCHEMA.names)
+    return Results(rows, final_rows(rows), unfinished, warnings)
+
+
+def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last row, with seconds per round and its configuration's options as columns."""
+    finals = rows.sort_values("round").groupby("run_id", sort=False).tail(1).sort_values("run_id").reset_index(drop=True)
+    finals["seconds_per_round"] = finals["train_seconds"] / finals["round"]
+    options = pd.DataFrame([flat_options(text) for text in finals["config_json"]], index=finals.index)
+    return finals.join(options[[c for c in options.columns if c not in finals.columns]])
+
+
+def flat_options(config_json: str) -> dict:
+    """A resolved configuration as flat option names (the names `run` takes, with underscores)."""
+    flat = {}
+    for key, value in json.loads(config_json).items():
+        if isinstance(value, dict) and key != "method_options":
+            flat.update(value)
+        elif key == "method_options":
+            flat.update({f"method_options.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return {k: (math.inf if v == "inf" else v) for k, v in flat.items()}
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str] = ["method"]) -> pd.DataFrame:
+    """One row per (task, model, *by, ε): the metric's mean, sample std and count over runs, and the mean
+    seconds and bytes uploaded per round. Raises UserError for an unknown or non-numeric column."""
+    for column in [metric, *by]:
+        if column not in finals.columns:
+            valid = ", ".join(sorted(c for c in finals.columns if c not in ("config_json", "client_data_json")))
+            raise UserError(f"no column {column!r} in these results; choose from: {valid}")
+    if not pd.api.types.is_numeric_dtype(finals[metric]):
+        raise UserError(f"--metric {metric!r} is not numeric")
+    keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
+    grouped = finals.groupby(keys, sort=True, dropna=False)
+    summary = grouped.agg(
+        mean=(metric, "mean"),
+        std=(metric, "std"),  # sample std (ddof 1): NaN for a single seed
+        n=(metric, "size"),
+        seconds_per_round=("seconds_per_round", "mean"),
+        bytes_uploaded_per_round=("bytes_uploaded_per_round", "mean"),
+    )
+    return summary.reset_index()
+
+
+def mixed_options(finals: pd.DataFrame, by: list[str]) -> list[str]:
+    """Options (other than the seed and output folder) that differ between runs averaged into one cell."""
+    keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
+    ignored = {"seed", "out", "run_id", *keys}
+    options = [c for c in finals.columns if c not in SCHEMA.names and c not in ignored and c != "seconds_per_round"]
+    mixed = set()
+    for _, cell in finals.groupby(keys, dropna=False):
+        mixed.update(c for c in options if cell[c].astype(str).nunique() > 1)
+    return sorted(mixed)
+
+
+@dataclass(frozen=True)
+class Pivot:
+    """One table: rows are the `by` values, columns the ε values (∞ last)."""
+
+    title: str
+    row_names: list[str]
+    eps: list[float]
+    cells: dict[tuple[str, float], pd.Series]  # (row, ε) -> a summary row
+    best: dict[float, str]  # ε -> the row with the best mean
+    gain: dict[float, float] | None  # ε -> highlighted method minus the best other row, when both exist
+    costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
+
+
+def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
+    tables = []
+    lower = lower_is_better(metric)
+    for (task, model), table in summary.groupby(TABLE_KEYS, sort=True):
+        table = table.assign(row=[" · ".join(str(v) for v in values) for values in table[by].itertuples(index=False)])
+        row_names = list(dict.fromkeys(table["row"]))
+        eps = sorted(table[COLUMN_KEY].unique())
+        cells = {(r["row"], r[COLUMN_KEY]): r for _, r in table.iterrows()}
+        best = {}
+        for e in eps:
+            column = table[table[COLUMN_KEY] == e]
+            best[e] = column.loc[column["mean"].idxmin() if lower else column["mean"].idxmax(), "row"]
+        gain = None
+        if by == ["method"] and HIGHLIGHTED_METHOD in row_names and len(row_names) > 1:
+            gain = {}
+            for e in eps:
+                ours = cells.get((HIGHLIGHTED_METHOD, e))
+                others = [cells[(r, e)]["mean"] for r in row_names if r != HIGHLIGHTED_METHOD and (r, e) in cells]
+                if ours is not None and others:
+                    gain[e] = (min(others) - ours["mean"]) if lower else (ours["mean"] - max(others))
+        costs = {
+            row: (group["seconds_per_round"].mean(), group["bytes_uploaded_per_round"].mean())
+            for row, group in table.groupby("row", sort=False)
+        }
+        tables.append(Pivot(f"{task} · {model}", row_names, eps, cells, best, gain, costs))
+    return tables
+
+
+def eps_label(eps: float) -> str:
+    return "ε=∞" if math.isinf(eps) else f"ε={eps:g}"
+
+
+def number(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.4g}"
+
+
+def cell_text(cell: pd.Series) -> str:
+    std = "" if np.isnan(cell["std"]) else f" ± {number(cell['std'])}"
+    return f"{number(cell['mean'])}{std} ({cell['n']})"
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 1e6:.2f}"
+
+
+def to_markdown(tables: list[Pivot], metric: str) -> str:
+    blocks = []
+    for t in tables:
+        header = ["", *map(eps_label, t.eps), "s / round", "MB up / round"]
+        lines = [f"**{t.title}**: {metric}, mean ± std (seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in t.row_names:
+            cells = []
+            for e in t.eps:
+                cell = t.cells.get((row, e))
+                text = "—" if cell is None else cell_text(cell)
+                cells.append(f"**{text}**" if t.best[e] == row else text)
+            seconds, size = t.costs[row]
+            lines.append("| " + " | ".join([row, *cells, f"{seconds:.1f}", megabytes(size)]) + " |")
+        if t.gain:
+            gains = [f"{t.gain[e]:+.4f}" if e in t.gain else "—" for e in t.eps]
+            lines.append("| " + " | ".join([f"{HIGHLIGHTED_METHOD} gain", *gains, "", ""]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
+    rendered = []
+    for t in tables:
+        table = Table(title=f"[bold]{t.title}[/]: {metric}, mean ± std (seeds)", title_justify="left")
+        table.add_column("")
+        for e in t.eps:
+            table.add_column(eps_label(e), justify="right")
+        table.add_column("s / round", justify="right", style="dim")
+        table.add_column("MB up / round", justify="right", style="dim")
+        for row in t.row_names:
+            cells = []
+            for e in t.eps:
+                cell = t.cells.get((row, e))
+                text = "—" if cell is None else cell_text(cell)
+                cells.append(f"[bold green]{text}[/]" if t.best[e] == row else text)
+            seconds, size = t.costs[row]
+            table.add_row(row, *cells, f"{seconds:.1f}", megabytes(size))
+        if t.gain:
+            table.add_section()
+            gains = [_signed(t.gain[e]) if e in t.gain else "—" for e in t.eps]
+            table.add_row(f"[italic]{HIGHLIGHTED_METHOD} gain[/]", *gains, "", "")
+        rendered.append(table)
+    return rendered
+
+
+def _signed(value: float) -> str:
+    colour = "green" if value > 0 else "red" if value < 0 else "white"
+    return f"[{colour}]{value:+.4f}[/]"
+
+
+def to_records(summary: pd.DataFrame) -> pd.DataFrame:
+    """The long form for csv and json: ε written as a number, or "inf"."""
+    records = summary.copy()
+    records[COLUMN_KEY] = [("inf" if math.isinf(e) else e) for e in records[COLUMN_KEY]]
+    return records

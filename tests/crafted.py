@@ -1,0 +1,40 @@
+"""Crafted results files with chosen numbers, for testing what reads results (compare, check, sweep)."""
+
+import math
+from pathlib import Path
+
+from dpfl_bench.config import build_config
+from dpfl_bench.federated import run_id
+from dpfl_bench.results import SCHEMA, write_rows
+
+
+def write_run(
+    folder: Path,
+    *,
+    method: str,
+    eps: float,
+    seed: int,
+    accuracies: list[float],
+    rounds_total: int | None = None,
+    **options,
+) -> Path:
+    """A finished (or, with rounds_total > len(accuracies), unfinished) run whose round r has test accuracy
+    accuracies[r-1], under the real run id of its configuration; other columns get plausible values."""
+    config = build_config({"task": "synthetic", "method": method, "eps": eps, "seed": seed, **options})
+    name = run_id(config)
+    total = rounds_total or len(accuracies)
+    rows = []
+    for r, accuracy in enumerate(accuracies, 1):
+        row = {column: "" for column in SCHEMA.names}
+        row.update(
+            run_id=name, task="synthetic", model="tiny", method=method, dp_level="sample" if math.isfinite(eps) else "none",
+            eps_target=eps, delta=1e-5, noise_multiplier=1.0 if math.isfinite(eps) else 0.0, clip=1.0,
+            eps_spent=eps * r / total if math.isfinite(eps) else math.inf, eps_spent_mean=0.0, round=r, rounds_total=total,
+            test_accuracy=accuracy, test_loss=1.0 - accuracy, train_loss=1.0, wall_seconds=10.0 * r,
+            train_seconds=2.0 * r, peak_memory_bytes=1 << 20, bytes_uploaded_per_round=3e6, seed=seed,
+            config_json=config.to_json(), client_data_json="[]",
+        )
+        rows.append(row)
+    path = folder / f"{name}.parquet"
+    write_rows(rows, path)
+    return path

@@ -1,0 +1,127 @@
+"""`dpfl-bench check`: the CI regression gate passes on its own reference and fails on each kind of
+regression with a table that names the run."""
+
+import math
+import shutil
+
+import pytest
+from crafted import write_run
+from typer.testing import CliRunner
+
+from dpfl_bench import cli
+from dpfl_bench.cli import app
+from dpfl_bench.results import read_run, write_rows
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    monkeypatch.setattr(cli.errors, "width", 1000)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """Four finished runs and the reference written from them; returns (results folder, reference file)."""
+    results = tmp_path / "results"
+    for method in ("dp-lora", "la-lora"):
+        for eps in (1.0, math.inf):
+            write_run(results, method=method, eps=eps, seed=0, accuracies=[0.4, 0.7])
+    path = tmp_path / "reference.parquet"
+    result = invoke("check", results, "--reference", path, "--update-reference")
+    assert result.exit_code == 0, result.output
+    return results, path
+
+
+def rewrite(path, **changes) -> None:
+    """Change columns of the last row of a results file."""
+    rows = read_run(path).to_dict("records")
+    rows[-1].update(changes)
+    write_rows(rows, path)
+
+
+def file_of(results, method: str, eps: float):
+    return next(p for p in results.glob("*.parquet") if f"_{method}_eps{eps:g}_" in p.name)
+
+
+def test_reference_holds_the_last_row_of_each_run(reference):
+    results, path = reference
+    ref = read_run(path)
+    assert len(ref) == 4 and set(ref["round"]) == {2} and set(ref["test_accuracy"]) == {0.7}
+
+
+def test_passes_on_the_reference_itself(reference):
+    results, path = reference
+    result = invoke("check", results, "--reference", path)
+    assert result.exit_code == 0, result.output
+    assert "check passed" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_accuracy_within_tolerance_passes_and_beyond_it_fails(reference):
+    results, path = reference
+    rewrite(file_of(results, "la-lora", 1), test_accuracy=0.68)
+    assert invoke("check", results, "--reference", path, "--tolerance", "0.03").exit_code == 0
+    result = invoke("check", results, "--reference", path, "--tolerance", "0.01")
+    assert result.exit_code == 1
+    assert "synthetic · la-lora · ε=1 · seed 0" in result.output and "accuracy" in result.output
+    assert "0.6800" in result.output and "1 problems" in result.output
+
+
+def test_eps_over_target_fails(reference):
+    results, path = reference
+    rewrite(file_of(results, "dp-lora", 1), eps_spent=1.2)
+    result = invoke("check", results, "--reference", path)
+    assert result.exit_code == 1
+    assert "ε over target" in result.output and "1.2000" in result.output
+
+
+def test_nan_loss_is_reported_as_diverged(reference):
+    results, path = reference
+    rewrite(file_of(results, "la-lora", math.inf), test_loss=math.nan, test_accuracy=0.1)
+    result = invoke("check", results, "--reference", path)
+    assert result.exit_code == 1
+    assert "diverged" in result.output and "from round 2" in result.output
+    assert "accuracy" in result.output, "its accuracy fell too"
+
+
+def test_missing_and_unfinished_runs_fail(reference):
+    results, path = reference
+    file_of(results, "dp-lora", math.inf).unlink()
+    unfinished = file_of(results, "la-lora", 1)
+    write_rows(read_run(unfinished).to_dict("records")[:1], unfinished)
+    result = invoke("check", results, "--reference", path)
+    assert result.exit_code == 1
+    assert "no results file" in result.output and "unfinished (round 1)" in result.output
+    assert "2 problems" in result.output
+
+
+def test_an_unreadable_reference_is_a_one_line_error(reference, tmp_path):
+    results, _ = reference
+    for bad in (tmp_path / "none.parquet", tmp_path / "corrupt.parquet"):
+        if bad.name == "corrupt.parquet":
+            bad.write_text("not parquet")
+        result = invoke("check", results, "--reference", bad)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "--update-reference" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_empty_results_folder_fails_clearly(reference, tmp_path):
+    _, path = reference
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("check", empty, "--reference", path)
+    assert result.exit_code == 1 and "no finished runs" in result.output
+
+
+def test_runs_are_matched_by_configuration_not_by_name(reference, tmp_path):
+    """A run of a different configuration (here another lr) does not stand in for its reference run."""
+    results, path = reference
+    other = tmp_path / "other"
+    shutil.copytree(results, other)
+    file_of(other, "la-lora", 1).unlink()
+    write_run(other, method="la-lora", eps=1.0, seed=0, accuracies=[0.4, 0.9], lr=0.5)
+    result = invoke("check", other, "--reference", path)
+    assert result.exit_code == 1 and "missing" in result.output

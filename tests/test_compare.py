@@ -1,0 +1,185 @@
+"""`dpfl-bench compare`: exact summaries of crafted results, every output format, the plot, and files it
+must skip with a warning instead of crashing."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from crafted import write_run
+from typer.testing import CliRunner
+
+from dpfl_bench import cli
+from dpfl_bench.cli import app
+from dpfl_bench.compare import load_results, mixed_options, pivots, summarize
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    monkeypatch.setattr(cli.errors, "width", 1000)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """dp-lora and la-lora at ε = 1 and ∞, three seeds each, with chosen final accuracies."""
+    finals = {
+        ("dp-lora", 1.0): [0.5, 0.6, 0.7],  # mean 0.6, sample std 0.1
+        ("la-lora", 1.0): [0.65, 0.7, 0.75],  # mean 0.7, std 0.05
+        ("dp-lora", math.inf): [0.8, 0.8, 0.9],  # mean 0.8333.., std 0.057735..
+        ("la-lora", math.inf): [0.78, 0.8, 0.82],  # mean 0.8, std 0.02
+    }
+    for (method, eps), accuracies in finals.items():
+        for seed, accuracy in enumerate(accuracies):
+            # round 1 is worse than the final round: only the last round may count
+            write_run(tmp_path / method, method=method, eps=eps, seed=seed, accuracies=[0.1, accuracy])
+    return tmp_path
+
+
+def test_mean_std_and_count_over_seeds_are_exact(folder):
+    loaded = load_results(folder)
+    assert loaded.warnings == []
+    summary = summarize(loaded.finals).set_index(["method", "eps_target"])
+    expected = {
+        ("dp-lora", 1.0): (0.6, 0.1),
+        ("la-lora", 1.0): (0.7, 0.05),
+        ("dp-lora", math.inf): (2.5 / 3, pd.Series([0.8, 0.8, 0.9]).std()),
+        ("la-lora", math.inf): (0.8, 0.02),
+    }
+    for key, (mean, std) in expected.items():
+        assert summary.loc[key, "mean"] == pytest.approx(mean, abs=1e-12)
+        assert summary.loc[key, "std"] == pytest.approx(std, abs=1e-12)
+        assert summary.loc[key, "n"] == 3
+        assert summary.loc[key, "seconds_per_round"] == pytest.approx(2.0)  # train_seconds 2 per round
+
+
+def test_best_cell_per_column_and_la_lora_gain_over_the_best_other_method(folder):
+    loaded = load_results(folder)
+    (table,) = pivots(summarize(loaded.finals), "test_accuracy", ["method"])
+    assert table.eps == [1.0, math.inf], "∞ comes last"
+    assert table.best == {1.0: "la-lora", math.inf: "dp-lora"}
+    assert table.gain[1.0] == pytest.approx(0.1)
+    assert table.gain[math.inf] == pytest.approx(0.8 - 2.5 / 3)
+
+
+def test_lower_is_better_metrics_pick_the_smallest_mean(folder):
+    loaded = load_results(folder)
+    (table,) = pivots(summarize(loaded.finals, "test_loss"), "test_loss", ["method"])
+    assert table.best == {1.0: "la-lora", math.inf: "dp-lora"}  # loss = 1 - accuracy here
+    assert table.gain[1.0] == pytest.approx(0.1), "a gain is an improvement, whichever direction is better"
+
+
+def test_table_output_shows_cells_columns_and_gain(folder):
+    result = invoke("compare", folder)
+    assert result.exit_code == 0, result.output
+    for text in ("synthetic · tiny", "ε=1", "ε=∞", "0.6000 ± 0.1000 (3)", "0.7000 ± 0.0500 (3)", "la-lora gain", "+0.1000", "-0.0333"):
+        assert text in result.output
+    assert result.output.index("ε=1") < result.output.index("ε=∞")
+
+
+def test_markdown_bolds_the_best_cell(folder):
+    result = invoke("compare", folder, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| la-lora | **0.7000 ± 0.0500 (3)** | 0.8000 ± 0.0200 (3) |" in result.output
+    assert "| dp-lora | 0.6000 ± 0.1000 (3) | **0.8333 ± 0.0577 (3)** |" in result.output
+
+
+def test_csv_and_json_give_one_record_per_cell(folder):
+    csv = invoke("compare", folder, "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    frame = pd.read_csv(pd.io.common.StringIO(csv.output))
+    assert len(frame) == 4 and set(frame["method"]) == {"dp-lora", "la-lora"}
+    assert set(frame["eps_target"].astype(str)) == {"1.0", "inf"}
+    records = json.loads(invoke("compare", folder, "--format", "json").output)
+    cell = next(r for r in records if r["method"] == "la-lora" and r["eps_target"] == "inf")
+    assert cell["mean"] == pytest.approx(0.8) and cell["n"] == 3
+
+
+def test_metric_and_by_accept_any_numeric_column_or_run_option(folder):
+    result = invoke("compare", folder, "--metric", "eps_spent", "--by", "method,lr", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(pd.io.common.StringIO(result.output))
+    assert "lr" in frame.columns and (frame["lr"] == 1e-3).all()  # crafted runs have the global default lr
+    assert frame.loc[frame["eps_target"].astype(float) == 1.0, "mean"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metric", "accuracy"], "no column 'accuracy'"),
+        (["--metric", "method"], "is not numeric"),
+        (["--by", "colour"], "no column 'colour'"),
+        (["--format", "xml"], "--format must be"),
+    ],
+)
+def test_bad_options_are_one_line_errors(folder, args, message):
+    result = invoke("compare", folder, *args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cells_that_mix_configurations_are_warned_about(tmp_path):
+    write_run(tmp_path, method="dp-lora", eps=1.0, seed=0, accuracies=[0.5])
+    write_run(tmp_path, method="dp-lora", eps=1.0, seed=1, accuracies=[0.6], lr=0.5)
+    assert mixed_options(load_results(tmp_path).finals, ["method"]) == ["lr"]
+    result = invoke("compare", tmp_path)
+    assert result.exit_code == 0
+    assert "differ in lr" in result.output and "--by method,lr" in result.output
+    assert mixed_options(load_results(tmp_path).finals, ["method", "lr"]) == []
+
+
+def test_corrupt_foreign_unfinished_and_duplicate_files_are_skipped_with_a_warning(folder):
+    (folder / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(folder / "foreign.parquet")
+    unfinished = write_run(folder / "partial", method="rolora", eps=1.0, seed=0, accuracies=[0.3], rounds_total=2)
+    duplicate = folder / "copy" / "again.parquet"
+    duplicate.parent.mkdir()
+    duplicate.write_bytes(next((folder / "dp-lora").glob("*.parquet")).read_bytes())
+
+    result = invoke("compare", folder)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 4
+    assert any("corrupt.parquet" in w and "not a readable Parquet file" in w for w in warnings)
+    assert any("foreign.parquet" in w and "not a dpfl-bench results file" in w for w in warnings)
+    assert any(str(unfinished) in w and "unfinished (round 1 of 2)" in w for w in warnings)
+    assert any("again.parquet" in w and "the same run as" in w for w in warnings)
+    assert "rolora" not in result.output.split("warning")[-1].split("\n", 1)[1]
+    assert "0.6000 ± 0.1000 (3)" in result.output, "the duplicate is counted once"
+
+
+def test_an_empty_or_missing_folder_says_so(tmp_path):
+    result = invoke("compare", tmp_path)
+    assert result.exit_code == 1 and f"no finished runs under {tmp_path}" in result.output
+    result = invoke("compare", tmp_path / "nowhere")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(figure, path, **kwargs):
+        saved["axes"] = [ax for ax in figure.axes if ax.get_visible()]
+        return original(figure, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    path = tmp_path / "plots" / "comparison.png"
+    result = invoke("compare", folder, "--plot", path)
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes().startswith(b"\x89PNG")
+    titles = [ax.get_title() for ax in saved["axes"]]
+    assert titles == ["synthetic · ε=1", "synthetic · ε=∞", "synthetic · final test accuracy"]
+    per_round = saved["axes"][0]
+    assert sorted(line.get_label() for line in per_round.get_lines()) == ["dp-lora", "la-lora"]
+    la_lora = next(line for line in per_round.get_lines() if line.get_label() == "la-lora")
+    assert list(la_lora.get_xdata()) == [1, 2] and la_lora.get_ydata()[-1] == pytest.approx(0.7)
+    assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞"]

@@ -1,0 +1,171 @@
+"""`dpfl-bench sweep`: suite files become the right grid of configurations, and a sweep interrupted in any
+way finishes only what is missing, losing and duplicating nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from dpfl_bench import cli
+from dpfl_bench.cli import app
+from dpfl_bench.errors import UserError
+from dpfl_bench.results import read_run, write_rows
+from dpfl_bench.sweep import is_finished, load_suite, results_path
+
+TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    monkeypatch.setattr(cli.errors, "width", 1000)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def suite_file(tmp_path, text: str):
+    path = tmp_path / "suite.toml"
+    path.write_text(f'out = "{tmp_path / "results"}"\n' + text)
+    return path
+
+
+TINY = """
+[base]
+task = "synthetic"
+rounds = 2
+local-steps = 1
+[grid]
+method = ["dp-lora", "la-lora"]
+eps = [1, inf]
+"""
+
+
+def test_the_grid_is_every_combination_in_order_with_the_base_and_task_defaults(tmp_path):
+    suite = load_suite(suite_file(tmp_path, TINY + "seed = [0, 1]\n"))
+    assert [(c.method, c.privacy.eps, c.seed) for c in suite.points] == [
+        (m, e, s) for m in ("dp-lora", "la-lora") for e in (1.0, float("inf")) for s in (0, 1)
+    ]
+    first = suite.points[0]
+    assert first.federated.rounds == 2 and first.federated.local_steps == 1  # the base
+    assert first.training.batch_size == 16 and first.federated.clients == 3  # synthetic's task defaults
+    assert first.out == str(tmp_path / "results") and suite.varying == ["method", "eps", "seed"]
+
+
+def test_method_options_apply_only_to_their_method_and_out_can_be_overridden(tmp_path):
+    text = TINY + '[method-options.la-lora]\nsmooth_sigma = 0.0\n'
+    suite = load_suite(suite_file(tmp_path, text), out=tmp_path / "elsewhere")
+    options = {c.method: dict(c.method_options) for c in suite.points}
+    assert options["la-lora"]["smooth_sigma"] == 0.0
+    assert "smooth_sigma" not in options["dp-lora"]
+    assert all(c.out == str(tmp_path / "elsewhere") for c in suite.points)
+
+
+def test_identical_points_run_once(tmp_path):
+    # rounds 2 is already the base's value: the grid's two values give one configuration
+    suite = load_suite(suite_file(tmp_path, TINY.replace("[grid]", "[grid]\nrounds = [2, 2]")))
+    assert len(suite.points) == 4
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('colour = "red"\n' + TINY, "unknown key 'colour'"),
+        (TINY + "seed = 3\n", "grid option 'seed' must be a non-empty list"),
+        (TINY + "rank = []\n", "grid option 'rank' must be a non-empty list"),
+        (TINY + "rounds = [2, 0]\n", "grid point method=dp-lora, eps=1, rounds=0: --rounds must be at least 1"),
+        (TINY.replace("synthetic", "cifar-1000"), "unknown task 'cifar-1000'"),
+        (TINY + "[method-options.la-lora]\nwidth = 3\n", "method 'la-lora' has no option 'width'"),
+        ("[grid\n", "is not valid TOML"),
+    ],
+)
+def test_bad_suites_are_one_line_errors_naming_the_problem(tmp_path, text, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_suite(suite_file(tmp_path, text))
+    result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path):
+    result = invoke("sweep", suite_file(tmp_path, TINY), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "4 runs, 0 finished, 4 to run" in result.output
+    assert result.output.count("to run") == 5 and "synthetic · la-lora · ε=∞ · seed 0" in result.output
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny suite run once to the end: (suite file, its configurations, each run's rows)."""
+    tmp_path = tmp_path_factory.mktemp("swept")
+    path = suite_file(tmp_path, TINY)
+    result = invoke("sweep", path)
+    assert result.exit_code == 0, result.output
+    configs = load_suite(path).points
+    return path, configs, [read_run(results_path(c)) for c in configs]
+
+
+def test_a_sweep_runs_every_point_to_its_last_round(swept):
+    path, configs, runs = swept
+    assert all(is_finished(c) for c in configs)
+    assert [len(r) for r in runs] == [2, 2, 2, 2]
+    assert sorted(p.name for p in results_path(configs[0]).parent.iterdir()) == sorted(results_path(c).name for c in configs)
+
+
+def test_a_rerun_after_an_interruption_redoes_only_what_is_missing(swept):
+    path, configs, runs = swept
+    deleted, cut, damaged, kept = configs
+    results_path(deleted).unlink()
+    write_rows(runs[1].iloc[:1].to_dict("records"), results_path(cut))  # stopped after its first round
+    results_path(damaged).write_bytes(b"half a file")  # e.g. copied while being written elsewhere
+    kept_bytes, kept_mtime = results_path(kept).read_bytes(), results_path(kept).stat().st_mtime_ns
+
+    result = invoke("sweep", path)
+    assert result.exit_code == 0, result.output
+    assert "4 runs, 1 finished, 3 to run" in result.output
+    assert result.output.count("✓") == 3
+    assert results_path(kept).read_bytes() == kept_bytes and results_path(kept).stat().st_mtime_ns == kept_mtime
+    for config, before in zip(configs, runs):
+        after = read_run(results_path(config))
+        assert after.drop(columns=TIMING).equals(before.drop(columns=TIMING)), "the redone run equals the first"
+    assert len(list(results_path(kept).parent.iterdir())) == 4, "no duplicate and no temporary file"
+
+
+def test_an_interrupted_sweep_process_resumes_where_it_stopped(tmp_path):
+    """A real interruption: SIGINT (Ctrl-C) during the second run, then the same command again."""
+    path = suite_file(tmp_path, TINY.replace("rounds = 2", "rounds = 3"))
+    configs = load_suite(path).points
+    command = [sys.executable, "-m", "dpfl_bench", "sweep", str(path)]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not is_finished(configs[0]) and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    assert is_finished(configs[0]), sweep.communicate()[0]
+    sweep.send_signal(signal.SIGINT)
+    output, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, output
+    assert "run the same command again to resume" in output and "Traceback" not in output
+    first_bytes = results_path(configs[0]).read_bytes()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert results_path(configs[0]).read_bytes() == first_bytes, "a finished run is not run again"
+    assert all(is_finished(c) for c in configs)
+    assert sorted(os.listdir(tmp_path / "results")) == sorted(results_path(c).name for c in configs)
+
+
+def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    text = TINY.replace('task = "synthetic"', 'task = "synthetic"\nclip = 1.0').replace('eps = [1, inf]', "eps = [1]")
+    path = suite_file(tmp_path, text)
+    configs = load_suite(path).points
+    results_path(configs[0]).parent.mkdir(parents=True)
+    results_path(configs[0]).mkdir()  # the run cannot write its results file
+    result = invoke("sweep", path)
+    assert result.exit_code == 1
+    assert "1 of 2 runs failed" in result.output and "✗ synthetic · dp-lora" in result.output
+    assert is_finished(configs[1])
