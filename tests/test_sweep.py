@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -169,3 +170,23 @@ def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert result.exit_code == 1
     assert "1 of 2 runs failed" in result.output and "✗ synthetic · dp-lora" in result.output
     assert is_finished(configs[1])
+
+
+SUITES = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.toml"))
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=[s.name for s in SUITES])
+def test_every_shipped_suite_parses_and_dry_runs(suite, tmp_path):
+    """The paper's suites must parse and dry-run even on a machine that cannot run them."""
+    assert load_suite(suite).points
+    result = invoke("sweep", suite, "--dry-run", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_the_readme_suite_example_is_a_valid_suite(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("### `dpfl-bench sweep`", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.toml"
+    path.write_text(example)
+    suite = load_suite(path)
+    assert len(suite.points) == 8 and suite.points[-1].method_options["smooth_sigma"] == 1.0
