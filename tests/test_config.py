@@ -60,19 +60,21 @@ def test_dashes_and_underscores_name_the_same_option():
     assert a.method_options["smooth_sigma"] == 0.5
 
 
-def test_every_option_lands_in_the_config():
+def test_every_option_lands_in_the_config(tmp_path):
     options = {
         "task": "synthetic", "method": "la-lora", "seed": 3, "device": "cpu", "out": "elsewhere",
         "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet",
         "dirichlet-alpha": 0.3, "min-partition-size": 5, "weighting": "size", "batch-size": 4, "lr": 0.2,
         "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
         "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
+        "precision": "bf16", "lora-targets": "query,value", "model": "hf:some/model", "model-path": str(tmp_path),
+        "data-dir": str(tmp_path), "workers": 2,
         "method-options": {"first_factor": "A", "lr_b_multiplier": 3.0, "smooth_sigma": 0.5},
     }
     assert set(options) == set(option_names())
     config = build_config(options)
     flat = {}
-    for section in (config.federated, config.training, config.adapter, config.privacy):
+    for section in (config.federated, config.training, config.adapter, config.privacy, config.sources):
         flat.update(vars(section))
     flat.update(task=config.task, method=config.method, seed=config.seed, device=config.device, out=config.out,
                 method_options=dict(config.method_options))

@@ -14,7 +14,7 @@ from torch import nn
 import dpfl_bench.server as server
 from dpfl_bench.adapters import TrainableParams, add_lora
 from dpfl_bench.client import Workspace, client_seed, train_client
-from dpfl_bench.config import AdapterConfig, build_config
+from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.method import BOTH, Factor, Method, create_method
 from dpfl_bench.partition import participation_schedule
@@ -38,13 +38,14 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def synthetic_data():
-    return SYNTHETIC.load_data()
+    return SYNTHETIC.load_data(SourcesConfig())
 
 
 def synthetic_model(rank: int = 4, seed: int = 0) -> tuple[nn.Module, TrainableParams]:
     torch.manual_seed(seed)
-    model = SYNTHETIC.build_model(2)
-    params = add_lora(model, SYNTHETIC.lora_targets, SYNTHETIC.head, AdapterConfig(rank=rank, lora_alpha=2.0 * rank))
+    built = SYNTHETIC.build_model(2, SourcesConfig())
+    model = built.module
+    params = add_lora(model, built.lora_targets, built.heads, AdapterConfig(rank=rank, lora_alpha=2.0 * rank))
     return model, params
 
 
@@ -71,7 +72,7 @@ class TinyCNN(nn.Module):
 def cnn_model(seed: int = 0) -> tuple[nn.Module, TrainableParams]:
     torch.manual_seed(seed)
     model = TinyCNN()
-    params = add_lora(model, ("body.0", "body.2"), "head", AdapterConfig(rank=2, lora_alpha=4.0))
+    params = add_lora(model, ("body.0", "body.2"), ("head",), AdapterConfig(rank=2, lora_alpha=4.0))
     return model, params
 
 
@@ -210,7 +211,7 @@ class PerTokenHead(nn.Module):
 def test_per_example_gradients_with_multi_token_head_bias():
     torch.manual_seed(0)
     model = PerTokenHead()
-    params = add_lora(model, ("mix",), "head", AdapterConfig(rank=2, lora_alpha=4.0))
+    params = add_lora(model, ("mix",), ("head",), AdapterConfig(rank=2, lora_alpha=4.0))
     randomize_b(params, scale=0.5)
     params.set_trainable(ALL)
     features = {"input_ids": torch.randint(0, 20, (5, 7), generator=torch.Generator().manual_seed(1))}

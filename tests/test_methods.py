@@ -50,7 +50,7 @@ def names_of(state: State, factor: Factor) -> set[str]:
         return {n for n in state if ".lora_A." in n}
     if factor is Factor.B:
         return {n for n in state if ".lora_B." in n}
-    return {n for n in state if n.startswith(TASKS.get("synthetic").head + ".")}
+    return {n for n in state if n.startswith("head.")}
 
 
 def same(before: State, after: State, factor: Factor) -> bool:

@@ -41,11 +41,29 @@ class TrainableParams:
                 param.grad = None
 
 
-def add_lora(model: nn.Module, targets: tuple[str, ...], head: str, config: AdapterConfig) -> TrainableParams:
-    """Inject LoRA (B zero-initialized, A random under the current torch seed) into `model`, in place."""
+def add_lora(model: nn.Module, targets: tuple[str, ...], heads: tuple[str, ...], config: AdapterConfig) -> TrainableParams:
+    """Inject LoRA (B zero-initialized, A random under the current torch seed) into `model`, in place.
+
+    A target is a module-name suffix (`query` matches `...attention.self.query`); modules inside the head
+    never get LoRA (a head's `dense` layer trains in full), so targets are resolved to full names here."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(targets))
+
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(h + ".") for h in heads)
+
+    chosen = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not in_head(name)
+        and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    if not chosen:
+        raise UserError(f"no linear or convolution layer of the model matches the LoRA targets {','.join(targets)}; set --lora-targets")
+    missing = [h for h in heads if h not in dict(model.named_modules())]
+    if missing:
+        raise UserError(f"the model has no head module {', '.join(missing)}; check the task's names")
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=chosen)
     inject_adapter_in_model(lora, model)
     by_factor: dict[Factor, dict[str, nn.Parameter]] = {f: {} for f in Factor}
     for name, param in model.named_parameters():
@@ -53,9 +71,7 @@ def add_lora(model: nn.Module, targets: tuple[str, ...], head: str, config: Adap
             by_factor[Factor.A][name] = param
         elif ".lora_B." in name:
             by_factor[Factor.B][name] = param
-        elif name.startswith(head + "."):
+        elif in_head(name.rpartition(".")[0]):
             by_factor[Factor.HEAD][name] = param
         param.requires_grad_(False)
-    if not by_factor[Factor.A] or not by_factor[Factor.HEAD]:
-        raise UserError(f"no LoRA target {targets} or head {head!r} found in the model; check the task's names")
     return TrainableParams(by_factor)

@@ -62,12 +62,18 @@ def run(
     min_partition_size: Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)] = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
     batch_size: BatchSize = None,
-    physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split.", Training)] = None,
+    physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory).", Training)] = None,
+    precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
     lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
+    lora_targets: Annotated[Optional[str], _opt("Module-name suffixes that get LoRA, comma-separated, e.g. query,value. \\[default: per architecture]", Adapter)] = None,
+    model: Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of the task's model (hub tasks).", "Model and data")] = None,
+    model_path: Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", "Model and data")] = None,
+    data_dir: Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", "Model and data")] = None,
+    workers: Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", "Model and data")] = None,
     method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
     seed: Seed = None,
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
@@ -160,7 +166,7 @@ def privacy(
             sizes = [client_size] * fed.clients
         else:
             _quiet_libraries()
-            sizes = [len(shard) for shard in partition(chosen.load_data().train, config)]
+            sizes = [len(shard) for shard in partition(chosen.load_data(config.sources).train, config)]
         client_level = priv.dp_level == "client"
         schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
         level = f"{priv.dp_level} level, {fed.clients} clients of {min(sizes)}–{max(sizes)} examples"

@@ -5,6 +5,8 @@ all of its randomness (batches, DP noise, dropout) comes from a seed derived fro
 can be run anywhere and in any order and still upload the same tensors.
 """
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +22,43 @@ from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import Examples
 
 
-@dataclass(frozen=True)
+# fp16 only: the summed loss is multiplied by this before the backward pass so that small activation
+# gradients stay representable in half precision; per-example gradients are divided by it in fp32. A
+# constant, not a dynamic scaler: a scale that adapts to overflows would make the step depend on the data.
+FP16_LOSS_SCALE = 2.0**12
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
 class Workspace:
-    """The fixed parts a client trains with: the model (with LoRA) on its device, and how to read it."""
+    """The parts a client trains with: the model (with LoRA) on its device, and how to read it."""
 
     model: nn.Module
     params: TrainableParams
     device: torch.device
     per_example: PerExampleGradients | None  # present when clients run DP-SGD
-    physical_batch_size: int  # examples per forward pass; a logical batch may take several
+    physical_batch_size: int  # examples per forward pass; halved for good when CUDA runs out of memory
+    precision: str = "fp32"  # autocast dtype of the forward pass
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+    def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return to_device(tensors, self.device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; fp32 runs as is."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a batch to the device; on CUDA through pinned memory, so the copy overlaps with compute."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in tensors.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -86,22 +116,44 @@ def _summed_gradients(
     ws: Workspace, data: Examples, index: torch.Tensor, dp: PrivacyPlan | None
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Sum over the batch of each example's gradient (clipped to dp.clip per example under DP), and the
-    summed loss. The batch is processed in physical chunks, so memory does not grow with its size."""
+    summed loss. The batch is processed in physical chunks, so memory does not grow with its size. When CUDA
+    runs out of memory, the chunks are halved and the whole batch is recomputed: the batch (drawn before)
+    and its sum are the same, so the privacy accounting is too."""
+    while True:
+        try:
+            return _summed_in_chunks(ws, data, index, dp)
+        except torch.cuda.OutOfMemoryError:
+            if ws.physical_batch_size == 1:
+                raise
+            if ws.per_example is not None:
+                ws.per_example.reset()
+            ws.physical_batch_size //= 2
+            torch.cuda.empty_cache()
+            warnings.warn(f"CUDA out of memory: physical batch size lowered to {ws.physical_batch_size}", stacklevel=2)
+
+
+def _summed_in_chunks(
+    ws: Workspace, data: Examples, index: torch.Tensor, dp: PrivacyPlan | None
+) -> tuple[dict[str, torch.Tensor], float]:
     trainable = {n: p for n, p in ws.params.all().items() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
+    scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
     loss_sum = 0.0
     for chunk in index.split(ws.physical_batch_size):
         if len(chunk) == 0:  # an empty Poisson batch: the step is noise alone
             continue
         features, labels = data.batch(chunk)
-        features = {k: v.to(ws.device, non_blocking=True) for k, v in features.items()}
-        losses = F.cross_entropy(ws.model(**features), labels.to(ws.device), reduction="none")
+        with ws.autocast():
+            logits = ws.model(**ws.to_device(features))
+        losses = F.cross_entropy(logits.float(), labels.to(ws.device), reduction="none")
         loss_sum += float(losses.detach().sum())
         if dp is not None:
-            clipped, _ = ws.per_example.clipped_sum(losses, dp.clip)
+            clipped, _ = ws.per_example.clipped_sum(losses, dp.clip, loss_scale=scale)
             grads = [clipped[n] for n in trainable]
         else:
-            grads = torch.autograd.grad(losses.sum(), list(trainable.values()))
+            grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
+            if scale != 1.0 and not all(bool(torch.isfinite(g).all()) for g in grads):
+                grads = [torch.zeros_like(g) for g in grads]  # an fp16 overflow: the chunk contributes nothing
         for name, g in zip(trainable, grads):
             total[name] += g.float()
     return total, loss_sum

@@ -50,6 +50,7 @@ class TrainingConfig:
     optimizer: str = "adamw"  # adamw | sgd
     eval_every: int = 1  # evaluate the global model every this many rounds (and always after the last)
     physical_batch_size: int = 32  # examples per forward pass; larger batches are split (same math, less memory)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; privacy arithmetic stays fp32
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -57,16 +58,58 @@ class TrainingConfig:
         _require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
         _require(self.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
+        _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     rank: int = 8
     lora_alpha: float = 16.0  # LoRA scale is lora_alpha / rank
+    lora_targets: str = ""  # comma-separated module-name suffixes; empty: chosen for the model's architecture
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
         _require(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        _require(
+            all(self.targets),
+            f"--lora-targets takes module-name suffixes separated by commas, e.g. query,value; got {self.lora_targets!r}",
+        )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The --lora-targets override, empty when the model's architecture decides."""
+        return tuple(t.strip() for t in self.lora_targets.split(",")) if self.lora_targets.strip() else ()
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Where the task's model and data come from: the Hugging Face hub by default, or local copies."""
+
+    model: str = ""  # empty: the task's default model; else hf:<id-or-path> or timm:<name>
+    model_path: str = ""  # local weights: a save_pretrained folder (hf) or a checkpoint file (timm)
+    data_dir: str = ""  # local mirror of the data: save_to_disk folder, imagefolder or Parquet files
+    workers: int = 0  # processes that decode or tokenize the data once at load (0: this process)
+
+    def __post_init__(self) -> None:
+        kind, _, name = self.model.partition(":")
+        _require(
+            not self.model or (kind in ("hf", "timm") and name.strip() != ""),
+            f"--model must be hf:<id-or-path> or timm:<name>, e.g. timm:vit_base_patch16_224; got {self.model!r}",
+        )
+        _require(
+            not self.model_path or Path(self.model_path).exists(),
+            f"--model-path {self.model_path} does not exist; give a save_pretrained folder (hf) or a checkpoint file (timm)",
+        )
+        _require(
+            not self.data_dir or Path(self.data_dir).is_dir(),
+            f"--data-dir {self.data_dir} is not a folder; give a save_to_disk folder, an imagefolder or a folder of Parquet files",
+        )
+        _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
+
+    @property
+    def given(self) -> list[str]:
+        """The options set away from their defaults, as flags (for tasks that take none of them)."""
+        return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
 
 
 @dataclass(frozen=True)
@@ -100,6 +143,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +171,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "adapter": AdapterConfig,
     "privacy": PrivacyConfig,
+    "sources": SourcesConfig,
 }
 _TOP_LEVEL = ("task", "method", "seed", "device", "out", "method_options")
 

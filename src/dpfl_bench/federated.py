@@ -21,7 +21,7 @@ from torch import nn
 
 import dpfl_bench
 from dpfl_bench.adapters import add_lora
-from dpfl_bench.client import ClientResult, Workspace, train_client
+from dpfl_bench.client import ClientResult, Workspace, autocast, to_device, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
@@ -57,6 +57,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse a precision the device cannot autocast to, before anything is loaded."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp16 or fp32")
+    if precision == "fp16" and device.type == "cpu":
+        try:
+            with autocast(device, precision):
+                nn.Linear(2, 2)(torch.ones(1, 2)).sum().backward()
+        except RuntimeError:
+            raise UserError("--precision fp16 is not supported on CPU by this torch; use bf16 or fp32") from None
+
+
 @dataclass(frozen=True)
 class Experiment:
     """Everything a run trains with, fixed before its first round."""
@@ -65,6 +77,7 @@ class Experiment:
     task: Task
     method: Method
     data: TaskData
+    model_name: str  # the model actually used
     clients: list[Examples]  # each client's private training data
     schedule: list[list[int]]  # the clients that take part in each round
     plan: PrivacyPlan
@@ -80,7 +93,8 @@ def prepare(config: RunConfig) -> Experiment:
     if client_level and fed.weighting != "uniform":
         raise UserError("client-level DP needs uniform FedAvg weights; drop --weighting size")
 
-    data = task.load_data()
+    check_precision(device, config.training.precision)
+    data = task.load_data(config.sources)
     clients = [data.train.subset(torch.from_numpy(idx)) for idx in partition(data.train, config)]
     schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
     plan = plan_privacy(config, [len(c) for c in clients], schedule)
@@ -88,16 +102,18 @@ def prepare(config: RunConfig) -> Experiment:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)  # the head's and LoRA A's initial values are part of the run
-    model = task.build_model(data.num_classes).to(device)  # move first, then add adapters (Opacus issue 820)
-    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    built = task.build_model(data.num_classes, config.sources)
+    model = built.module.to(device)  # move first, then add adapters (Opacus issue 820)
+    params = add_lora(model, config.adapter.targets or built.lora_targets, built.heads, config.adapter)
     workspace = Workspace(
         model=model,
         params=params,
         device=device,
         per_example=PerExampleGradients(model, params.all()) if plan.level == "sample" else None,
         physical_batch_size=config.training.physical_batch_size,
+        precision=config.training.precision,
     )
-    return Experiment(config, task, method, data, clients, schedule, plan, workspace)
+    return Experiment(config, task, method, data, built.name, clients, schedule, plan, workspace)
 
 
 def run_federated(
@@ -155,12 +171,12 @@ def run_federated(
         row = None
         if (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds:
             params.load(global_state)
-            accuracy, loss = evaluate(ws.model, data.test, ws.device)
+            accuracy, loss = evaluate(ws.model, data.test, ws.device, ws.precision)
             spent = plan.spent(mechanisms_run)
             row = {
                 "run_id": out.stem,
                 "task": task.name,
-                "model": task.model_name,
+                "model": exp.model_name,
                 "method": method.name,
                 "dp_level": plan.level,
                 "eps_target": config.privacy.eps,
@@ -211,13 +227,14 @@ def partition(train: Examples, config: RunConfig) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test: Examples, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, test: Examples, device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """Accuracy and mean cross-entropy of `model` on `test`."""
     model.eval()
     correct, loss = 0, 0.0
     for chunk in test.by_length().split(EVAL_BATCH_SIZE):
         features, labels = test.batch(chunk)
-        logits = model(**{k: v.to(device) for k, v in features.items()})
+        with autocast(device, precision):
+            logits = model(**to_device(features, device))
         labels = labels.to(device)
         correct += int((logits.argmax(dim=1) == labels).sum())
         loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))

@@ -8,6 +8,17 @@ backpropagates through the frozen network without ever forming the (summed) weig
 
 Layers whose weight is frozen at this step record nothing: the alternating methods change the trainable
 set every step or round, and nothing here needs re-wrapping when they do.
+
+A layer may see its input with more leading dimensions than the batch, as long as they are batch-major:
+Swin's window attention feeds `attn.qkv` with [batch * windows, tokens, features], the windows of example
+0 first. Everything but the feature dimension then folds into the token dimension of the batch's examples.
+A leading size that is not a multiple of the batch size cannot be attributed to examples and is refused.
+
+Under fp16 the summed loss is multiplied by a constant before the backward pass (so small activation
+gradients do not flush to zero in half precision) and the per-example gradients are divided by it in fp32.
+An example whose gradient is not finite (an fp16 overflow) contributes zero: its contribution stays within
+the clipping norm, so the sensitivity and the privacy accounting are unchanged, and no step is skipped or
+retried depending on the data.
 """
 
 from typing import Callable
@@ -38,40 +49,56 @@ class PerExampleGradients:
 
         return hook
 
-    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reset(self) -> None:
+        """Forget the layers recorded since the last `compute` (a forward pass that was abandoned)."""
+        self._records = []
+
+    def compute(self, losses: torch.Tensor, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Per-example gradients {name: [batch, *param.shape]} of `losses.sum()` for the layers used since
-        the last call; `losses` holds one loss per example."""
+        the last call; `losses` holds one loss per example. The backward pass runs on `losses.sum() *
+        loss_scale` and the result is divided by `loss_scale` in fp32."""
         records, self._records = self._records, []
+        batch = len(losses)
         names = [r[1] for r in records]
         if len(set(names)) < len(names):  # norms per call would understate the example's true norm
             twice = sorted({n for n in names if names.count(n) > 1})
             raise RuntimeError(f"per-example clipping needs each trainable layer called once per forward: {twice}")
         outputs = [r[4] for r in records]
-        grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+        grads_out = torch.autograd.grad(losses.sum() * loss_scale, outputs, allow_unused=True) if outputs else []
         grads: dict[str, torch.Tensor] = {}
         for (module, weight_name, bias_name, x, y), g in zip(records, grads_out):
             g = torch.zeros_like(y) if g is None else g
-            x, g = _tokens_last(module, x.float()), _tokens_last(module, g.float())  # [batch, tokens, features]
-            grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(len(g), *module.weight.shape)
+            x = _tokens_last(module, x.float(), batch, weight_name)  # [batch, tokens, features]
+            g = _tokens_last(module, g.float(), batch, weight_name) / loss_scale
+            grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(batch, *module.weight.shape)
             if bias_name is not None and module.bias.requires_grad:
                 grads[bias_name] = g.sum(dim=1)
         return grads
 
-    def clipped_sum(self, losses: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def clipped_sum(self, losses: torch.Tensor, clip: float, loss_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Σ_i clip(∇ loss_i): each example's whole gradient (all layers together) scaled to norm ≤ `clip`,
         then summed over examples. Returns the sums and the per-example norms before clipping.
 
         Per-example gradients of LoRA factors are small (rank × features each), so holding them for one
         physical batch costs little; it is the layers' output gradients that are large, and those are
         dropped as soon as `compute` has used them."""
-        grads = self.compute(losses)
-        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
-        scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-        return {n: torch.einsum("b,b...->...", scale, g) for n, g in grads.items()}, norms
+        return clip_and_sum(self.compute(losses, loss_scale), clip)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Σ_i clip(g_i) over the leading (example) dimension; an example with a non-finite gradient counts 0."""
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
+    finite = torch.isfinite(norms)
+    scale = torch.where(finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    summed = {}
+    for name, g in grads.items():  # 0 * inf is nan: zero the non-finite examples before scaling
+        g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+        summed[name] = torch.einsum("b,b...->...", scale, g)
+    return summed, norms
 
 
 def _supported(module: nn.Module) -> bool:
@@ -80,7 +107,10 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _tokens_last(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+def _tokens_last(module: nn.Module, t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """[batch, tokens, features], folding batch-major leading dimensions into tokens."""
     if isinstance(module, nn.Conv2d):  # [b, c, h, w] -> [b, h*w, c]
-        return t.flatten(2).transpose(1, 2)
-    return t.reshape(len(t), -1, t.shape[-1])
+        t = t.flatten(2).transpose(1, 2)
+    if batch == 0 or len(t) % batch:
+        raise RuntimeError(f"per-example gradients: {name} got a leading dimension {len(t)}, not a multiple of the batch {batch}")
+    return t.reshape(batch, -1, t.shape[-1])

