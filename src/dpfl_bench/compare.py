@@ -15,7 +15,7 @@ import pandas as pd
 from rich.table import Table
 
 from dpfl_bench.errors import UserError
-from dpfl_bench.results import SCHEMA, read_run
+from dpfl_bench.results import SCHEMA, NotAResultsFile, read_run
 
 TABLE_KEYS = ["task", "model"]  # one table per task and model
 COLUMN_KEY = "eps_target"  # the columns of a table: ε, ∞ last
@@ -40,9 +40,11 @@ def load_results(folder: Path) -> Results:
     for path in files:
         try:
             run = read_run(path)
-        except Exception as e:
-            reason = str(e) if isinstance(e, ValueError) and "dpfl-bench" in str(e) else f"not a readable Parquet file ({type(e).__name__})"
-            warnings.append(f"skipped {path}: {reason.replace(f'{path} ', '')}")
+        except NotAResultsFile:
+            warnings.append(f"skipped {path}: not a dpfl-bench results file")
+            continue
+        except Exception as e:  # a damaged file raises whatever pyarrow meets first
+            warnings.append(f"skipped {path}: not a readable Parquet file ({type(e).__name__})")
             continue
         if run.empty:
             warnings.append(f"skipped {path}: no rows")

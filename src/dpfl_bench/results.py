@@ -64,10 +64,14 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
         raise
 
 
+class NotAResultsFile(ValueError):
+    """A readable Parquet file, but not one that dpfl-bench wrote."""
+
+
 def read_run(path: Path) -> pd.DataFrame:
-    """One run's rows; raises if the file is not a dpfl-bench results file."""
+    """One run's rows; raises NotAResultsFile for a foreign Parquet file, pyarrow's errors for a damaged one."""
     table = pq.read_table(path)
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
-        raise ValueError(f"{path} is not a dpfl-bench results file (missing {', '.join(sorted(missing))})")
+        raise NotAResultsFile(f"{path} is not a dpfl-bench results file (missing {', '.join(sorted(missing))})")
     return table.to_pandas()
