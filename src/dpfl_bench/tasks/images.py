@@ -114,7 +114,7 @@ def load_mnist(sources: SourcesConfig) -> TaskData:
     return TaskData(train=examples.subset(order[1000:]), test=examples.subset(order[:1000]), num_classes=10)
 
 
-_EFFICIENTNET = dict(model_name=MODEL_NAME, build_model=build_model, lora_targets=LORA_TARGETS)
+_EFFICIENTNET = {"model_name": MODEL_NAME, "build_model": build_model, "lora_targets": LORA_TARGETS}
 register_task(
     Task(
         name="fashion",

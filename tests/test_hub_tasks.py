@@ -1,0 +1,425 @@
+"""The paper's hub tasks, proven on local fixtures through the path users take (no hub on this machine).
+
+Fixtures are built in a temporary folder: an imagefolder, GLUE-shaped Parquet files and a save_to_disk
+dataset, a tiny random-init Swin saved as a timm checkpoint, and a tiny RoBERTa with its tokenizer saved
+with save_pretrained. Per-example gradients of timm Swin and ViT with LoRA are checked against autograd,
+one example at a time; precision and out-of-memory handling are checked on CPU.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from dpfl_bench import cli
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.cli import app
+from dpfl_bench.client import _summed_gradients, train_client
+from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
+from dpfl_bench.errors import UserError
+from dpfl_bench.method import Factor
+from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
+from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.results import read_run
+from dpfl_bench.tasks import TASKS
+from dpfl_bench.tasks.hub import lora_targets_for, parse_model, unreachable
+
+ONE_ROUND = ["--method", "dp-lora", "--rounds", "1", "--local-steps", "2", "--clients", "2", "--participation", "1",
+             "--partition", "iid", "--batch-size", "4", "--rank", "2", "--lora-alpha", "2"]
+SWIN = {"patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 2), "img_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 1000)
+    monkeypatch.setattr(cli.errors, "width", 1000)
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -------------------------------------------------------------------------------------------- fixtures
+
+
+def _register_tiny_swin() -> str:
+    """A timm model name for a tiny Swin with a 32 px input, as a user's own timm model would be."""
+    import timm
+    from timm.models import generate_default_cfgs, register_model
+    from timm.models.swin_transformer import _create_swin_transformer
+
+    name = "dpfl_test_swin"
+    if not timm.is_model(name):
+        globals()["default_cfgs"] = generate_default_cfgs({name: {
+            "input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "num_classes": 10,
+            "classifier": "head.fc", "first_conv": "patch_embed.proj",
+        }})
+
+        def dpfl_test_swin(pretrained: bool = False, **kwargs):
+            return _create_swin_transformer(name, pretrained, **SWIN, **kwargs)
+
+        dpfl_test_swin.__module__ = __name__
+        register_model(dpfl_test_swin)
+    return name
+
+
+@pytest.fixture(scope="module")
+def image_mirror(tmp_path_factory):
+    """An imagefolder of 3 classes (train/ and test/) and a tiny Swin checkpoint with a 10-class head."""
+    from PIL import Image
+    import timm
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 2)):
+        for k, label in enumerate(("cat", "dog", "frog")):
+            (root / "data" / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(80 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                mode = "L" if i == 0 else "RGB"  # a grayscale image, as Tiny-ImageNet has
+                Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(root / "data" / split / label / f"{i}.png")
+    name = _register_tiny_swin()
+    torch.manual_seed(0)
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), root / "swin.pth")
+    return root, name
+
+
+def _tiny_tokenizer(corpus: list[str]):
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=specials)
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>", model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+@pytest.fixture(scope="module")
+def text_mirror(tmp_path_factory):
+    """sst2-shaped Parquet files, an rte-shaped save_to_disk dataset and a tiny RoBERTa folder."""
+    import datasets
+    from transformers import RobertaConfig, RobertaModel
+
+    root = tmp_path_factory.mktemp("glue")
+    words = ["good", "bad", "great", "awful", "fine", "movie", "plot", "actor", "the", "a", "was", "is"]
+    rng = np.random.default_rng(0)
+    sentences = [" ".join(rng.choice(words, rng.integers(3, 9))) for _ in range(48)]
+    labels = [int(("good" in s) or ("great" in s)) for s in sentences]
+    (root / "sst2").mkdir()
+    for split, part in (("train", slice(0, 40)), ("validation", slice(40, 48))):
+        frame = pd.DataFrame({"sentence": sentences[part], "label": labels[part], "idx": range(len(labels[part]))})
+        frame.to_parquet(root / "sst2" / f"{split}-00000-of-00001.parquet")
+    pairs = {"sentence1": sentences, "sentence2": sentences[::-1], "label": labels, "idx": list(range(48))}
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({k: v[:40] for k, v in pairs.items()}),
+        "validation": datasets.Dataset.from_dict({k: v[40:] for k, v in pairs.items()}),
+    }).save_to_disk(str(root / "rte"))
+    tokenizer = _tiny_tokenizer(sentences)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=130, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+    )
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(root / "roberta")
+    tokenizer.save_pretrained(root / "roberta")
+    return root
+
+
+# ------------------------------------------------------------------------------- one round, end to end
+
+
+def test_cifar10_from_an_imagefolder_and_a_timm_checkpoint(image_mirror, tmp_path):
+    root, name = image_mirror
+    result = invoke("run", "--task", "cifar10", *ONE_ROUND, "--eps", "8", "--data-dir", root / "data",
+                    "--model", f"timm:{name}", "--model-path", root / "swin.pth", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    df = read_run(next(tmp_path.iterdir()))
+    assert list(df["model"]) == [f"timm:{name}"] and list(df["task"]) == ["cifar10"]
+    assert df["test_accuracy"].between(0, 1).all() and df["eps_spent"].iloc[0] <= 8
+
+
+def test_timm_checkpoint_loads_the_backbone_and_a_new_head(image_mirror):
+    root, name = image_mirror
+    built = TASKS.get("cifar10").build_model(3, SourcesConfig(model=f"timm:{name}", model_path=str(root / "swin.pth")))
+    saved = torch.load(root / "swin.pth")
+    state = built.module.network.state_dict()
+    assert torch.equal(state["layers.1.blocks.1.attn.qkv.weight"], saved["layers.1.blocks.1.attn.qkv.weight"])
+    assert state["head.fc.weight"].shape == (3, saved["head.fc.weight"].shape[1])
+    assert built.lora_targets == ("attn.qkv", "attn.proj") and built.heads == ("network.head.fc",)
+
+
+def test_imagefolder_images_are_decoded_to_uint8_at_native_size(image_mirror):
+    root, _ = image_mirror
+    data = TASKS.get("cifar10").load_data(SourcesConfig(data_dir=str(root / "data")))
+    assert data.train.features["pixels"].shape == (24, 32, 32, 3) and data.train.features["pixels"].dtype == torch.uint8
+    assert len(data.test) == 6 and data.num_classes == 3
+    assert sorted(data.train.labels.tolist()) == sorted([0, 1, 2] * 8)
+
+
+def test_sst2_from_parquet_and_a_save_pretrained_roberta(text_mirror, tmp_path):
+    model = text_mirror / "roberta"
+    result = invoke("run", "--task", "sst2", *ONE_ROUND, "--eps", "inf", "--data-dir", text_mirror / "sst2",
+                    "--model", f"hf:{model}", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    df = read_run(next(tmp_path.iterdir()))
+    assert list(df["model"]) == [f"hf:{model}"]
+
+
+def test_rte_pairs_from_save_to_disk_with_model_path(text_mirror, tmp_path):
+    result = invoke("run", "--task", "rte", *ONE_ROUND, "--eps", "inf", "--data-dir", text_mirror,
+                    "--model", "hf:FacebookAI/roberta-base", "--model-path", text_mirror / "roberta", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert list(read_run(next(tmp_path.iterdir()))["model"]) == ["hf:FacebookAI/roberta-base"]
+
+
+def test_glue_pairs_are_encoded_together_and_padded_to_the_task_length(text_mirror):
+    sources = SourcesConfig(data_dir=str(text_mirror / "rte"), model_path=str(text_mirror / "roberta"))
+    data = TASKS.get("rte").load_data(sources)
+    ids = data.train.features["input_ids"]
+    assert ids.shape == (40, 128) and set(data.train.features) == {"input_ids", "attention_mask"}
+    assert int((ids[0] == 2).sum()) == 3  # <s> a </s></s> b </s>: both sentences in one sequence
+    built = TASKS.get("rte").build_model(2, sources)
+    assert built.heads == ("model.classifier",) and built.lora_targets == ("query", "key", "value", "dense")
+    params = add_lora(built.module, built.lora_targets, built.heads, AdapterConfig(rank=2))
+    assert not any("classifier" in n for n in params.by_factor[Factor.A])  # the head's dense trains in full
+    assert "model.classifier.dense.weight" in params.by_factor[Factor.HEAD]
+
+
+# ------------------------------------------------------------------------------------ errors and specs
+
+
+def run_offline(*args: object) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with HF_HUB_OFFLINE=1, which the hub libraries read at import."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"}
+    return subprocess.run([sys.executable, "-m", "dpfl_bench", "run", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def assert_offline_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_hub_unreachable_is_one_line_with_a_mirror_hint(tmp_path):
+    done = run_offline("--task", "cifar10", "--out", tmp_path)
+    assert_offline_error(done, "dataset uoft-cs/cifar10", "HF_HUB_OFFLINE=1", "save_to_disk", "--data-dir cifar10")
+
+
+def test_model_unreachable_is_one_line_with_a_mirror_hint(text_mirror, tmp_path):
+    done = run_offline("--task", "sst2", "--data-dir", text_mirror / "sst2", "--out", tmp_path)
+    assert_offline_error(done, "FacebookAI/roberta-base", "HF_HUB_OFFLINE=1", "save_pretrained", "--model-path")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--task", "fashion", "--data-dir", "."], "--data-dir applies to the hub tasks"),
+    (["--task", "synthetic", "--model", "hf:x"], "--model applies to the hub tasks"),
+    (["--task", "sst2", "--model", "bert"], "--model must be hf:<id-or-path> or timm:<name>"),
+    (["--task", "sst2", "--model", "timm:vit_base_patch16_224"], "GLUE tasks take transformers models"),
+    (["--task", "cifar10", "--model", "hf:x"], "cifar10 takes timm backbones"),
+    (["--task", "cifar10", "--model", "timm:no_such_net"], "timm has no model 'no_such_net'"),
+    (["--task", "sst2", "--data-dir", "/nonexistent"], "--data-dir /nonexistent is not a folder"),
+    (["--task", "sst2", "--model-path", "/nonexistent"], "--model-path /nonexistent does not exist"),
+    (["--precision", "fp8"], "--precision must be fp32, bf16 or fp16"),
+    (["--lora-targets", "query,,value"], "--lora-targets takes module-name suffixes"),
+    (["--task", "synthetic", "--lora-targets", "nothing"], "no linear or convolution layer"),
+])
+def test_bad_source_options_are_one_line_errors(args, fragment, tmp_path):
+    assert_one_line_error(invoke("run", *args, "--out", tmp_path), fragment)
+
+
+def test_empty_data_dir_says_which_layouts_it_takes(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("run", "--task", "cifar10", "--data-dir", tmp_path / "empty", "--out", tmp_path)
+    assert_one_line_error(result, "holds no dataset", "Parquet files or an imagefolder")
+
+
+def test_model_spec_parsing():
+    assert parse_model("", "timm:swin") == ("timm", "swin")
+    assert parse_model("hf:org/name", "timm:swin") == ("hf", "org/name")
+    assert parse_model("hf:/a/local:folder", "") == ("hf", "/a/local:folder")
+
+
+def test_lora_targets_are_chosen_per_architecture():
+    import timm
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    assert lora_targets_for(vit, ("head",)) == ("attn.qkv", "attn.proj")
+    bert = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    assert lora_targets_for(bert, ("classifier",)) == ("query", "key", "value", "dense")
+    llama = LlamaForSequenceClassification(LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                       num_key_value_heads=2, intermediate_size=8, vocab_size=16))
+    assert lora_targets_for(llama, ("score",)) == ("q_proj", "k_proj", "v_proj", "o_proj")
+    with pytest.raises(UserError, match="--lora-targets"):
+        lora_targets_for(torch.nn.Sequential(torch.nn.Linear(2, 2)), ())
+
+
+def test_lora_targets_option_overrides_the_architecture_choice():
+    config = build_config({"task": "synthetic", "lora-targets": "query, value", "eps": float("inf")})
+    assert config.adapter.targets == ("query", "value")
+    from dpfl_bench.federated import prepare
+
+    names = prepare(config).workspace.params.by_factor[Factor.A]
+    assert names and all(re.search(r"\.(query|value)\.lora_A\.", n) for n in names)
+
+
+def test_unreachable_recognises_the_libraries_offline_errors():
+    try:
+        try:
+            raise ConnectionError("no route")
+        except ConnectionError as e:
+            raise OSError("We couldn't connect") from e
+    except OSError as e:
+        assert unreachable(e)
+    assert not unreachable(ValueError("bad config"))
+
+
+# -------------------------------------------------------------------------- per-example gradients
+
+
+def _timm_with_lora(kind: str):
+    import timm
+
+    torch.manual_seed(0)
+    if kind == "swin":
+        model = timm.models.SwinTransformer(num_classes=3, **SWIN)
+        heads = ("head.fc",)
+    else:
+        model = timm.models.VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+        heads = ("head",)
+    params = add_lora(model, ("attn.qkv", "attn.proj"), heads, AdapterConfig(rank=2, lora_alpha=2.0))
+    with torch.no_grad():
+        for p in params.by_factor[Factor.B].values():  # nonzero B, so that A's gradients are real too
+            p.normal_(0, 0.1)
+    for p in params.all().values():
+        p.requires_grad_(True)
+    return model.eval(), params  # eval: no dropout or drop path, so the brute force sees the same function
+
+
+@pytest.mark.parametrize("kind, size", [("swin", 16), ("vit", 16)])
+def test_per_example_gradients_of_timm_lora_equal_autograd_one_example_at_a_time(kind, size):
+    model, params = _timm_with_lora(kind)
+    engine = PerExampleGradients(model, params.all())
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 1])
+    grads = engine.compute(F.cross_entropy(model(x), y, reduction="none"))
+    assert set(grads) == set(params.all())
+    for i in range(len(x)):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        expected = torch.autograd.grad(loss, list(params.all().values()))
+        engine.reset()
+        for (name, _), g in zip(params.all().items(), expected):
+            torch.testing.assert_close(grads[name][i], g, rtol=1e-4, atol=1e-5, msg=name)
+    engine.remove()
+
+
+def test_per_example_refuses_a_leading_dim_that_is_not_a_multiple_of_the_batch():
+    layer = torch.nn.Linear(4, 2)
+    engine = PerExampleGradients(layer, {"weight": layer.weight})
+    out = layer(torch.randn(5, 4))
+    with pytest.raises(RuntimeError, match="not a multiple of the batch"):
+        engine.compute(out.sum(dim=1)[:2])
+
+
+def test_non_finite_example_contributes_zero():
+    grads = {"w": torch.tensor([[3.0, 4.0], [float("inf"), 0.0], [0.3, 0.4]])}
+    summed, _ = clip_and_sum(grads, clip=1.0)
+    torch.testing.assert_close(summed["w"], torch.tensor([0.6 + 0.3, 0.8 + 0.4]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- precision and memory
+
+
+def _dp_setup(precision: str = "fp32", physical: int = 32):
+    """The synthetic task's workspace with per-example clipping and a fixed plan (no calibration: fast)."""
+    from dpfl_bench.federated import prepare
+
+    exp = prepare(build_config({"task": "synthetic", "method": "dp-lora", "eps": float("inf"), "device": "cpu",
+                                "precision": precision, "physical-batch-size": physical}))
+    ws = exp.workspace
+    ws.per_example = PerExampleGradients(ws.model, ws.params.all())
+    plan = PrivacyPlan("sample", 1.0, 0.5, 1e-5, "rdp", tuple(16 / len(c) for c in exp.clients))
+    return exp, ws, plan
+
+
+def test_bf16_step_changes_the_trainable_parameters_with_clipped_norms_in_fp32(monkeypatch):
+    exp, ws, plan = _dp_setup("bf16")
+    norms_seen = []
+    original = ws.per_example.compute
+
+    def recording(losses, loss_scale=1.0):
+        grads = original(losses, loss_scale)
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        _, norms = clip_and_sum(grads, plan.clip)
+        norms_seen.append(norms)
+        clipped = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())).clamp(max=plan.clip)
+        assert (clipped <= plan.clip + 1e-6).all() and torch.isfinite(norms).all()
+        return grads
+
+    monkeypatch.setattr(ws.per_example, "compute", recording)
+    before = {n: p.detach().clone() for n, p in ws.model.named_parameters()}
+    state = ws.params.state()
+    result = train_client(ws, state, exp.clients[0], client=0, round=0, method=exp.method, config=exp.config, plan=plan)
+    assert norms_seen
+    trainable = set(ws.params.all())
+    for name, p in ws.model.named_parameters():
+        if name in trainable and ".lora_A." not in name:  # A gets no gradient while B starts at zero
+            assert not torch.equal(p.detach(), before[name]), name
+        elif name not in trainable:
+            assert torch.equal(p.detach(), before[name]), name
+    assert all(torch.isfinite(t).all() for t in result.upload.values())
+
+
+def test_bf16_private_run_completes(tmp_path):
+    result = invoke("run", "--task", "synthetic", "--method", "dp-lora", "--rounds", "1", "--local-steps", "1",
+                    "--precision", "bf16", "--eps", "8", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypatch):
+    exp, ws, plan = _dp_setup(physical=16)
+    data = exp.clients[0]
+    with torch.no_grad():
+        for p in ws.params.by_factor[Factor.B].values():
+            p.normal_(0, 0.1)
+    ws.params.set_trainable(frozenset({Factor.A, Factor.B, Factor.HEAD}))
+    index = torch.arange(16)
+    expected, loss = _summed_gradients(ws, data, index, plan)
+    forward = ws.model.forward
+
+    def small_memory(**features):
+        if len(next(iter(features.values()))) > 4:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return forward(**features)
+
+    monkeypatch.setattr(ws.model, "forward", small_memory)
+    with pytest.warns(UserWarning, match="physical batch size lowered to 4"):
+        summed, halved_loss = _summed_gradients(ws, data, index, plan)
+    assert ws.physical_batch_size == 4
+    for name in expected:
+        torch.testing.assert_close(summed[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert halved_loss == pytest.approx(loss, rel=1e-5)
