@@ -27,8 +27,9 @@ from dpfl_bench.tasks import TASKS, Task
 def workspace(task: Task, num_classes: int, config: RunConfig, dp: bool) -> Workspace:
     """Two identical models, so that the non-private one carries no per-example hooks at all."""
     torch.manual_seed(0)
-    model = task.build_model(num_classes)
-    params = add_lora(model, task.lora_targets, task.head, config.adapter)
+    built = task.build_model(num_classes, config.sources)
+    model = built.module
+    params = add_lora(model, config.adapter.targets or built.lora_targets, built.heads, config.adapter)
     params.set_trainable(frozenset(params.by_factor))
     set_train_mode(model)
     engine = PerExampleGradients(model, params.all()) if dp else None
@@ -49,7 +50,7 @@ def main() -> None:
     if args.physical_batch_size:
         options["physical_batch_size"] = args.physical_batch_size
     config = build_config(options, task.defaults)
-    data = task.load_data()
+    data = task.load_data(config.sources)
     plain, private = (workspace(task, data.num_classes, config, dp) for dp in (False, True))
     plan = PrivacyPlan("sample", 1.0, 1.0, 1e-5, "rdp", ())
     index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.batch_size]

@@ -231,10 +231,13 @@ def sweep(
         if dry_run:
             console.print(_grid_table(loaded, saved))
             return
+        if not todo:
+            console.print(f"nothing to run · compare the results: dpfl-bench compare {loaded.out}")
+            return
         writable_folder(loaded.out)
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the sweep the way Ctrl-C does
         failed: list[tuple[str, str]] = []
         finished = len(loaded.points) - len(todo)
+        on_terminate = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the sweep as Ctrl-C does
         try:
             with _progress() as progress:
                 grid = progress.add_task("suite", total=len(loaded.points), completed=finished, status="", unit="runs")
@@ -262,6 +265,8 @@ def sweep(
                 "run the same command again to resume (the unfinished run starts over)"
             )
             raise typer.Exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, on_terminate)
         if failed:
             table = Table("run", "error", title=f"{len(failed)} of {len(todo)} runs failed")
             for name, message in failed:
