@@ -3,6 +3,7 @@
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,6 +25,7 @@ errors = Console(stderr=True)
 
 Section = "Run"
 Federated, Training, Privacy, Adapter = "Federated learning", "Local training", "Privacy", "LoRA"
+Sources = "Model and data (hub tasks)"
 
 
 def _opt(help: str, panel: str, *flags: str) -> Any:
@@ -42,6 +44,10 @@ Rounds = Annotated[Optional[int], _opt("Communication rounds.", Federated)]
 LocalSteps = Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated)]
 BatchSize = Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training)]
 Seed = Annotated[Optional[int], _opt("Seed for data split, client sampling, init, batches and noise. \\[default: 0]", Section)]
+Model = Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of the task's model (hub tasks).", Sources)]
+ModelPath = Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", Sources)]
+DataDir = Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", Sources)]
+Workers = Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", Sources)]
 
 
 @app.command()
@@ -70,10 +76,10 @@ def run(
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
     lora_targets: Annotated[Optional[str], _opt("Module-name suffixes that get LoRA, comma-separated, e.g. query,value. \\[default: per architecture]", Adapter)] = None,
-    model: Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of the task's model (hub tasks).", "Model and data")] = None,
-    model_path: Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", "Model and data")] = None,
-    data_dir: Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", "Model and data")] = None,
-    workers: Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", "Model and data")] = None,
+    model: Model = None,
+    model_path: ModelPath = None,
+    data_dir: DataDir = None,
+    workers: Workers = None,
     method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
     seed: Seed = None,
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
@@ -138,6 +144,10 @@ def privacy(
     batch_size: BatchSize = None,
     client_size: Annotated[Optional[int], _opt("Assume equal clients of this many examples instead of splitting the task's data.", Federated)] = None,
     seed: Seed = None,
+    model: Model = None,
+    model_path: ModelPath = None,
+    data_dir: DataDir = None,
+    workers: Workers = None,
 ) -> None:
     """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
@@ -236,7 +246,7 @@ def sweep(
             return
         writable_folder(loaded.out)
         failed: list[tuple[str, str]] = []
-        finished = len(loaded.points) - len(todo)
+        finished, started = len(loaded.points) - len(todo), time.perf_counter()
         on_terminate = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the sweep as Ctrl-C does
         try:
             with _progress() as progress:
@@ -273,7 +283,8 @@ def sweep(
                 table.add_row(name, message)
             errors.print(table)
             raise typer.Exit(1)
-        console.print(f"all {len(loaded.points)} runs finished · compare them: dpfl-bench compare {loaded.out}")
+        minutes = (time.perf_counter() - started) / 60
+        console.print(f"all {len(loaded.points)} runs finished ({len(todo)} in {minutes:.1f} min) · compare them: dpfl-bench compare {loaded.out}")
 
 
 @app.command()
@@ -425,10 +436,15 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # The hub client logs every retry of an unreachable hub; the task then reports it in one line.
+    huggingface_hub.utils.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
 
 
 def _progress() -> Progress:
