@@ -191,3 +191,14 @@ def test_the_readme_suite_example_is_a_valid_suite(tmp_path):
     path.write_text(example)
     suite = load_suite(path)
     assert len(suite.points) == 8 and suite.points[-1].method_options["smooth_sigma"] == 1.0
+
+
+def test_the_run_id_ignores_where_results_go_and_how_many_workers_load_data():
+    """A sweep resumed with another --out or --workers must still recognise its finished runs."""
+    from dpfl_bench.config import build_config
+    from dpfl_bench.federated import run_id
+
+    base = build_config({"task": "synthetic"})
+    assert run_id(base) == run_id(build_config({"task": "synthetic", "out": "elsewhere", "workers": 3}))
+    assert run_id(base) != run_id(build_config({"task": "synthetic", "lr": 0.5}))
+    assert run_id(base) != run_id(build_config({"task": "synthetic", "precision": "bf16"}))

@@ -43,8 +43,10 @@ class RunSummary:
 
 
 def run_id(config: RunConfig) -> str:
-    """Readable, and the same for the same configuration wherever its results are written."""
+    """Readable, and the same for the same configuration wherever its results are written and however
+    many workers load its data (neither changes a result)."""
     identity = {k: v for k, v in json.loads(config.to_json()).items() if k != "out"}
+    identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.task}_{config.method}_eps{config.privacy.eps:g}_seed{config.seed}_{digest}"
 
