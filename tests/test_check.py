@@ -5,22 +5,9 @@ import math
 import shutil
 
 import pytest
-from crafted import write_run
-from typer.testing import CliRunner
+from support import invoke, write_run
 
-from dpfl_bench import cli
-from dpfl_bench.cli import app
 from dpfl_bench.results import read_run, write_rows
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "width", 1000)
-    monkeypatch.setattr(cli.errors, "width", 1000)
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

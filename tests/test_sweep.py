@@ -9,25 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from support import invoke
 
-from dpfl_bench import cli
-from dpfl_bench.cli import app
 from dpfl_bench.errors import UserError
 from dpfl_bench.results import read_run, write_rows
 from dpfl_bench.sweep import is_finished, load_suite, results_path
 
 TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "width", 1000)
-    monkeypatch.setattr(cli.errors, "width", 1000)
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def suite_file(tmp_path, text: str):

@@ -7,6 +7,7 @@ averaged into one cell without saying so.
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,17 @@ class Pivot:
     gain: dict[float, float] | None  # ε -> highlighted method minus the best other row, when both exist
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
 
+    def row_texts(self, row: str, emphasize: Callable[[str], str]) -> list[str]:
+        """A row as text: its name, a cell per ε (emphasized where it is the column's best), then its
+        seconds and megabytes uploaded per round."""
+        texts = [row]
+        for e in self.eps:
+            cell = self.cells.get((row, e))
+            text = "—" if cell is None else cell_text(cell)
+            texts.append(emphasize(text) if self.best[e] == row else text)
+        seconds, size = self.costs[row]
+        return [*texts, f"{seconds:.1f}", megabytes(size)]
+
 
 def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
     tables = []
@@ -186,13 +198,7 @@ def to_markdown(tables: list[Pivot], metric: str) -> str:
         header = ["", *map(eps_label, t.eps), "s / round", "MB up / round"]
         lines = [f"**{t.title}**: {metric}, mean ± std (seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in t.row_names:
-            cells = []
-            for e in t.eps:
-                cell = t.cells.get((row, e))
-                text = "—" if cell is None else cell_text(cell)
-                cells.append(f"**{text}**" if t.best[e] == row else text)
-            seconds, size = t.costs[row]
-            lines.append("| " + " | ".join([row, *cells, f"{seconds:.1f}", megabytes(size)]) + " |")
+            lines.append("| " + " | ".join(t.row_texts(row, lambda text: f"**{text}**")) + " |")
         if t.gain:
             gains = [f"{t.gain[e]:+.4f}" if e in t.gain else "—" for e in t.eps]
             lines.append("| " + " | ".join([f"{HIGHLIGHTED_METHOD} gain", *gains, "", ""]) + " |")
@@ -210,13 +216,7 @@ def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
         table.add_column("s / round", justify="right", style="dim")
         table.add_column("MB up / round", justify="right", style="dim")
         for row in t.row_names:
-            cells = []
-            for e in t.eps:
-                cell = t.cells.get((row, e))
-                text = "—" if cell is None else cell_text(cell)
-                cells.append(f"[bold green]{text}[/]" if t.best[e] == row else text)
-            seconds, size = t.costs[row]
-            table.add_row(row, *cells, f"{seconds:.1f}", megabytes(size))
+            table.add_row(*t.row_texts(row, lambda text: f"[bold green]{text}[/]"))
         if t.gain:
             table.add_section()
             gains = [_signed(t.gain[e]) if e in t.gain else "—" for e in t.eps]

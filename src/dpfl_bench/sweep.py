@@ -53,7 +53,9 @@ def load_suite(path: Path, out: Path | None = None) -> Suite:
     data = read_toml(path, "suite")
     unknown = set(data) - {"description", "out", "base", "grid", "method-options"}
     if unknown:
-        raise UserError(f"suite {path}: unknown key {sorted(unknown)[0]!r}; a suite has description, out, [base], [grid], [method-options.<method>]")
+        raise UserError(
+            f"suite {path}: unknown key {min(unknown)!r}; a suite has description, out, [base], [grid], [method-options.<method>]"
+        )
     tables = {key: data.get(key, {}) for key in ("base", "grid", "method-options")}
     for key, table in tables.items():
         if not isinstance(table, dict):

@@ -1,11 +1,19 @@
-"""Crafted results files with chosen numbers, for testing what reads results (compare, check, sweep)."""
+"""Shared by the command-line tests: invoking the CLI, and crafted results files with chosen numbers."""
 
 import math
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from dpfl_bench.cli import app
 from dpfl_bench.config import build_config
 from dpfl_bench.federated import run_id
 from dpfl_bench.results import SCHEMA, write_rows
+
+
+def invoke(*args: object):
+    """Run `dpfl-bench ARGS` in this process and return typer's result (output, exit code)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def write_run(
