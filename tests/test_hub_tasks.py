@@ -81,19 +81,20 @@ def _register_tiny_swin() -> str:
 
 @pytest.fixture(scope="module")
 def image_mirror(tmp_path_factory):
-    """An imagefolder of 3 classes (train/ and test/) and a tiny Swin checkpoint with a 10-class head."""
-    from PIL import Image
+    """An imagefolder of CIFAR-10's 10 classes (2 train and 1 test image each) and a tiny Swin checkpoint
+    with a 10-class head."""
     import timm
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 2)):
-        for k, label in enumerate(("cat", "dog", "frog")):
-            (root / "data" / split / label).mkdir(parents=True)
+    for split, count in (("train", 2), ("test", 1)):
+        for k in range(10):
+            (root / "data" / split / f"class{k}").mkdir(parents=True)
             for i in range(count):
-                pixels = np.clip(rng.normal(80 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                mode = "L" if i == 0 else "RGB"  # a grayscale image, as Tiny-ImageNet has
-                Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(root / "data" / split / label / f"{i}.png")
+                pixels = np.clip(rng.normal(25 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                mode = "L" if i == 0 and k == 0 else "RGB"  # a grayscale image, as Tiny-ImageNet has
+                Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(root / "data" / split / f"class{k}" / f"{i}.png")
     name = _register_tiny_swin()
     torch.manual_seed(0)
     torch.save(timm.create_model(name, pretrained=False).state_dict(), root / "swin.pth")
@@ -159,22 +160,86 @@ def test_cifar10_from_an_imagefolder_and_a_timm_checkpoint(image_mirror, tmp_pat
     assert df["test_accuracy"].between(0, 1).all() and df["eps_spent"].iloc[0] <= 8
 
 
-def test_timm_checkpoint_loads_the_backbone_and_a_new_head(image_mirror):
+def test_timm_checkpoint_loads_the_backbone_and_a_fresh_head_even_of_the_same_shape(image_mirror):
     root, name = image_mirror
-    built = TASKS.get("cifar10").build_model(3, SourcesConfig(model=f"timm:{name}", model_path=str(root / "swin.pth")))
+    built = TASKS.get("cifar10").build_model(10, SourcesConfig(model=f"timm:{name}", model_path=str(root / "swin.pth")))
     saved = torch.load(root / "swin.pth")
     state = built.module.network.state_dict()
-    assert torch.equal(state["layers.1.blocks.1.attn.qkv.weight"], saved["layers.1.blocks.1.attn.qkv.weight"])
-    assert state["head.fc.weight"].shape == (3, saved["head.fc.weight"].shape[1])
+    for key, value in saved.items():
+        if key.startswith("head.fc."):  # the checkpoint's head has the task's 10 classes, and is still replaced
+            assert state[key].shape == value.shape and not torch.equal(state[key], value), key
+        else:
+            assert torch.equal(state[key], value), key
     assert built.lora_targets == ("attn.qkv", "attn.proj") and built.heads == ("network.head.fc",)
+
+
+def test_wrapped_timm_checkpoint_loads(image_mirror, tmp_path):
+    root, name = image_mirror
+    saved = torch.load(root / "swin.pth")
+    torch.save({"state_dict": saved, "epoch": 3}, tmp_path / "wrapped.pth")
+    built = TASKS.get("cifar10").build_model(10, SourcesConfig(model=f"timm:{name}", model_path=str(tmp_path / "wrapped.pth")))
+    assert torch.equal(built.module.network.state_dict()["layers.1.blocks.1.attn.qkv.weight"], saved["layers.1.blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    ("partial", ["missing layers.1."]),
+    ("prefixed", ["missing", "unexpected backbone."]),
+    ("not a checkpoint", ["does not fit"]),
+])
+def test_partial_or_foreign_timm_checkpoint_is_refused_in_one_line(image_mirror, tmp_path, damage, fragments):
+    root, name = image_mirror
+    saved = torch.load(root / "swin.pth")
+    path = tmp_path / "bad.pth"
+    if damage == "partial":
+        torch.save({k: v for k, v in saved.items() if not k.startswith("layers.1.")}, path)
+    elif damage == "prefixed":
+        torch.save({f"backbone.{k}": v for k, v in saved.items()}, path)
+    else:
+        path.write_text("not a checkpoint")
+    with pytest.raises(UserError) as refused:
+        TASKS.get("cifar10").build_model(10, SourcesConfig(model=f"timm:{name}", model_path=str(path)))
+    message = str(refused.value)
+    assert "\n" not in message and f"--model-path {path}" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_distilled_deit_has_two_heads_and_loads_from_its_checkpoint(tmp_path):
+    import timm
+
+    from dpfl_bench.tasks.hub_vision import head_names, load_backbone
+
+    kwargs = {"pretrained": False, "img_size": 32, "depth": 1, "num_classes": 10}
+    torch.save(timm.create_model("deit_tiny_distilled_patch16_224", **kwargs).state_dict(), tmp_path / "deit.pth")
+    network = timm.create_model("deit_tiny_distilled_patch16_224", **kwargs)
+    assert head_names(network) == ("head", "head_dist")
+    load_backbone(network, "deit_tiny_distilled_patch16_224", str(tmp_path / "deit.pth"))
+    assert lora_targets_for(network, head_names(network)) == ("attn.qkv", "attn.proj")
 
 
 def test_imagefolder_images_are_decoded_to_uint8_at_native_size(image_mirror):
     root, _ = image_mirror
     data = TASKS.get("cifar10").load_data(SourcesConfig(data_dir=str(root / "data")))
-    assert data.train.features["pixels"].shape == (24, 32, 32, 3) and data.train.features["pixels"].dtype == torch.uint8
-    assert len(data.test) == 6 and data.num_classes == 3
-    assert sorted(data.train.labels.tolist()) == sorted([0, 1, 2] * 8)
+    assert data.train.features["pixels"].shape == (20, 32, 32, 3) and data.train.features["pixels"].dtype == torch.uint8
+    assert len(data.test) == 10 and data.num_classes == 10
+    assert sorted(data.train.labels.tolist()) == sorted(list(range(10)) * 2)
+
+
+def test_a_mirror_with_another_class_count_is_refused_in_one_line(image_mirror, tmp_path):
+    import shutil
+
+    import datasets
+
+    root, _ = image_mirror
+    for split in ("train", "test"):
+        for k in range(3):
+            shutil.copytree(root / "data" / split / f"class{k}", tmp_path / "three" / split / f"class{k}")
+    datasets.disable_progress_bars()  # "Generating train split" bars on stderr
+    try:
+        result = invoke("run", "--task", "cifar10", "--data-dir", tmp_path / "three", "--eps", "inf", "--out", tmp_path / "out")
+    finally:
+        datasets.enable_progress_bars()
+    assert_one_line_error(result, "has 3 classes, cifar10 has 10")
 
 
 def test_sst2_from_parquet_and_a_save_pretrained_roberta(text_mirror, tmp_path):

@@ -30,6 +30,7 @@ class VisionData:
     label: str
     test_split: str
     size: int  # native resolution, kept in memory
+    num_classes: int  # a mirror with another class count is another dataset
 
 
 class ImageClassifier(nn.Module):
@@ -80,22 +81,56 @@ def check_timm(name: str) -> None:
         raise UserError(f"timm has no model {name!r}; `timm.list_models()` lists them")
 
 
+def head_names(network: nn.Module) -> tuple[str, ...]:
+    """The classifier module names of a timm model: one name, or several (distilled DeiT: head, head_dist)."""
+    classifier = network.pretrained_cfg.get("classifier") or "head"
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
 def build_timm(name: str, num_classes: int, model_path: str) -> nn.Module:
-    """A timm model with pretrained weights (hub, or a checkpoint file) and a new head for `num_classes`.
-    timm drops the checkpoint's classifier when its class count differs from the model's."""
+    """A timm model with pretrained weights (hub, or a checkpoint file) and a fresh head for `num_classes`:
+    the head is re-initialized even when the pretrained one has the task's shape (it may be fine-tuned)."""
     import timm
 
     check_timm(name)
     if model_path:
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": model_path})
-        except RuntimeError as e:  # a checkpoint of another architecture or size
-            raise UserError(f"--model-path {model_path} does not fit timm:{name}: {str(e).splitlines()[0]}") from None
-    hint = (
-        f"on a machine with the hub run `python -c \"import timm, torch; torch.save(timm.create_model('{name}', "
-        f"pretrained=True).state_dict(), 'weights.pth')\"`, copy the file here and pass --model-path weights.pth"
-    )
-    return from_hub(f"model timm:{name}", lambda: timm.create_model(name, pretrained=True, num_classes=num_classes), hint)
+        network = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        load_backbone(network, name, model_path)
+    else:
+        hint = (
+            f"on a machine with the hub run `python -c \"import timm, torch; torch.save(timm.create_model('{name}', "
+            f"pretrained=True).state_dict(), 'weights.pth')\"`, copy the file here and pass --model-path weights.pth"
+        )
+        network = from_hub(f"model timm:{name}", lambda: timm.create_model(name, pretrained=True, num_classes=num_classes), hint)
+    network.reset_classifier(num_classes)  # under the run's seed, set before the model is built
+    return network
+
+
+def load_backbone(network: nn.Module, name: str, model_path: str) -> None:
+    """Load a timm checkpoint file (a state_dict, or one wrapped in 'state_dict'/'model') into everything but
+    the head. Every key outside the head must match: a partial or foreign checkpoint would otherwise leave
+    a random backbone behind a run that looks pretrained."""
+    from timm.models import load_state_dict
+
+    heads = head_names(network)
+
+    def in_head(key: str) -> bool:
+        return any(key.startswith(h + ".") for h in heads)
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    try:
+        state = {k: v for k, v in load_state_dict(model_path).items() if not in_head(k)}
+        result = network.load_state_dict(state, strict=False)
+    except Exception as e:  # not a checkpoint, or one of another architecture or size
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model-path {model_path} does not fit timm:{name}: {why}") from None
+    missing = [k for k in result.missing_keys if not in_head(k)]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        found = "; ".join(f"{what} {few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise UserError(f"--model-path {model_path} does not fit timm:{name}: {found}; save the model's own state_dict()")
 
 
 def vision_task(name: str, data: VisionData, description: str, defaults: dict) -> Task:
@@ -111,16 +146,20 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
         train = split_of(splits, ("train",), sources.data_dir)
         test = split_of(splits, (data.test_split, *TEST_SPLITS), sources.data_dir)
         image, label = column_of(train, data.image, ("image", "img")), column_of(train, data.label, ("label",))
+        found = num_classes_of(train, label)
+        if found != data.num_classes:
+            where = f"--data-dir {sources.data_dir}" if sources.data_dir else data.hub_id
+            raise UserError(f"{where} has {found} classes, {name} has {data.num_classes}; is it the right dataset?")
         return TaskData(
             train=decode(train, image, label, data.size, sources.workers),
             test=decode(test, image, label, data.size, sources.workers),
-            num_classes=num_classes_of(train, label),
+            num_classes=data.num_classes,
         )
 
     def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
         model = timm_name(sources)
         network = build_timm(model, num_classes, sources.model_path)
-        heads = (network.pretrained_cfg["classifier"],)
+        heads = head_names(network)
         return BuiltModel(ImageClassifier(network), f"timm:{model}", lora_targets_for(network, heads), tuple(f"network.{h}" for h in heads))
 
     return Task(
@@ -136,9 +175,9 @@ PAPER_VISION = {
     "local-steps": 20, "batch-size": 16, "rank": 16, "lora-alpha": 16.0, "lr": 1e-3,
 }
 for _name, _data, _what in (
-    ("cifar10", VisionData("uoft-cs/cifar10", "img", "label", "test", 32), "CIFAR-10 (50,000 train / 10,000 test)"),
-    ("cifar100", VisionData("uoft-cs/cifar100", "img", "fine_label", "test", 32), "CIFAR-100 (50,000 train / 10,000 test)"),
-    ("tiny-imagenet", VisionData("zh-plus/tiny-imagenet", "image", "label", "valid", 64),
+    ("cifar10", VisionData("uoft-cs/cifar10", "img", "label", "test", 32, 10), "CIFAR-10 (50,000 train / 10,000 test)"),
+    ("cifar100", VisionData("uoft-cs/cifar100", "img", "fine_label", "test", 32, 100), "CIFAR-100 (50,000 train / 10,000 test)"),
+    ("tiny-imagenet", VisionData("zh-plus/tiny-imagenet", "image", "label", "valid", 64, 200),
      "Tiny-ImageNet, 200 classes (100,000 train / 10,000 validation, its test labels are not public)"),
 ):
     register_task(vision_task(_name, _data, f"{_what}, Swin-B (ImageNet-22k) at 224 px; hub or --data-dir", PAPER_VISION))
