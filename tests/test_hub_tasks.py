@@ -131,6 +131,14 @@ def text_mirror(tmp_path_factory):
     for split, part in (("train", slice(0, 40)), ("validation", slice(40, 48))):
         frame = pd.DataFrame({"sentence": sentences[part], "label": labels[part], "idx": range(len(labels[part]))})
         frame.to_parquet(root / "sst2" / f"{split}-00000-of-00001.parquet")
+    (root / "mnli").mkdir()  # the hub's layout: validation_matched and _mismatched must stay apart
+    nli = pd.DataFrame({"premise": sentences, "hypothesis": sentences[::-1], "label": [i % 3 for i in range(48)],
+                        "idx": range(48)})
+    for split, part in (("train", slice(0, 40)), ("validation_matched", slice(40, 44)),
+                        ("validation_mismatched", slice(44, 48)), ("test_matched", slice(40, 42)),
+                        ("test_mismatched", slice(42, 44))):
+        frame = nli[part].assign(label=-1) if split.startswith("test") else nli[part]
+        frame.to_parquet(root / "mnli" / f"{split}-00000-of-00001.parquet")
     pairs = {"sentence1": sentences, "sentence2": sentences[::-1], "label": labels, "idx": list(range(48))}
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({k: v[:40] for k, v in pairs.items()}),
@@ -145,6 +153,56 @@ def text_mirror(tmp_path_factory):
     RobertaModel(config).save_pretrained(root / "roberta")
     tokenizer.save_pretrained(root / "roberta")
     return root
+
+
+def test_mnli_from_the_hubs_parquet_layout(text_mirror, tmp_path):
+    sources = SourcesConfig(data_dir=str(text_mirror), model_path=str(text_mirror / "roberta"))
+    data = TASKS.get("mnli").load_data(sources)
+    assert len(data.train) == 40 and len(data.test) == 4 and data.num_classes == 3
+    result = invoke("run", "--task", "mnli", *ONE_ROUND, "--eps", "inf", "--data-dir", text_mirror,
+                    "--model-path", text_mirror / "roberta", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert list(read_run(next(tmp_path.iterdir()))["task"]) == ["mnli"]
+
+
+def test_glue_head_is_fresh_even_when_the_checkpoint_has_one_of_the_tasks_size(text_mirror, tmp_path):
+    from transformers import AutoConfig, RobertaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(text_mirror / "roberta", num_labels=2)
+    torch.manual_seed(1)
+    tuned = RobertaForSequenceClassification(config)
+    with torch.no_grad():
+        for p in tuned.classifier.parameters():  # a fine-tuned head
+            p.fill_(0.5)
+    tuned.save_pretrained(tmp_path / "tuned")
+    built = TASKS.get("sst2").build_model(2, SourcesConfig(model_path=str(tmp_path / "tuned")))
+    saved, state = tuned.state_dict(), built.module.model.state_dict()
+    for key, value in saved.items():
+        if key.startswith("classifier."):
+            assert not torch.equal(state[key], value), key
+        else:
+            assert torch.equal(state[key], value), key
+
+
+def test_a_tokenizer_without_pad_token_pads_on_the_right_with_eos(text_mirror, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    roberta = PreTrainedTokenizerFast.from_pretrained(text_mirror / "roberta")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=roberta.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", padding_side="left")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    config = LlamaConfig(vocab_size=len(roberta), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=16, num_labels=2, pad_token_id=None, eos_token_id=2)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "llama")
+    sources = SourcesConfig(data_dir=str(text_mirror / "sst2"), model=f"hf:{tmp_path / 'llama'}")
+    data = TASKS.get("sst2").load_data(sources)
+    ids, mask = data.train.features["input_ids"], data.train.features["attention_mask"]
+    assert bool((mask[:, 0] == 1).all()) and bool((ids[mask == 0] == 2).all())  # right padding, with </s>
+    built = TASKS.get("sst2").build_model(2, sources)
+    assert built.module.model.config.pad_token_id == 2
+    result = invoke("run", "--task", "sst2", *ONE_ROUND, "--eps", "inf", "--data-dir", text_mirror / "sst2",
+                    "--model", f"hf:{tmp_path / 'llama'}", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
 
 
 # ------------------------------------------------------------------------------- one round, end to end
@@ -244,11 +302,11 @@ def test_a_mirror_with_another_class_count_is_refused_in_one_line(image_mirror, 
 
 def test_sst2_from_parquet_and_a_save_pretrained_roberta(text_mirror, tmp_path):
     model = text_mirror / "roberta"
-    result = invoke("run", "--task", "sst2", *ONE_ROUND, "--eps", "inf", "--data-dir", text_mirror / "sst2",
-                    "--model", f"hf:{model}", "--out", tmp_path)
+    result = invoke("run", "--task", "sst2", *ONE_ROUND, "--eps", "8", "--data-dir", text_mirror / "sst2",
+                    "--model", f"hf:{model}", "--out", tmp_path)  # sample-level DP: RoBERTa's per-example path
     assert result.exit_code == 0, result.output
     df = read_run(next(tmp_path.iterdir()))
-    assert list(df["model"]) == [f"hf:{model}"]
+    assert list(df["model"]) == [f"hf:{model}"] and list(df["dp_level"]) == ["sample"] and df["eps_spent"].iloc[0] <= 8
 
 
 def test_rte_pairs_from_save_to_disk_with_model_path(text_mirror, tmp_path):

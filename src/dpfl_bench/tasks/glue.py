@@ -55,7 +55,9 @@ def model_source(sources: SourcesConfig) -> tuple[str, str]:
     """(name recorded with results, where to load from): --model-path overrides where, not what."""
     kind, name = parse_model(sources.model, DEFAULT_MODEL)
     if kind != "hf":
-        raise UserError(f"GLUE tasks take transformers models: --model hf:<id-or-path>, e.g. hf:FacebookAI/roberta-large; got {sources.model!r}")
+        raise UserError(
+            f"GLUE tasks take transformers models: --model hf:<id-or-path>, e.g. hf:FacebookAI/roberta-large; got {sources.model!r}"
+        )
     return name, sources.model_path or name
 
 
@@ -69,10 +71,18 @@ def _mirror_hint(name: str) -> str:
 
 
 def load_tokenizer(sources: SourcesConfig) -> object:
+    """The model's tokenizer, padding on the right (batches are cut to their longest sequence from the
+    right); a tokenizer without a pad token (Llama-like) pads with its end-of-sequence token."""
     from transformers import AutoTokenizer
 
     name, where = model_source(sources)
-    return from_hub(f"tokenizer of {name}", lambda: AutoTokenizer.from_pretrained(where), _mirror_hint(name))
+    tokenizer = from_hub(f"tokenizer of {name}", lambda: AutoTokenizer.from_pretrained(where), _mirror_hint(name))
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {name} has neither a pad nor an end-of-sequence token; GLUE batches need padding")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tokenize(split: object, task: GlueTask, tokenizer: object, workers: int) -> Examples:
@@ -87,6 +97,16 @@ def tokenize(split: object, task: GlueTask, tokenizer: object, workers: int) -> 
     ).with_format("torch")[:]
     features = {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
     return Examples(features, encoded["label"])
+
+
+def fresh_heads(model: nn.Module, heads: tuple[str, ...]) -> None:
+    """Re-initialize the head under the run's seed: a checkpoint's classifier of the task's size (already
+    fine-tuned, perhaps on this very task) would otherwise be kept by from_pretrained."""
+    for name in heads:
+        module = model.get_submodule(name)
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor._is_hf_initialized = False  # transformers' init functions skip loaded tensors
+        module.apply(model._init_weights)
 
 
 def glue_task(name: str, task: GlueTask) -> Task:
@@ -112,6 +132,9 @@ def glue_task(name: str, task: GlueTask) -> Task:
         )
         # The head is whatever the task class adds on top of the pretrained base model.
         heads = tuple(n for n, m in model.named_children() if n != model.base_model_prefix and any(True for _ in m.parameters()))
+        fresh_heads(model, heads)
+        if model.config.pad_token_id is None:  # Llama-like: the tokenizer pads with its end-of-sequence token
+            model.config.pad_token_id = load_tokenizer(sources).pad_token_id
         targets = lora_targets_for(model, heads)
         return BuiltModel(SequenceClassifier(model), f"hf:{model_name}", targets, tuple(f"model.{h}" for h in heads))
 

@@ -7,6 +7,7 @@ into one line that says how to provide a mirror.
 """
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,26 @@ def load_splits(hub_id: str, config_name: str | None, sources: SourcesConfig, ki
         root = root / config_name
     if (root / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(root))
-    if any(root.rglob("*.parquet")):
-        return datasets.load_dataset("parquet", data_dir=str(root))
+    parquet = sorted(root.rglob("*.parquet"))
+    if parquet:
+        return datasets.load_dataset("parquet", data_files=parquet_splits(parquet))
     if kind == "image" and any(p.is_dir() for p in root.iterdir()):
         return datasets.load_dataset("imagefolder", data_dir=str(root))
     layouts = "a save_to_disk folder, Parquet files" + (" or an imagefolder (train/ and test/ of class folders)" if kind == "image" else "")
     raise UserError(f"--data-dir {sources.data_dir} holds no dataset; give {layouts}")
+
+
+def parquet_splits(files: list[Path]) -> dict[str, list[str]]:
+    """{split: files} from the hub's file names (`validation_matched-00000-of-00001.parquet`: the text before
+    the shard number) or, for numbered shards (`train/0000.parquet`), their folder. datasets' own patterns
+    would merge MNLI's validation_matched and validation_mismatched into one `validation` split."""
+    splits: dict[str, list[str]] = {}
+    for file in files:
+        name = re.split(r"-\d+-of-\d+", file.stem)[0]
+        if not name or name.isdigit():
+            name = file.parent.name
+        splits.setdefault(name, []).append(str(file))
+    return splits
 
 
 def split_of(splits: Any, names: tuple[str, ...], data_dir: str) -> Any:
