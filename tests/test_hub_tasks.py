@@ -546,3 +546,39 @@ def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypa
     for name in expected:
         torch.testing.assert_close(summed[name], expected[name], rtol=1e-5, atol=1e-6)
     assert halved_loss == pytest.approx(loss, rel=1e-5)
+
+
+class _TokensFirst(torch.nn.Module):
+    """A backbone whose middle layer sees [tokens, batch, features]: with 6 tokens and a batch of 3, the
+    leading size is a multiple of the batch, so only the check on the built model can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(torch.tanh(self.embed(x)).transpose(0, 1)))  # [tokens, batch, 8]
+        return self.head(h.mean(dim=0))
+
+
+@pytest.mark.parametrize("tokens_first", [True, False])
+def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_first):
+    from dpfl_bench.client import Workspace
+    from dpfl_bench.federated import check_per_example
+    from dpfl_bench.tasks import Examples
+
+    torch.manual_seed(0)
+    model = _TokensFirst()
+    if not tokens_first:  # the same layers, batch-major
+        model.forward = lambda x: model.head(torch.tanh(model.mix(torch.tanh(model.embed(x)))).mean(dim=1))
+    params = add_lora(model, ("mix",), ("head",), AdapterConfig(rank=2, lora_alpha=2.0))
+    ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 8)
+    examples = Examples({"x": torch.randn(5, 6, 4)}, torch.tensor([0, 1, 0, 1, 1]))
+    before, rng = params.state(), torch.random.get_rng_state()
+    if tokens_first:
+        with pytest.raises(UserError, match=r"toy are not per example \(layer mix\..*--dp-level client"):
+            check_per_example(ws, examples, "toy")
+    else:
+        check_per_example(ws, examples, "toy")
+    assert all(torch.equal(before[n], p) and not p.requires_grad for n, p in params.all().items())
+    assert torch.equal(rng, torch.random.get_rng_state()) and model.training

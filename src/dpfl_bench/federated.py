@@ -115,7 +115,57 @@ def prepare(config: RunConfig) -> Experiment:
         physical_batch_size=config.training.physical_batch_size,
         precision=config.training.precision,
     )
+    if workspace.per_example is not None:
+        check_per_example(workspace, data.train, built.name)
     return Experiment(config, task, method, data, built.name, clients, schedule, plan, workspace)
+
+
+def check_per_example(ws: Workspace, train: Examples, model_name: str, count: int = 3) -> None:
+    """Refuse a model whose per-example gradients mix examples: a layer may see its batch in a layout the
+    engine cannot tell apart from batch-major ([tokens, batch, features] with tokens a multiple of the
+    batch), and clipping would then bound nothing. Per-example gradients of `count` training examples in
+    one pass must equal those computed one example at a time, in fp32, with every factor trainable and
+    LoRA B made nonzero (else A's gradients are zero). Parameters, trainable flags, module modes and the
+    RNG states are restored, so the run is the same as without the check."""
+    params, model = ws.params, ws.model
+    state, trainable = params.state(), {n: p.requires_grad for n, p in params.all().items()}
+    modes = {m: m.training for m in model.modules()}
+    devices = [ws.device] if ws.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            params.set_trainable(frozenset(params.by_factor))
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in params.by_factor[Factor.B].values():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            model.eval()  # no dropout: one pass and the single passes compute the same function
+            features, labels = train.batch(torch.arange(min(count, len(train))))
+            features, labels = to_device(features, ws.device), labels.to(ws.device)
+            named = params.all()
+            losses = F.cross_entropy(model(**features).float(), labels, reduction="none")
+            try:
+                batched = ws.per_example.compute(losses)
+            except RuntimeError as e:
+                raise UserError(f"per-example gradients of {model_name} cannot be computed ({e}); it cannot be trained "
+                                "under sample-level DP; use --dp-level client") from None
+            for i in range(len(labels)):
+                loss = F.cross_entropy(model(**{k: v[i : i + 1] for k, v in features.items()}).float(), labels[i : i + 1])
+                ws.per_example.reset()
+                single = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+                for (name, p), g in zip(named.items(), single):
+                    g = torch.zeros_like(p) if g is None else g.float()
+                    mine = batched[name][i] if name in batched else torch.zeros_like(g)
+                    if float((mine - g).norm()) > 1e-3 * float(g.norm()) + 1e-6:
+                        raise UserError(f"per-example gradients of {model_name} are not per example (layer {name}); it "
+                                        "cannot be trained under sample-level DP; use --dp-level client")
+    finally:
+        ws.per_example.reset()
+        params.load(state)
+        for name, p in params.all().items():
+            p.requires_grad_(trainable[name])
+            p.grad = None
+        for module, training in modes.items():
+            module.training = training
 
 
 def run_federated(
