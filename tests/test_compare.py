@@ -170,3 +170,12 @@ def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_
     la_lora = next(line for line in per_round.get_lines() if line.get_label() == "la-lora")
     assert list(la_lora.get_xdata()) == [1, 2] and la_lora.get_ydata()[-1] == pytest.approx(0.7)
     assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞"]
+
+
+def test_a_file_from_another_version_is_named_as_such(folder):
+    path = next((folder / "la-lora").glob("*_eps1_seed0_*.parquet"))  # final accuracy 0.65
+    pd.read_parquet(path).drop(columns=["client_data_json"]).to_parquet(path)
+    result = invoke("compare", folder)
+    assert result.exit_code == 0
+    assert f"skipped {path}: from another version of dpfl-bench (missing client_data_json)" in result.output
+    assert "0.7250 ± 0.0354 (2)" in result.output, "the other two la-lora runs at ε = 1 remain"

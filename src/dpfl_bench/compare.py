@@ -41,8 +41,8 @@ def load_results(folder: Path) -> Results:
     for path in files:
         try:
             run = read_run(path)
-        except NotAResultsFile:
-            warnings.append(f"skipped {path}: not a dpfl-bench results file")
+        except NotAResultsFile as e:
+            warnings.append(f"skipped {path}: {_short(str(e).removeprefix(f'{path} is '))}")
             continue
         except Exception as e:  # a damaged file raises whatever pyarrow meets first
             warnings.append(f"skipped {path}: not a readable Parquet file ({type(e).__name__})")
@@ -62,6 +62,10 @@ def load_results(folder: Path) -> Results:
         runs.append(run)
     rows = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame(columns=SCHEMA.names)
     return Results(rows, final_rows(rows), unfinished, warnings)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def final_rows(rows: pd.DataFrame) -> pd.DataFrame:

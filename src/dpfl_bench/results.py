@@ -73,5 +73,7 @@ def read_run(path: Path) -> pd.DataFrame:
     table = pq.read_table(path)
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
-        raise NotAResultsFile(f"{path} is not a dpfl-bench results file (missing {', '.join(sorted(missing))})")
+        other_version = "run_id" in table.column_names and "config_json" in table.column_names
+        what = "from another version of dpfl-bench" if other_version else "not a dpfl-bench results file"
+        raise NotAResultsFile(f"{path} is {what} (missing {', '.join(sorted(missing))})")
     return table.to_pandas()
