@@ -21,7 +21,6 @@ from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import Examples
 
-
 # fp16 only: the summed loss is multiplied by this before the backward pass so that small activation
 # gradients stay representable in half precision; per-example gradients are divided by it in fp32. A
 # constant, not a dynamic scaler: a scale that adapts to overflows would make the step depend on the data.
@@ -119,6 +118,10 @@ def _summed_gradients(
     summed loss. The batch is processed in physical chunks, so memory does not grow with its size. When CUDA
     runs out of memory, the chunks are halved and the whole batch is recomputed: the batch (drawn before)
     and its sum are the same, so the privacy accounting is too."""
+    # The failed attempt drew dropout masks: the retry starts from the same RNG states, so the run stays a
+    # pure function of the seed whatever the memory.
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(ws.device) if ws.device.type == "cuda" else None
     while True:
         try:
             return _summed_in_chunks(ws, data, index, dp)
@@ -127,6 +130,9 @@ def _summed_gradients(
                 raise
             if ws.per_example is not None:
                 ws.per_example.reset()
+            torch.random.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, ws.device)
             ws.physical_batch_size //= 2
             torch.cuda.empty_cache()
             warnings.warn(f"CUDA out of memory: physical batch size lowered to {ws.physical_batch_size}", stacklevel=2)
