@@ -597,3 +597,37 @@ def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_firs
         check_per_example(ws, examples, "toy")
     assert all(torch.equal(before[n], p) and not p.requires_grad for n, p in params.all().items())
     assert torch.equal(rng, torch.random.get_rng_state()) and model.training
+
+
+def test_fp16_per_example_gradients_are_close_to_fp32_and_an_overflow_contributes_zero():
+    from dpfl_bench.client import FP16_LOSS_SCALE
+
+    exp, ws, plan = _dp_setup("fp16")
+    with torch.no_grad():
+        for p in ws.params.by_factor[Factor.B].values():
+            p.normal_(0, 0.1)
+    ws.params.set_trainable(frozenset({Factor.A, Factor.B, Factor.HEAD}))
+    ws.model.eval()
+    features, labels = exp.clients[0].batch(torch.arange(3))
+
+    def per_example(precision: str, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        ws.precision = precision
+        with ws.autocast():
+            logits = ws.model(**features)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none") * weights
+        return ws.per_example.compute(losses, loss_scale=FP16_LOSS_SCALE if precision == "fp16" else 1.0)
+
+    ones = torch.ones(3)
+    fp32, fp16 = per_example("fp32", ones), per_example("fp16", ones)
+    for name in fp32:
+        assert torch.isfinite(fp16[name]).all()
+        err = (fp16[name] - fp32[name]).norm()
+        assert err <= 0.05 * fp32[name].norm() + 1e-4, name
+    overflow = per_example("fp16", torch.tensor([1.0, 1e5, 1.0]))  # example 1's gradient overflows in fp16
+    assert not all(torch.isfinite(g[1]).all() for g in overflow.values())
+    for name in fp16:
+        assert torch.equal(overflow[name][[0, 2]], fp16[name][[0, 2]]), name
+    summed, _ = clip_and_sum(overflow, plan.clip)
+    others, _ = clip_and_sum({n: g[[0, 2]] for n, g in fp16.items()}, plan.clip)
+    for name in summed:
+        torch.testing.assert_close(summed[name], others[name], rtol=1e-5, atol=1e-7)
