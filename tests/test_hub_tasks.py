@@ -600,7 +600,7 @@ def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_firs
 
 
 def test_fp16_per_example_gradients_are_close_to_fp32_and_an_overflow_contributes_zero():
-    from dpfl_bench.client import FP16_LOSS_SCALE
+    from dpfl_bench.precision import FP16_LOSS_SCALE
 
     exp, ws, plan = _dp_setup("fp16")
     with torch.no_grad():

@@ -17,15 +17,10 @@ from torch import nn
 from dpfl_bench.adapters import State, TrainableParams
 from dpfl_bench.config import RunConfig
 from dpfl_bench.method import Factor, Method
+from dpfl_bench.precision import FP16_LOSS_SCALE, autocast, to_device
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import Examples
-
-# fp16 only: the summed loss is multiplied by this before the backward pass so that small activation
-# gradients stay representable in half precision; per-example gradients are divided by it in fp32. A
-# constant, not a dynamic scaler: a scale that adapts to overflows would make the step depend on the data.
-FP16_LOSS_SCALE = 2.0**12
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -44,20 +39,6 @@ class Workspace:
 
     def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_device(tensors, self.device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass; fp32 runs as is."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
-
-
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copy a batch to the device; on CUDA through pinned memory, so the copy overlaps with compute."""
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in tensors.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from torch import nn
 
 import dpfl_bench
 from dpfl_bench.adapters import add_lora
-from dpfl_bench.client import ClientResult, Workspace, autocast, to_device, train_client
+from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
 from dpfl_bench.partition import dirichlet_partition, iid_partition, participation_schedule
+from dpfl_bench.precision import autocast, to_device
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.plan import PrivacyPlan, plan_privacy
 from dpfl_bench.results import write_rows
