@@ -195,6 +195,16 @@ def test_per_example_gradients_match_brute_force_on_1x1_conv_lora():
         assert g.abs().max() > 0, name
 
 
+def test_the_per_example_check_accepts_the_pretrained_efficientnet_of_the_default_task():
+    """prepare() refuses models whose per-example gradients mix examples; the real EfficientNet-Lite0 must
+    pass (rounding between batch sizes 3 and 1 moved one nearly cancelling layer by 1% of itself)."""
+    from dpfl_bench.federated import prepare
+
+    config = build_config({"task": "fashion", "eps": 1.0, "clients": 2, "rounds": 1, "local-steps": 1})
+    experiment = prepare(config)  # raises UserError if the check fails
+    assert experiment.plan.level == "sample"
+
+
 class PerTokenHead(nn.Module):
     """The head (with bias) runs on every token before pooling: the bias gradient sums over tokens."""
 

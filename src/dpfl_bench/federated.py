@@ -34,6 +34,7 @@ from dpfl_bench.server import aggregate, aggregate_private
 from dpfl_bench.tasks import TASKS, Examples, Task, TaskData
 
 EVAL_BATCH_SIZE = 256
+PER_EXAMPLE_TOLERANCE = 1e-2  # of an example's gradient norm: how far a layer's per-example gradient may stray
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,15 @@ def check_per_example(ws: Workspace, train: Examples, model_name: str, count: in
                 loss = F.cross_entropy(model(**{k: v[i : i + 1] for k, v in features.items()}).float(), labels[i : i + 1])
                 ws.per_example.reset()
                 single = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
-                for (name, p), g in zip(named.items(), single):
-                    g = torch.zeros_like(p) if g is None else g.float()
+                single = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(named.values(), single)]
+                # Measured against the example's whole gradient (what clipping bounds), not the layer's own:
+                # a layer whose gradient nearly cancels has a large relative rounding error (1% seen on
+                # EfficientNet-Lite0 between batch sizes 3 and 1, TF32 convolutions on GPUs add more),
+                # while mixing examples moves a layer by a sizeable part of the whole.
+                tolerance = PER_EXAMPLE_TOLERANCE * float(torch.sqrt(sum(g.pow(2).sum() for g in single))) + 1e-6
+                for name, g in zip(named, single):
                     mine = batched[name][i] if name in batched else torch.zeros_like(g)
-                    if float((mine - g).norm()) > 1e-3 * float(g.norm()) + 1e-6:
+                    if float((mine - g).norm()) > tolerance:
                         raise UserError(f"per-example gradients of {model_name} are not per example (layer {name}); it "
                                         "cannot be trained under sample-level DP; use --dp-level client")
     finally:

@@ -6,6 +6,7 @@ from this task.
 """
 
 import torch
+
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
 from dpfl_bench.tasks.sentiment import LORA_TARGETS, MeanPooledClassifier
