@@ -18,7 +18,6 @@ from dpfl_bench.config import (
 )
 from dpfl_bench.errors import UserError
 
-
 # --------------------------------------------------------------------------------------- precedence
 
 

@@ -7,8 +7,8 @@ import torch
 
 from dpfl_bench.client import train_client
 from dpfl_bench.config import build_config
-from dpfl_bench.method import Factor, create_method
 from dpfl_bench.federated import prepare
+from dpfl_bench.method import Factor, create_method
 from dpfl_bench.tasks import TASKS
 
 
