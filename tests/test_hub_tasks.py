@@ -555,8 +555,9 @@ def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypa
     monkeypatch.setattr(ws.per_example, "compute", small_memory)
     ws.physical_batch_size = 16
     torch.manual_seed(7)
-    with pytest.warns(UserWarning, match="physical batch size lowered to 4"):
+    with pytest.warns(UserWarning, match="physical batch size lowered to") as warned:
         summed, halved_loss = _summed_gradients(ws, data, index, plan)
+    assert [str(w.message)[-1] for w in warned] == ["8", "4"]  # 16 -> 8 -> 4
     assert ws.physical_batch_size == 4
     for name in expected:
         assert torch.equal(summed[name], expected[name]), name
