@@ -169,6 +169,7 @@ def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_
     assert sorted(line.get_label() for line in per_round.get_lines()) == ["dp-lora", "la-lora"]
     la_lora = next(line for line in per_round.get_lines() if line.get_label() == "la-lora")
     assert list(la_lora.get_xdata()) == [1, 2] and la_lora.get_ydata()[-1] == pytest.approx(0.7)
+    assert all(float(tick).is_integer() for tick in per_round.get_xticks()), "rounds are whole numbers"
     assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞"]
 
 

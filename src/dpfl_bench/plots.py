@@ -17,6 +17,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = rows.merge(finals[["run_id", *[c for c in by if c not in rows.columns]]], on="run_id")
     tables = list(finals.groupby(TABLE_KEYS, sort=True))
@@ -37,6 +38,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
                 ax.plot(curve.index, curve["mean"], marker="o", markersize=3, label=name, color=colours[name])
                 ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2, color=colours[name])
             ax.set_title(f"{task} · {eps_label(eps)}", fontsize=10)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
             ax.set_xlabel("round")
             ax.set_ylabel(readable)
             ax.grid(alpha=0.3)
