@@ -180,3 +180,40 @@ def test_a_file_from_another_version_is_named_as_such(folder):
     assert result.exit_code == 0
     assert f"skipped {path}: from another version of dpfl-bench (missing client_data_json)" in result.output
     assert "0.7250 ± 0.0354 (2)" in result.output, "the other two la-lora runs at ε = 1 remain"
+
+
+def test_grouping_by_an_option_that_does_not_separate_methods_is_warned_about(folder):
+    """--by rank puts dp-lora and la-lora runs (same rank) in one cell: compare must say so."""
+    mixed = mixed_options(load_results(folder).finals, ["rank"])
+    assert "method" in mixed and "method_options.smooth_sigma" in mixed, "la-lora's own options differ too"
+    assert mixed_options(load_results(folder).finals, ["method"]) == []
+    result = invoke("compare", folder, "--by", "rank")
+    assert result.exit_code == 0 and "differ in method" in result.output
+
+
+def test_a_diverged_run_is_counted_apart_and_an_all_nan_column_does_not_crash(tmp_path):
+    write_run(tmp_path, method="dp-lora", eps=1.0, seed=0, accuracies=[0.5])
+    write_run(tmp_path, method="dp-lora", eps=1.0, seed=1, accuracies=[math.nan])
+    write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.4])
+    write_run(tmp_path, method="la-lora", eps=math.inf, seed=0, accuracies=[math.nan])
+    (table,) = pivots(summarize(load_results(tmp_path).finals), "test_accuracy", ["method"])
+    assert table.best == {1.0: "dp-lora"}, "no best cell in a column of NaN"
+    assert table.gain == {1.0: pytest.approx(-0.1)}
+    result = invoke("compare", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "0.5000 (1, 1 NaN)" in result.output and "— (0, 1 NaN)" in result.output
+
+
+def test_a_file_holding_several_runs_is_skipped(folder, tmp_path):
+    merged = pd.concat([pd.read_parquet(p) for p in sorted((folder / "dp-lora").glob("*.parquet"))])
+    merged.to_parquet(folder / "merged.parquet")
+    result = invoke("compare", folder)
+    assert result.exit_code == 0
+    assert f"skipped {folder / 'merged.parquet'}: holds 6 runs (a reference or merged file), not one" in result.output
+    assert "0.6000 ± 0.1000 (3)" in result.output
+
+
+def test_json_keeps_infinity_apart_from_missing_values(folder):
+    records = json.loads(invoke("compare", folder, "--metric", "eps_spent", "--format", "json").output)
+    at_infinity = next(r for r in records if r["method"] == "dp-lora" and r["eps_target"] == "inf")
+    assert at_infinity["mean"] == "inf" and at_infinity["std"] is None

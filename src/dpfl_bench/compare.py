@@ -50,6 +50,9 @@ def load_results(folder: Path) -> Results:
         if run.empty:
             warnings.append(f"skipped {path}: no rows")
             continue
+        if run["run_id"].nunique() > 1:
+            warnings.append(f"skipped {path}: holds {run['run_id'].nunique()} runs (a reference or merged file), not one")
+            continue
         last = run.iloc[-1]
         if last["round"] < last["rounds_total"]:
             unfinished[last["run_id"]] = int(last["round"])
@@ -105,9 +108,10 @@ def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str]
     keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
     grouped = finals.groupby(keys, sort=True, dropna=False)
     summary = grouped.agg(
-        mean=(metric, "mean"),
+        mean=(metric, "mean"),  # over the runs with a value: a diverged run (NaN) is counted in `missing`
         std=(metric, "std"),  # sample std (ddof 1): NaN for a single seed
-        n=(metric, "size"),
+        n=(metric, "count"),
+        missing=(metric, lambda values: int(values.isna().sum())),
         seconds_per_round=("seconds_per_round", "mean"),
         bytes_uploaded_per_round=("bytes_uploaded_per_round", "mean"),
     )
@@ -115,13 +119,16 @@ def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str]
 
 
 def mixed_options(finals: pd.DataFrame, by: list[str]) -> list[str]:
-    """Options (other than the seed and output folder) that differ between runs averaged into one cell."""
+    """Run options that differ between runs averaged into one cell: anything but the seed, where results
+    go and how many workers load data (an option a run lacks counts as a value of its own)."""
     keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
-    ignored = {"seed", "out", "run_id", *keys}
-    options = [c for c in finals.columns if c not in SCHEMA.names and c not in ignored and c != "seconds_per_round"]
+    same_in_a_cell = {"seed", "out", "workers", "eps", "task", "model", *by}
     mixed = set()
     for _, cell in finals.groupby(keys, dropna=False):
-        mixed.update(c for c in options if cell[c].astype(str).nunique() > 1)
+        configs = [flat_options(text) for text in cell["config_json"]]
+        for option in set().union(*configs) - same_in_a_cell:
+            if len({repr(c.get(option, "<absent>")) for c in configs}) > 1:
+                mixed.add(option)
     return sorted(mixed)
 
 
@@ -133,7 +140,7 @@ class Pivot:
     row_names: list[str]
     eps: list[float]
     cells: dict[tuple[str, float], pd.Series]  # (row, ε) -> a summary row
-    best: dict[float, str]  # ε -> the row with the best mean
+    best: dict[float, str]  # ε -> the row with the best mean (absent when no row has one)
     gain: dict[float, float] | None  # ε -> highlighted method minus the best other row, when both exist
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
 
@@ -144,7 +151,7 @@ class Pivot:
         for e in self.eps:
             cell = self.cells.get((row, e))
             text = "—" if cell is None else cell_text(cell)
-            texts.append(emphasize(text) if self.best[e] == row else text)
+            texts.append(emphasize(text) if self.best.get(e) == row else text)
         seconds, size = self.costs[row]
         return [*texts, f"{seconds:.1f}", megabytes(size)]
 
@@ -153,21 +160,23 @@ def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
     tables = []
     lower = lower_is_better(metric)
     for (task, model), table in summary.groupby(TABLE_KEYS, sort=True):
-        table = table.assign(row=[" · ".join(str(v) for v in values) for values in table[by].itertuples(index=False)])
+        table = table.assign(row=[row_name(values) for values in table[by].itertuples(index=False)])
         row_names = list(dict.fromkeys(table["row"]))
         eps = sorted(table[COLUMN_KEY].unique())
         cells = {(r["row"], r[COLUMN_KEY]): r for _, r in table.iterrows()}
         best = {}
         for e in eps:
-            column = table[table[COLUMN_KEY] == e]
-            best[e] = column.loc[column["mean"].idxmin() if lower else column["mean"].idxmax(), "row"]
+            means = table[table[COLUMN_KEY] == e].set_index("row")["mean"].dropna()
+            if len(means):
+                best[e] = means.idxmin() if lower else means.idxmax()
         gain = None
         if by == ["method"] and HIGHLIGHTED_METHOD in row_names and len(row_names) > 1:
             gain = {}
             for e in eps:
                 ours = cells.get((HIGHLIGHTED_METHOD, e))
                 others = [cells[(r, e)]["mean"] for r in row_names if r != HIGHLIGHTED_METHOD and (r, e) in cells]
-                if ours is not None and others:
+                others = [m for m in others if not np.isnan(m)]
+                if ours is not None and others and not np.isnan(ours["mean"]):
                     gain[e] = (min(others) - ours["mean"]) if lower else (ours["mean"] - max(others))
         costs = {
             row: (group["seconds_per_round"].mean(), group["bytes_uploaded_per_round"].mean())
@@ -175,6 +184,11 @@ def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
         }
         tables.append(Pivot(f"{task} · {model}", row_names, eps, cells, best, gain, costs))
     return tables
+
+
+def row_name(values: tuple) -> str:
+    """A row's `--by` values as text: "la-lora · 8", with "—" for an option a run does not have."""
+    return " · ".join("—" if pd.isna(v) else "∞" if isinstance(v, float) and math.isinf(v) else str(v) for v in values)
 
 
 def eps_label(eps: float) -> str:
@@ -189,7 +203,8 @@ def number(value: float) -> str:
 
 def cell_text(cell: pd.Series) -> str:
     std = "" if np.isnan(cell["std"]) else f" ± {number(cell['std'])}"
-    return f"{number(cell['mean'])}{std} ({cell['n']})"
+    missing = f", {cell['missing']} NaN" if cell["missing"] else ""
+    return f"{number(cell['mean'])}{std} ({cell['n']}{missing})"
 
 
 def megabytes(size: float) -> str:
@@ -235,7 +250,9 @@ def _signed(value: float) -> str:
 
 
 def to_records(summary: pd.DataFrame) -> pd.DataFrame:
-    """The long form for csv and json: ε written as a number, or "inf"."""
-    records = summary.copy()
-    records[COLUMN_KEY] = [("inf" if math.isinf(e) else e) for e in records[COLUMN_KEY]]
+    """The long form for csv and json; ±inf written as "inf"/"-inf" (JSON has no infinity, and null
+    would read as "no data")."""
+    records = summary.astype(object)
+    for column in records.columns:
+        records[column] = [("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for v in records[column]]
     return records
