@@ -46,3 +46,13 @@ def write_run(
     path = folder / f"{name}.parquet"
     write_rows(rows, path)
     return path
+
+
+def assert_user_error(result, *texts: str) -> None:
+    """A bad input's answer: exit code 1 from the CLI's own handling (not a crash, which CliRunner would
+    also report as exit code 1), one line, naming what is wrong."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"crashed: {result.exception!r}"
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    for text in texts:
+        assert text in result.output, result.output

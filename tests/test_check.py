@@ -5,7 +5,7 @@ import math
 import shutil
 
 import pytest
-from support import invoke, write_run
+from support import assert_user_error, invoke, write_run
 
 from dpfl_bench.results import read_run, write_rows
 
@@ -90,17 +90,14 @@ def test_an_unreadable_reference_is_a_one_line_error(reference, tmp_path):
     for bad in (tmp_path / "none.parquet", tmp_path / "corrupt.parquet"):
         if bad.name == "corrupt.parquet":
             bad.write_text("not parquet")
-        result = invoke("check", results, "--reference", bad)
-        assert result.exit_code == 1 and "Traceback" not in result.output
-        assert "--update-reference" in result.output and len(result.output.strip().splitlines()) == 1
+        assert_user_error(invoke("check", results, "--reference", bad), "--update-reference")
 
 
 def test_an_empty_results_folder_fails_clearly(reference, tmp_path):
     _, path = reference
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = invoke("check", empty, "--reference", path)
-    assert result.exit_code == 1 and "no finished runs" in result.output
+    assert_user_error(invoke("check", empty, "--reference", path), "no finished runs")
 
 
 def test_runs_are_matched_by_configuration_not_by_name(reference, tmp_path):
@@ -112,3 +109,27 @@ def test_runs_are_matched_by_configuration_not_by_name(reference, tmp_path):
     write_run(other, method="la-lora", eps=1.0, seed=0, accuracies=[0.4, 0.9], lr=0.5)
     result = invoke("check", other, "--reference", path)
     assert result.exit_code == 1 and "missing" in result.output
+
+
+def test_a_reference_is_written_only_from_finished_finite_runs(reference, tmp_path):
+    results, _ = reference
+    write_run(results, method="rolora", eps=1.0, seed=0, accuracies=[0.3], rounds_total=2)
+    path = tmp_path / "new-reference.parquet"
+    result = invoke("check", results, "--reference", path, "--update-reference")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "unfinished (round 1 of 2)" in result.output and "finished, finite runs only" in result.output
+    assert not path.exists()
+
+
+def test_the_committed_smoke_reference_matches_the_smoke_suite():
+    """The CI gate compares by run id: a change of defaults that renames the smoke runs must come with a
+    new reference (this fails in a second, the CI check only after the smoke sweep)."""
+    from pathlib import Path
+
+    from dpfl_bench.federated import run_id
+    from dpfl_bench.sweep import load_suite
+
+    root = Path(__file__).parents[1]
+    suite = load_suite(root / "benchmarks" / "smoke.toml")
+    reference = read_run(root / "benchmarks" / "reference" / "smoke.parquet")
+    assert sorted(run_id(c) for c in suite.points) == sorted(reference["run_id"])

@@ -2,6 +2,7 @@
 way finishes only what is missing, losing and duplicating nothing."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import invoke
+from support import assert_user_error, invoke
 
 from dpfl_bench.errors import UserError
 from dpfl_bench.results import read_run, write_rows
@@ -20,7 +21,7 @@ TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
 
 def suite_file(tmp_path, text: str):
     path = tmp_path / "suite.toml"
-    path.write_text(f'out = "{tmp_path / "results"}"\n' + text)
+    path.write_text(text if text.startswith("out =") else f'out = "{tmp_path / "results"}"\n' + text)
     return path
 
 
@@ -57,6 +58,19 @@ def test_method_options_apply_only_to_their_method_and_out_can_be_overridden(tmp
     assert all(c.out == str(tmp_path / "elsewhere") for c in suite.points)
 
 
+def test_a_methods_own_options_can_be_a_grid_axis(tmp_path):
+    """LA-LoRA's filter on and off beside DP-LoRA: the axis applies to la-lora only, so 3 runs, not 4."""
+    text = TINY.replace("eps = [1, inf]", "eps = [1]") + "[grid.method-options.la-lora]\nsmooth_sigma = [0.0, 1.0]\n"
+    suite = load_suite(suite_file(tmp_path, text))
+    assert [(c.method, c.method_options.get("smooth_sigma")) for c in suite.points] == [
+        ("dp-lora", None),
+        ("la-lora", 0.0),
+        ("la-lora", 1.0),
+    ]
+    result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
+    assert "la-lora · ε=1 · seed 0 · smooth-sigma 0.0" in result.output, result.output
+
+
 def test_identical_points_run_once(tmp_path):
     # rounds 2 is already the base's value: the grid's two values give one configuration
     suite = load_suite(suite_file(tmp_path, TINY.replace("[grid]", "[grid]\nrounds = [2, 2]")))
@@ -72,14 +86,17 @@ def test_identical_points_run_once(tmp_path):
         (TINY + "rounds = [2, 0]\n", "grid point method=dp-lora, eps=1, rounds=0: --rounds must be at least 1"),
         (TINY.replace("synthetic", "cifar-1000"), "unknown task 'cifar-1000'"),
         (TINY + "[method-options.la-lora]\nwidth = 3\n", "method 'la-lora' has no option 'width'"),
+        (TINY + "[method-options.la_lora]\nsmooth_sigma = 0.0\n", "[method-options.la_lora] names no method"),
+        (TINY + "[method-options]\nla-lora = 3\n", "[method-options.la-lora] must be a table"),
+        ("out = 3\n" + TINY, "out must be a folder name in quotes"),
+        (TINY + "[grid.method-options.la-lora]\nsmooth_sigma = 0.5\n", "grid option 'la-lora.smooth_sigma' must be a non-empty list"),
         ("[grid\n", "is not valid TOML"),
     ],
 )
 def test_bad_suites_are_one_line_errors_naming_the_problem(tmp_path, text, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_suite(suite_file(tmp_path, text))
-    result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert_user_error(invoke("sweep", suite_file(tmp_path, text), "--dry-run"), message)
 
 
 def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path):
@@ -158,6 +175,8 @@ def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path):
     result = invoke("sweep", path)
     assert result.exit_code == 1
     assert "1 of 2 runs failed" in result.output and "✗ synthetic · dp-lora" in result.output
+    assert "IsADirectoryError" in result.output, "a crash is named in one line"
+    assert "Traceback" in results_path(configs[0]).with_suffix(".error.log").read_text(), "and its traceback kept"
     assert is_finished(configs[1])
 
 
@@ -178,7 +197,7 @@ def test_the_readme_suite_example_is_a_valid_suite(tmp_path):
     path = tmp_path / "example.toml"
     path.write_text(example)
     suite = load_suite(path)
-    assert len(suite.points) == 8 and suite.points[-1].method_options["smooth_sigma"] == 1.0
+    assert len(suite.points) == 12 and suite.points[-1].method_options["smooth_sigma"] == 1.0
 
 
 def test_the_run_id_ignores_where_results_go_and_how_many_workers_load_data():

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,6 +27,7 @@ errors = Console(stderr=True)
 Section = "Run"
 Federated, Training, Privacy, Adapter = "Federated learning", "Local training", "Privacy", "LoRA"
 Sources = "Model and data (hub tasks)"
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 def _opt(help: str, panel: str, *flags: str) -> Any:
@@ -92,7 +94,7 @@ def run(
     Example: dpfl-bench run --method la-lora --eps 1
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt")}
-    with _user_errors():
+    with _user_errors(interrupted="the rounds evaluated so far are saved in the results folder"):
         from dpfl_bench.config import RunConfig, build_config, load_toml
         from dpfl_bench.federated import run_federated
         from dpfl_bench.tasks import TASKS
@@ -119,11 +121,7 @@ def run(
             bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
             def on_round(done: int, row: dict | None) -> None:
-                status = None
-                if row:
-                    status = f"acc {row['test_accuracy']:.3f}"
-                    status += f" · ε spent {row['eps_spent']:.2f}" if priv.private else ""
-                progress.update(bar, completed=done, description="training", **({"status": status} if status else {}))
+                progress.update(bar, completed=done, description="training", **({"status": _round_status(row)} if row else {}))
 
             summary = run_federated(resolved, on_round=on_round)
         _print_summary(summary)
@@ -239,6 +237,8 @@ def sweep(
             f"{len(todo)} to run · results in {loaded.out}"
         )
         if dry_run:
+            if loaded.description:
+                console.print(loaded.description, highlight=False)
             console.print(_grid_table(loaded, saved))
             return
         if not todo:
@@ -264,7 +264,7 @@ def sweep(
                         progress.console.print(f"[green]✓[/] {name}: {_round_status(_last_row(config))}")
                     except UserError as e:
                         failed.append((name, str(e)))
-                        progress.console.print(f"[red]✗[/] {name}: {e}", highlight=False)
+                        progress.console.print(f"[red]✗[/] {name}: {escape(str(e))}", highlight=False)
                     progress.remove_task(bar)
                     finished += 1
                     progress.update(grid, completed=finished, status=f"{len(failed)} failed" if failed else "")
@@ -280,7 +280,7 @@ def sweep(
         if failed:
             table = Table("run", "error", title=f"{len(failed)} of {len(todo)} runs failed")
             for name, message in failed:
-                table.add_row(name, message)
+                table.add_row(name, escape(message))
             errors.print(table)
             raise typer.Exit(1)
         minutes = (time.perf_counter() - started) / 60
@@ -305,8 +305,12 @@ def compare(
 
         if format not in ("table", "markdown", "csv", "json"):
             raise UserError(f"--format must be table, markdown, csv or json, got {format!r}")
-        loaded = _load_results(results)
         columns = [c.strip() for c in by.split(",") if c.strip()]
+        if not columns:
+            raise UserError("--by needs at least one column, e.g. --by method")
+        if plot is not None:
+            _check_plot_path(plot)
+        loaded = _load_results(results)
         summary = summary_of.summarize(loaded.finals, metric, columns)
         mixed = summary_of.mixed_options(loaded.finals, columns)
         if mixed:
@@ -352,6 +356,8 @@ def check(
             raise UserError(f"--tolerance must be in [0, 1), got {tolerance}")
         loaded = _load_results(results)
         if update_reference:
+            if loaded.warnings or not loaded.finals["test_accuracy"].notna().all():
+                raise UserError(f"a reference must come from finished, finite runs only; fix or remove what is warned about in {results}")
             write_rows(loaded.finals[SCHEMA.names].to_dict("records"), reference)
             console.print(f"reference written: {reference} ({len(loaded.finals)} runs)")
             return
@@ -375,6 +381,14 @@ def check(
         )
 
 
+def _check_plot_path(path: Path) -> None:
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"--plot {path}: give a file name ending in {', '.join(PLOT_FORMATS)}")
+    from dpfl_bench.federated import writable_folder
+
+    writable_folder(path.parent, "--plot's folder")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -384,7 +398,7 @@ def _load_results(folder: Path) -> Any:
 
     loaded = load_results(folder)
     for warning in loaded.warnings:
-        errors.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)
+        errors.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
     if loaded.finals.empty:
         raise UserError(f"no finished runs under {folder}" + (f" ({len(loaded.warnings)} files skipped)" if loaded.warnings else ""))
     return loaded
@@ -395,7 +409,11 @@ def _run_label(config: Any, varying: list[str]) -> str:
 
     options = flat_options(config.to_json())
     shown = [config.task, config.method, eps_label(config.privacy.eps), f"seed {config.seed}"]
-    shown += [f"{k.replace('_', '-')} {options[k]}" for k in varying if k not in ("task", "method", "eps", "seed")]
+    shown += [
+        f"{k.removeprefix('method_options.').replace('_', '-')} {options[k]}"
+        for k in varying
+        if k not in ("task", "method", "eps", "seed") and k in options
+    ]
     return " · ".join(shown)
 
 
@@ -477,14 +495,17 @@ def _print_summary(summary: Any) -> None:
 class _user_errors:
     """Turn a UserError into one red line and exit code 1; Ctrl-C into a short note and exit code 130."""
 
+    def __init__(self, interrupted: str = "stopped before finishing") -> None:
+        self.interrupted = interrupted
+
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
         if isinstance(error, UserError):
-            errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # [..] is text
             raise typer.Exit(1)
         if isinstance(error, KeyboardInterrupt):
-            errors.print("[yellow]interrupted[/]: the rounds evaluated so far are saved in the results folder")
+            errors.print(f"[yellow]interrupted[/]: {self.interrupted}")
             raise typer.Exit(130)
         return False

@@ -266,13 +266,13 @@ def run_federated(
     return RunSummary(out, rows, plan)
 
 
-def writable_folder(folder: Path) -> Path:
+def writable_folder(folder: Path, option: str = "--out") -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out {folder} cannot be created: {e.strerror}; choose another folder") from None
+        raise UserError(f"{option} {folder} cannot be created: {e.strerror}; choose another folder") from None
     if not os.access(folder, os.W_OK):
-        raise UserError(f"--out {folder} is not writable; choose another folder")
+        raise UserError(f"{option} {folder} is not writable; choose another folder")
     return folder
 
 

@@ -14,8 +14,11 @@ A suite is a TOML file:
     eps = [1, inf]
     seed = [0, 1, 2]
 
-    [method-options.la-lora]           # options for one method, applied whenever it runs
-    smooth_sigma = 1.0
+    [grid.method-options.la-lora]      # a method's own option as an axis: only that method's runs vary
+    smooth_sigma = [0.0, 1.0]
+
+    [method-options.rolora]            # options for one method, applied whenever it runs
+    first_factor = "A"
 
 A point's results file is named by its run id, a hash of its full configuration, so a point is finished
 exactly when its file holds its last round. Running a suite again skips finished points and redoes an
@@ -26,10 +29,13 @@ import itertools
 import multiprocessing
 import os
 import queue
+import signal
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from dpfl_bench.config import RunConfig, build_config, read_toml
 from dpfl_bench.errors import UserError
@@ -60,29 +66,67 @@ def load_suite(path: Path, out: Path | None = None) -> Suite:
     for key, table in tables.items():
         if not isinstance(table, dict):
             raise UserError(f"suite {path}: [{key}] must be a table")
+    if not isinstance(data.get("out", ""), str):
+        raise UserError(f"suite {path}: out must be a folder name in quotes, e.g. out = \"results/mine\"")
     base = dict(tables["base"])
     if "method-options" in base:
         base["method_options"] = base.pop("method-options")
-    grid = tables["grid"]
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"suite {path}: grid option {key!r} must be a non-empty list, e.g. {key} = [1, 2]")
+    fixed_method_options = _per_method(tables["method-options"], path, "[method-options")
+    axes = _grid_axes(tables["grid"], path)
     out = Path(out or data.get("out", "results"))
 
     points: dict[str, RunConfig] = {}
-    for values in itertools.product(*grid.values()):
-        options = {**base, **dict(zip(grid, values)), "out": str(out)}
+    for values in itertools.product(*(axis.values for axis in axes)):
+        options = {**base, "out": str(out)}
+        for axis, value in zip(axes, values):
+            if axis.method is None:
+                options[axis.option] = value
         method = options.get("method", RunConfig.method)
-        method_options = tables["method-options"].get(method, {})
-        options["method_options"] = {**options.get("method_options", {}), **method_options}
-        point = ", ".join(f"{k}={v}" for k, v in zip(grid, values)) or "the base"
+        method_options = {**options.get("method_options", {}), **fixed_method_options.get(method, {})}
+        method_options |= {a.option: v for a, v in zip(axes, values) if a.method == method}
+        options["method_options"] = method_options
+        point = ", ".join(f"{a.name}={v}" for a, v in zip(axes, values)) or "the base"
         try:
             config = build_config(options, TASKS.get(options.get("task", RunConfig.task)).defaults)
         except UserError as e:
             raise UserError(f"suite {path}, grid point {point}: {e}") from None
-        points.setdefault(run_id(config), config)
-    varying = [key.replace("-", "_") for key in grid]
+        points.setdefault(run_id(config), config)  # e.g. a la-lora option's values leave dp-lora's runs alike
+    varying = [a.option.replace("-", "_") if a.method is None else f"method_options.{a.option}" for a in axes]
     return Suite(path, str(data.get("description", "")), out, list(points.values()), varying)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    name: str  # as written in the suite
+    option: str
+    method: str | None  # set for a method's own option: it applies only to runs of that method
+    values: list[Any]
+
+
+def _grid_axes(grid: Mapping[str, Any], path: Path) -> list[_Axis]:
+    """The grid's lists in order: run options, then `[grid.method-options.<method>]` lists."""
+    axes = [_Axis(key, key, None, values) for key, values in grid.items() if key != "method-options"]
+    for method, options in _per_method(grid.get("method-options", {}), path, "[grid.method-options").items():
+        axes += [_Axis(f"{method}.{key}", key, method, values) for key, values in options.items()]
+    for axis in axes:
+        if not isinstance(axis.values, list) or not axis.values:
+            raise UserError(f"suite {path}: grid option {axis.name!r} must be a non-empty list, e.g. {axis.option} = [1, 2]")
+    return axes
+
+
+def _per_method(table: Any, path: Path, where: str) -> dict[str, dict[str, Any]]:
+    """A table of method name -> table of that method's options, with the method names checked."""
+    from dpfl_bench.method import load_methods
+
+    methods = load_methods()
+    if not isinstance(table, dict):
+        raise UserError(f"suite {path}: {where}] must hold one table per method, e.g. {where}.la-lora]")
+    for method, options in table.items():
+        if method not in methods:  # a misspelt method would otherwise be ignored without a word
+            raise UserError(f"suite {path}: {where}.{method}] names no method; choose one of: {', '.join(methods.names())}")
+        if not isinstance(options, dict):
+            raise UserError(f"suite {path}: {where}.{method}] must be a table of that method's options")
+    return table
 
 
 def results_path(config: RunConfig) -> Path:
@@ -120,20 +164,28 @@ def run_point(config: RunConfig, on_event: Callable[[Event], None]) -> None:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
-                if not process.is_alive():
+                if process.is_alive():
+                    continue
+                try:  # the last words of a process that has just exited
+                    event = events.get(timeout=1.0)
+                except queue.Empty:
                     break
-                continue
             if event[0] == "round":
                 on_event(event)
             else:
                 outcome = event
         process.join()
     finally:
-        if process.is_alive():  # interrupted: stop the point; its finished rounds are on disk
-            process.terminate()
-            process.join()
+        if process.is_alive():  # interrupted: let the point stop cleanly, then make sure it does
+            os.kill(process.pid, signal.SIGINT)
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
     if outcome is None:
-        raise UserError(f"the run's process died (exit code {process.exitcode}; out of memory?)")
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise UserError(f"the run's process {how} before finishing" + (" (out of memory?)" if code == -signal.SIGKILL else ""))
     if outcome[0] == "failed":
         raise UserError(outcome[1])
 
@@ -141,28 +193,30 @@ def run_point(config: RunConfig, on_event: Callable[[Event], None]) -> None:
 def _point_process(config: RunConfig, events: Any, sweep_pid: int) -> None:
     from dpfl_bench.cli import _quiet_libraries
 
-    def on_round(done: int, row: Mapping[str, Any] | None) -> None:
-        if os.getppid() != sweep_pid:  # the sweep was killed outright: stop rather than run on unseen
-            raise KeyboardInterrupt
-        events.put(("round", done, _plain(row)))
-
+    threading.Thread(target=_exit_with_the_sweep, args=(sweep_pid,), daemon=True).start()
     _quiet_libraries()
+    log = results_path(config).with_suffix(".error.log")
     try:
-        run_federated(config, on_round=on_round)
+        run_federated(config, on_round=lambda done, row: events.put(("round", done, _plain(row))))
+        log.unlink(missing_ok=True)  # an earlier attempt's crash report is out of date
         events.put(("finished", None, None))
     except KeyboardInterrupt:
         pass
     except UserError as e:
         events.put(("failed", str(e), None))
     except Exception as e:  # a crash: one line here, the traceback beside the results
-        log = results_path(config).with_suffix(".error.log")
         log.write_text(traceback.format_exc())
         events.put(("failed", f"{type(e).__name__}: {e} (traceback in {log})", None))
+
+
+def _exit_with_the_sweep(sweep_pid: int) -> None:
+    """Stop this run when the sweep that started it is gone (killed outright), rather than run on unseen."""
+    while os.getppid() == sweep_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _plain(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None if row is None else {k: row[k] for k in ("test_accuracy", "eps_spent", "eps_target")}
 
 
-def points_to_run(suite: Suite) -> Iterator[RunConfig]:
-    return (config for config in suite.points if not is_finished(config))
