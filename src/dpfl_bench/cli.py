@@ -293,7 +293,7 @@ def compare(
     metric: Annotated[str, typer.Option(help="Any numeric results column, e.g. test_accuracy, eps_spent, seconds_per_round.")] = "test_accuracy",
     by: Annotated[str, typer.Option(help="What a table's rows are: results columns or run options, comma-separated, e.g. method,rank.")] = "method",
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json (csv and json: one line per cell).")] = "table",
-    plot: Annotated[Optional[Path], _opt("Also draw the metric against round (a panel per ε) and the final metric against ε to this PNG file.", Section)] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the metric against round (a panel per ε) and the final metric against ε, to this .png, .pdf or .svg file.", show_default=False)] = None,
 ) -> None:
     """Compare finished runs: per task, methods × ε, each cell the final metric's mean ± std over seeds.
 
@@ -343,8 +343,10 @@ def check(
     tolerance: Annotated[float, typer.Option(help="How far below the reference's final accuracy a run may fall.")] = 0.03,
     update_reference: Annotated[bool, typer.Option("--update-reference", help="Write these results as the new reference instead of checking.")] = False,
 ) -> None:
-    """CI regression gate: exit 1, with a table, when a reference run is missing, falls more than
-    --tolerance below its reference accuracy, spends more ε than its target or diverges.
+    """CI regression gate: compare finished runs with reference results; exit 1 with a table of what fell short.
+
+    A reference run that is missing or unfinished, a final accuracy more than --tolerance below the
+    reference's, ε spent above its target, or a NaN test loss fails the check.
 
     Example: dpfl-bench check results/smoke --reference benchmarks/reference/smoke.parquet
     """
