@@ -48,7 +48,7 @@ def test_best_cell_per_column_and_la_lora_gain_over_the_best_other_method(folder
     loaded = load_results(folder)
     (table,) = pivots(summarize(loaded.finals), "test_accuracy", ["method"])
     assert table.eps == [1.0, math.inf], "∞ comes last"
-    assert table.best == {1.0: "la-lora", math.inf: "dp-lora"}
+    assert table.best == {1.0: {"la-lora"}, math.inf: {"dp-lora"}}
     assert table.gain[1.0] == pytest.approx(0.1)
     assert table.gain[math.inf] == pytest.approx(0.8 - 2.5 / 3)
 
@@ -56,7 +56,7 @@ def test_best_cell_per_column_and_la_lora_gain_over_the_best_other_method(folder
 def test_lower_is_better_metrics_pick_the_smallest_mean(folder):
     loaded = load_results(folder)
     (table,) = pivots(summarize(loaded.finals, "test_loss"), "test_loss", ["method"])
-    assert table.best == {1.0: "la-lora", math.inf: "dp-lora"}  # loss = 1 - accuracy here
+    assert table.best == {1.0: {"la-lora"}, math.inf: {"dp-lora"}}  # loss = 1 - accuracy here
     assert table.gain[1.0] == pytest.approx(0.1), "a gain is an improvement, whichever direction is better"
 
 
@@ -194,7 +194,7 @@ def test_a_diverged_run_is_counted_apart_and_an_all_nan_column_does_not_crash(tm
     write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.4])
     write_run(tmp_path, method="la-lora", eps=math.inf, seed=0, accuracies=[math.nan])
     (table,) = pivots(summarize(load_results(tmp_path).finals), "test_accuracy", ["method"])
-    assert table.best == {1.0: "dp-lora"}, "no best cell in a column of NaN"
+    assert table.best == {1.0: {"dp-lora"}}, "no best cell in a column of NaN"
     assert table.gain == {1.0: pytest.approx(-0.1)}
     result = invoke("compare", tmp_path)
     assert result.exit_code == 0, result.output
@@ -214,3 +214,12 @@ def test_json_keeps_infinity_apart_from_missing_values(folder):
     records = json.loads(invoke("compare", folder, "--metric", "eps_spent", "--format", "json").output)
     at_infinity = next(r for r in records if r["method"] == "dp-lora" and r["eps_target"] == "inf")
     assert at_infinity["mean"] == "inf" and at_infinity["std"] is None
+
+
+def test_tied_best_cells_are_all_highlighted(tmp_path):
+    write_run(tmp_path, method="ffa-lora", eps=1.0, seed=0, accuracies=[0.7])
+    write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.7])
+    write_run(tmp_path, method="rolora", eps=1.0, seed=0, accuracies=[0.6])
+    (table,) = pivots(summarize(load_results(tmp_path).finals), "test_accuracy", ["method"])
+    assert table.best == {1.0: {"ffa-lora", "la-lora"}}
+    assert invoke("compare", tmp_path, "--format", "markdown").output.count("**0.7000 (1)**") == 2

@@ -140,7 +140,7 @@ class Pivot:
     row_names: list[str]
     eps: list[float]
     cells: dict[tuple[str, float], pd.Series]  # (row, ε) -> a summary row
-    best: dict[float, str]  # ε -> the row with the best mean (absent when no row has one)
+    best: dict[float, set[str]]  # ε -> the rows with the best mean (absent when no row has one)
     gain: dict[float, float] | None  # ε -> highlighted method minus the best other row, when both exist
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
 
@@ -151,7 +151,7 @@ class Pivot:
         for e in self.eps:
             cell = self.cells.get((row, e))
             text = "—" if cell is None else cell_text(cell)
-            texts.append(emphasize(text) if self.best.get(e) == row else text)
+            texts.append(emphasize(text) if row in self.best.get(e, ()) else text)
         seconds, size = self.costs[row]
         return [*texts, f"{seconds:.1f}", megabytes(size)]
 
@@ -167,8 +167,8 @@ def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
         best = {}
         for e in eps:
             means = table[table[COLUMN_KEY] == e].set_index("row")["mean"].dropna()
-            if len(means):
-                best[e] = means.idxmin() if lower else means.idxmax()
+            if len(means):  # ties are all best
+                best[e] = set(means.index[means == (means.min() if lower else means.max())])
         gain = None
         if by == ["method"] and HIGHLIGHTED_METHOD in row_names and len(row_names) > 1:
             gain = {}
