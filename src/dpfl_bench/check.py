@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dpfl_bench.compare import Results
+
 EPS_SLACK = 1e-6  # calibration meets the target to within its bisection tolerance, from below
 
 
@@ -27,14 +29,13 @@ def run_name(row: pd.Series) -> str:
     return f"{row['task']} · {row['method']} · ε={eps} · seed {row['seed']}"
 
 
-def check_runs(rows: pd.DataFrame, unfinished: dict[str, int], reference: pd.DataFrame, tolerance: float) -> list[Shortfall]:
+def check_runs(results: Results, reference: pd.DataFrame, tolerance: float) -> list[Shortfall]:
     """What fell short: every reference run must be present and finished, its final accuracy at most
     `tolerance` below the reference's; in every run, ε spent within its target and the losses finite.
 
-    `rows` are all rows of the finished runs; `unfinished` maps the run ids of unfinished runs found to
-    the rounds they reached."""
+    `results` are the finished runs (and the rounds the unfinished ones reached), as `compare` loads them."""
     shortfalls = []
-    finals = rows.sort_values("round").groupby("run_id").tail(1).set_index("run_id")
+    rows, unfinished, finals = results.rows, results.unfinished, results.finals.set_index("run_id")
     for run_id, ref in reference.set_index("run_id").iterrows():
         name = run_name(ref)
         if run_id not in finals.index:

@@ -370,7 +370,7 @@ def check(
             expected = read_run(reference)
         except Exception as e:
             raise UserError(f"reference {reference} cannot be read ({type(e).__name__}); {fix}") from None
-        shortfalls = check_runs(loaded.rows, loaded.unfinished, expected, tolerance)
+        shortfalls = check_runs(loaded, expected, tolerance)
         if shortfalls:
             table = Table("run", "problem", "expected", "got", title=f"check failed: {len(shortfalls)} problems")
             for s in shortfalls:
