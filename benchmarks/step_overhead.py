@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from dpfl_bench.adapters import add_lora
-from dpfl_bench.client import Workspace, _summed_gradients, set_train_mode
+from dpfl_bench.client import Workspace, set_train_mode, summed_gradients
 from dpfl_bench.config import RunConfig, build_config
 from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.tasks import TASKS, Task
 
 
@@ -52,14 +51,13 @@ def main() -> None:
     config = build_config(options, task.defaults)
     data = task.load_data(config.sources)
     plain, private = (workspace(task, data.num_classes, config, dp) for dp in (False, True))
-    plan = PrivacyPlan("sample", 1.0, 1.0, 1e-5, "rdp", ())
     index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.batch_size]
 
     times: dict[str, list[float]] = {"non_private": [], "dp": []}
     for _ in range(args.repeats + 2):  # interleaved, so drift in machine load hits both alike
-        for name, ws, dp in (("non_private", plain, None), ("dp", private, plan)):
+        for name, ws, clip in (("non_private", plain, None), ("dp", private, config.privacy.clip)):
             start = time.perf_counter()
-            _summed_gradients(ws, data.train, index, dp)
+            summed_gradients(ws, data.train, index, clip)
             times[name].append(time.perf_counter() - start)
     medians = {k: statistics.median(v[2:]) for k, v in times.items()}  # first two are warm-up
     result = {

@@ -36,6 +36,7 @@ def write_run(
         row = {column: "" for column in SCHEMA.names}
         row.update(
             run_id=name, task="synthetic", model="tiny", method=method, dp_level="sample" if math.isfinite(eps) else "none",
+            rng="seeded", audit_canaries=0, audit_eps_lower=math.nan, audit_eps_estimate=math.nan,
             eps_target=eps, delta=1e-5, noise_multiplier=1.0 if math.isfinite(eps) else 0.0, clip=1.0,
             eps_spent=eps * r / total if math.isfinite(eps) else math.inf, eps_spent_mean=0.0, round=r, rounds_total=total,
             test_accuracy=accuracy, test_loss=1.0 - accuracy, train_loss=1.0, wall_seconds=10.0 * r,

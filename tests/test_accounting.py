@@ -1,4 +1,4 @@
-"""Privacy accounting: our ε against Google's dp-accounting, noise calibration, and the run's privacy plan.
+"""Privacy accounting: our ε against Google's dp-accounting, noise calibration, and what the mechanisms tell it.
 
 `dp_accounting` is an independent implementation (test-only dependency); our `epsilon` wraps Opacus.
 Both use the add/remove-one neighbouring relation for the Poisson-subsampled Gaussian.
@@ -6,6 +6,7 @@ Both use the add/remove-one neighbouring relation for the Poisson-subsampled Gau
 
 import logging
 import math
+import warnings
 
 import dp_accounting
 import pytest
@@ -15,11 +16,12 @@ from opacus.accountants import RDPAccountant
 from dpfl_bench.config import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.accounting import Exposure, calibrate_noise, check_delta, epsilon, worst_epsilon
-from dpfl_bench.privacy.plan import plan_privacy
+from dpfl_bench.privacy.mechanism import create_mechanism
+from dpfl_bench.privacy.randomness import Purpose, Randomness
 
 DELTA = 1e-5
-# Opacus warns when the best RDP order is at the end of its grid (during calibration's bisection at tiny σ).
-pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
+# A wide grid for the independent accountant, so that it never stops at its own last order either.
+WIDE_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS) + [round(64 * 1.25**k) for k in range(25)]
 ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 # (q, σ, steps). Sample level: one client's DP-SGD, q = batch/n_k, thousands of local steps in total.
@@ -47,9 +49,7 @@ def _event(q: float, sigma: float, steps: int) -> dp_accounting.DpEvent:
 
 
 def reference_rdp(q: float, sigma: float, steps: int, delta: float = DELTA) -> float:
-    # Opacus's RDP accountant evaluates a fixed grid of orders; give dp_accounting the same grid so the two
-    # optimise over the same set.
-    accountant = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS, neighboring_relation=ADD_OR_REMOVE)
+    accountant = rdp.RdpAccountant(orders=WIDE_ORDERS, neighboring_relation=ADD_OR_REMOVE)
     accountant.compose(_event(q, sigma, steps))
     return accountant.get_epsilon(delta)
 
@@ -146,7 +146,28 @@ def test_check_delta_refuses_delta_at_or_above_one_over_n():
             check_delta(delta, 100, "client dataset")
 
 
-# ---------------------------------------------------------------------------------------------- plan
+# ---------------------------------------------------------------------------------------------- RDP orders
+
+
+@pytest.mark.parametrize("q, sigma, steps", [(0.01, 6.8, 20), (0.05, 6.8, 40), (1.0, 20.0, 1)])
+def test_large_sigma_finds_its_best_order_beyond_opacus_grid_without_a_warning(q, sigma, steps):
+    """At large σ the best RDP order is beyond Opacus's last (63): stopping there gives a looser ε (and so
+    more noise at calibration). Ours continues the grid, agrees with dp_accounting on a wide grid, and lets
+    no library warning out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA, accountant="rdp")
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, q, steps)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opacus_eps, best = opacus.get_privacy_spent(delta=DELTA)
+    assert best == RDPAccountant.DEFAULT_ALPHAS[-1] and any("largest alpha" in str(w.message) for w in caught)
+    assert ours < opacus_eps
+    assert ours == pytest.approx(reference_rdp(q, sigma, steps), rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- mechanisms
 
 
 def _config(**options):
@@ -154,83 +175,78 @@ def _config(**options):
     return build_config({**base, **options})
 
 
-def test_sample_level_plan_calibrates_for_most_participating_client():
-    config = _config(clients=3, participation=2 / 3, rounds=4)
-    sizes = [200, 200, 200]
-    schedule = [[0, 1], [0, 2], [0, 1], [0, 2]]  # client 0 takes part 4 times, the others twice
-    plan = plan_privacy(config, sizes, schedule)
+def calibrated(config, sizes, schedule):
+    mechanism = create_mechanism(config, sizes)
+    mechanism.calibrate(schedule)
+    return mechanism
 
-    assert plan.level == "sample"
-    assert plan.sample_rates == (0.05, 0.05, 0.05)
-    steps = [4 * 5, 2 * 5, 2 * 5]
-    spent = plan.spent(steps)
+
+def test_sample_level_calibrates_for_most_participating_client():
+    config = _config(clients=3, participation=2 / 3, rounds=4)
+    schedule = [[0, 1], [0, 2], [0, 1], [0, 2]]  # client 0 takes part 4 times, the others twice
+    mechanism = calibrated(config, [200, 200, 200], schedule)
+
+    assert mechanism.name == "sample"
+    assert mechanism.sample_rates == [0.05, 0.05, 0.05]
+    assert mechanism.exposures(schedule) == [Exposure(0.05, 4 * 5), Exposure(0.05, 2 * 5), Exposure(0.05, 2 * 5)]
+    spent = mechanism.spent(schedule)
     assert spent[0] <= 2.0
     assert spent[0] == pytest.approx(2.0, rel=0.01)  # σ is the smallest that fits: ε lands on the target
     assert spent[1] <= spent[0] and spent[2] <= spent[0]
     assert spent[1] < 0.9 * 2.0  # calibrating for client 0 leaves the others well inside the budget
-    # Cross-check the most-exposed client's ε with dp_accounting at the plan's σ.
-    assert reference_rdp(0.05, plan.noise_multiplier, 20) == pytest.approx(spent[0], rel=0.02)
+    assert mechanism.spent(schedule[:1]) == [epsilon(noise_multiplier=mechanism.noise_multiplier, sample_rate=0.05, steps=s,
+                                                      delta=DELTA, accountant="rdp") for s in (5, 5, 0)]
+    # Cross-check the most-exposed client's ε with dp_accounting at the calibrated σ.
+    assert reference_rdp(0.05, mechanism.noise_multiplier, 20) == pytest.approx(spent[0], rel=0.02)
 
 
-def test_sample_level_plan_worst_client_can_be_the_smallest():
+def test_sample_level_worst_client_can_be_the_smallest():
     """A small client has a higher Poisson rate, so it may be the binding one despite fewer rounds."""
     config = _config(clients=2, participation=0.5, rounds=3)
-    sizes = [1000, 100]  # rates 0.01 and 0.1
     schedule = [[0], [0], [1]]
-    plan = plan_privacy(config, sizes, schedule)
-    assert plan.sample_rates == (0.01, 0.1)
-    spent = plan.spent([2 * 5, 1 * 5])
+    mechanism = calibrated(config, [1000, 100], schedule)  # rates 0.01 and 0.1
+    assert mechanism.sample_rates == [0.01, 0.1]
+    spent = mechanism.spent(schedule)
     assert max(spent) == pytest.approx(2.0, rel=0.01) and max(spent) <= 2.0
     assert spent[1] > spent[0]
 
 
-def test_sample_level_plan_checks_delta_against_smallest_client():
+def test_sample_level_checks_delta_against_smallest_client():
     config = _config(clients=2, participation=1.0, rounds=1, delta=1e-2)
     with pytest.raises(UserError, match="--delta"):
-        plan_privacy(config, [1000, 100], [[0, 1]])
+        create_mechanism(config, [1000, 100])
 
 
-def test_client_level_plan_uses_m_over_n_and_rounds():
+def test_client_level_uses_m_over_n_and_rounds():
     config = _config(clients=10, participation=0.2, rounds=30, **{"dp-level": "client", "clip": 0.5})
     schedule = [[0, 1]] * 30  # client level ignores who; only the rate and the number of rounds matter
-    plan = plan_privacy(config, [60] * 10, schedule)
-    assert plan.level == "client"
-    assert plan.sample_rates == (0.2,)
-    assert plan.clip == 0.5
+    mechanism = calibrated(config, [60] * 10, schedule)
+    assert mechanism.name == "client" and mechanism.clip == 0.5
+    assert mechanism.exposures(schedule) == [Exposure(0.2, 30)]
     expected = calibrate_noise(target_epsilon=2.0, delta=DELTA, exposures=[Exposure(0.2, 30)], accountant="rdp")
-    assert plan.noise_multiplier == expected
-    (spent,) = plan.spent([30])
+    assert mechanism.noise_multiplier == expected
+    (spent,) = mechanism.spent(schedule)
     assert spent <= 2.0 and spent == pytest.approx(2.0, rel=0.01)
-    assert reference_rdp(0.2, plan.noise_multiplier, 30) == pytest.approx(spent, rel=0.02)
+    assert reference_rdp(0.2, mechanism.noise_multiplier, 30) == pytest.approx(spent, rel=0.02)
     # δ must be below 1/N for the set of clients.
     with pytest.raises(UserError, match="--delta"):
-        plan_privacy(_config(clients=10, participation=0.2, rounds=3, delta=0.1, **{"dp-level": "client"}), [60] * 10, [[0, 1]] * 3)
+        create_mechanism(_config(clients=10, participation=0.2, rounds=3, delta=0.1, **{"dp-level": "client"}), [60] * 10)
 
 
-def test_plan_without_privacy():
-    plan = plan_privacy(_config(eps=math.inf), [200, 200], [[0, 1]])
-    assert plan.level == "none" and plan.noise_multiplier == 0.0 and not plan.private
-    assert plan.spent([3, 3]) == [math.inf, math.inf]
+def test_no_privacy_has_no_noise_and_no_guarantee():
+    mechanism = calibrated(_config(eps=math.inf), [200, 200], [[0, 1]])
+    assert mechanism.name == "none" and mechanism.noise_multiplier == 0.0
+    assert mechanism.exposures([[0, 1]]) == [] and mechanism.spent([[0, 1]]) == [math.inf]
 
 
 def test_client_level_epsilon_covers_the_sampler_actually_used():
-    from dpfl_bench.partition import participation_schedule
-
     clients, participation, rounds = 10, 0.2, 30
     config = _config(clients=clients, participation=participation, rounds=rounds, **{"dp-level": "client"})
-    schedule = participation_schedule(clients, participation, rounds, seed=config.seed, poisson=True)  # as run_federated
-    plan = plan_privacy(config, [60] * clients, schedule)
-    (reported,) = plan.spent([rounds])
+    mechanism = create_mechanism(config, [60] * clients)
+    schedule = mechanism.participation(Randomness(config.seed).stream(Purpose.PARTICIPATION))  # as run_federated
+    mechanism.calibrate(schedule)
+    (reported,) = mechanism.spent(schedule)
 
-    sizes = {len(chosen) for chosen in schedule}
-    if len(sizes) > 1:  # Poisson client sampling: the add/remove Poisson analysis applies
-        reference = reference_rdp(plan.sample_rates[0], plan.noise_multiplier, rounds)
-    else:  # fixed-size sampling without replacement: dp_accounting's analysis (replace-one, sensitivity 2C)
-        (m,) = sizes
-        accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        gaussian = dp_accounting.GaussianDpEvent(plan.noise_multiplier / 2)
-        accountant.compose(
-            dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(clients, m, gaussian), rounds)
-        )
-        reference = accountant.get_epsilon(DELTA)
+    assert len({len(chosen) for chosen in schedule}) > 1  # Poisson client sampling: the add/remove analysis applies
+    reference = reference_rdp(participation, mechanism.noise_multiplier, rounds)
     assert reported >= reference * 0.98, (reported, reference)

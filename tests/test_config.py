@@ -67,13 +67,13 @@ def test_every_option_lands_in_the_config(tmp_path):
         "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
         "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
         "precision": "bf16", "lora-targets": "query,value", "model": "hf:some/model", "model-path": str(tmp_path),
-        "data-dir": str(tmp_path), "workers": 2,
+        "data-dir": str(tmp_path), "workers": 2, "rng": "secure", "audit-canaries": 100, "audit-client": 1,
         "method-options": {"first_factor": "A", "lr_b_multiplier": 3.0, "smooth_sigma": 0.5},
     }
     assert set(options) == set(option_names())
     config = build_config(options)
     flat = {}
-    for section in (config.federated, config.training, config.adapter, config.privacy, config.sources):
+    for section in (config.federated, config.training, config.adapter, config.privacy, config.sources, config.audit):
         flat.update(vars(section))
     flat.update(task=config.task, method=config.method, seed=config.seed, device=config.device, out=config.out,
                 method_options=dict(config.method_options))
@@ -117,8 +117,13 @@ BAD_VALUES = [
     ({"delta": 1}, "--delta must be in (0, 1)"),
     ({"clip": 0}, "--clip must be a number > 0"),
     ({"clip": math.inf}, "--clip must be a number > 0"),
-    ({"seed": -1}, "--seed must be 0 or more"),
-    ({"dp-level": "user"}, "--dp-level must be sample or client"),
+    ({"seed": -1}, "--seed must be in [0, 2^63)"),
+    ({"seed": 2**63}, "--seed must be in [0, 2^63)"),
+    ({"dp-level": "user"}, "--dp-level must be one of client, sample"),
+    ({"dp-level": "none"}, "--dp-level must be one of client, sample"),
+    ({"rng": "urandom"}, "--rng must be seeded or secure"),
+    ({"audit-canaries": -1}, "--audit-canaries must be 0 (no audit) or more"),
+    ({"audit-client": -1}, "--audit-client must be a client number"),
     ({"accountant": "gdp"}, "--accountant must be rdp or prv"),
     ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
     ({"dirichlet-alpha": 0}, "--dirichlet-alpha must be > 0"),

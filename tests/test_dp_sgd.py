@@ -13,13 +13,13 @@ from torch import nn
 
 import dpfl_bench.server as server
 from dpfl_bench.adapters import TrainableParams, add_lora
-from dpfl_bench.client import Workspace, client_seed, train_client
+from dpfl_bench.client import Workspace, train_client
 from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.method import BOTH, Factor, Method, create_method
-from dpfl_bench.partition import participation_schedule
+from dpfl_bench.privacy.mechanism import Mechanism, create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.tasks import TASKS
 
 SYNTHETIC = TASKS.get("synthetic")
@@ -117,8 +117,16 @@ def dp_config(**options):
     return build_config({**base, **options}, SYNTHETIC.defaults)
 
 
-def sample_plan(sigma: float, clip: float, rate: float) -> PrivacyPlan:
-    return PrivacyPlan("sample", sigma, clip, 1e-5, "rdp", (rate,))
+def sample_dp(config, data, sigma: float) -> Mechanism:
+    """Sample-level DP-SGD for one client holding `data`, at a chosen σ (no calibration: fast)."""
+    mechanism = create_mechanism(config, [len(data)])
+    mechanism.noise_multiplier = sigma
+    return mechanism
+
+
+def train(ws, global_state, data, *, round=0, method, config, mechanism, seed=0):
+    return train_client(ws, global_state, data, client=0, round=round, method=method, config=config,
+                        mechanism=mechanism, randomness=Randomness(seed))
 
 
 # ---------------------------------------------------------------------------------------------- per-example
@@ -202,7 +210,7 @@ def test_the_per_example_check_accepts_the_pretrained_efficientnet_of_the_defaul
 
     config = build_config({"task": "fashion", "eps": 1.0, "clients": 2, "rounds": 1, "local-steps": 1})
     experiment = prepare(config)  # raises UserError if the check fails
-    assert experiment.plan.level == "sample"
+    assert experiment.mechanism.name == "sample"
 
 
 class PerTokenHead(nn.Module):
@@ -282,7 +290,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(synthetic_data):
     model, params = synthetic_model(rank=8)
     ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 64)
     config = dp_config(**{"batch-size": batch, "clip": clip})
-    plan = sample_plan(sigma, clip, batch / len(data))
+    mechanism = sample_dp(config, data, sigma)
     method = create_method("dp-lora")
     global_state = params.state()
     a_names = list(params.by_factor[Factor.A])
@@ -290,13 +298,12 @@ def test_noise_std_is_sigma_c_over_expected_batch(synthetic_data):
 
     stds, realised = [], []
     for round in range(6):
-        result = train_client(ws, global_state, data, client=0, round=round, method=method, config=config, plan=plan)
+        result = train(ws, global_state, data, round=round, method=method, config=config, mechanism=mechanism)
         change = torch.cat([(result.upload[n] - global_state[n]).flatten() for n in a_names]).double()
         assert change.numel() > 3000
         assert abs(float(change.mean())) < 4 * expected_std / math.sqrt(change.numel())
         stds.append(float(change.std()))
-        torch.manual_seed(client_seed(config.seed, round, 0))  # the Poisson draw train_client made
-        realised.append(int((torch.rand(len(data)) < plan.sample_rates[0]).sum()))
+        realised.append(len(mechanism.draw_batch(0, Randomness(0).stream(Purpose.BATCHES, round, 0))))  # its draw
     for s in stds:
         assert s == pytest.approx(expected_std, rel=0.05)
     assert sum(stds) / len(stds) == pytest.approx(expected_std, rel=0.02)
@@ -304,8 +311,8 @@ def test_noise_std_is_sigma_c_over_expected_batch(synthetic_data):
     assert max(realised) != min(realised)  # the batches really did vary in size
 
     # Same (seed, round, client): the same noise, bit for bit.
-    again = train_client(ws, global_state, data, client=0, round=0, method=method, config=config, plan=plan)
-    first = train_client(ws, global_state, data, client=0, round=0, method=method, config=config, plan=plan)
+    again = train(ws, global_state, data, method=method, config=config, mechanism=mechanism)
+    first = train(ws, global_state, data, method=method, config=config, mechanism=mechanism)
     for n in again.upload:
         assert torch.equal(again.upload[n], first.upload[n])
 
@@ -329,10 +336,9 @@ def test_frozen_factor_is_bit_identical_and_gets_no_noise(synthetic_data):
     per_example = PerExampleGradients(model, params.all())
     ws = Workspace(model, params, torch.device("cpu"), per_example, 64)
     config = dp_config(**{"local-steps": 3, "lr": 0.5})
-    plan = sample_plan(2.0, 1.0, 16 / len(data))
     global_state = params.state()
 
-    result = train_client(ws, global_state, data, client=0, round=0, method=TrainsBOnly(), config=config, plan=plan)
+    result = train(ws, global_state, data, method=TrainsBOnly(), config=config, mechanism=sample_dp(config, data, 2.0))
     for name in params.by_factor[Factor.A]:
         assert torch.equal(result.upload[name], global_state[name]), name
     for factor in (Factor.B, Factor.HEAD):
@@ -365,7 +371,7 @@ def test_sample_level_run_stays_within_budget(tmp_path):
     assert spent == sorted(spent) and spent[0] > 0
     assert spent[-1] == pytest.approx(1.0, rel=0.02)  # σ was calibrated for exactly this schedule
     sigma = summary.rows[-1]["noise_multiplier"]
-    assert 0 < sigma == summary.plan.noise_multiplier
+    assert 0 < sigma == summary.mechanism.noise_multiplier
     for row in summary.rows:
         assert row["eps_spent_mean"] <= row["eps_spent"]
 
@@ -394,8 +400,8 @@ def test_client_level_run_clips_every_update_and_stays_within_budget(tmp_path, m
         tmp_path, eps=4.0, rounds=3, clients=6, participation=0.5, clip=clip, lr=0.05, **{"dp-level": "client"}
     )
     summary = run_federated(config)
-    assert summary.plan.level == "client" and summary.plan.sample_rates == (0.5,)
-    schedule = participation_schedule(6, 0.5, 3, seed=config.seed, poisson=True)  # the run's client sampler
+    assert summary.mechanism.name == "client" and summary.mechanism.exposures([[0]] * 3)[0].sample_rate == 0.5
+    schedule = summary.mechanism.participation(Randomness(config.seed).stream(Purpose.PARTICIPATION))  # the run's
     assert len(seen) == sum(len(chosen) for chosen in schedule) > 0  # every sampled client's update was clipped
     assert all(after <= clip * (1 + 1e-6) for _, after in seen), seen
     assert any(before > clip for before, _ in seen)  # the clip was active, not vacuous
@@ -407,18 +413,17 @@ def test_client_level_run_clips_every_update_and_stays_within_budget(tmp_path, m
 def test_aggregate_client_level_noise_and_clip():
     """Without noise the new state is global + mean of the clipped deltas; with noise its std is σC/m."""
     global_state = {"x": torch.zeros(20000)}
-    uploads = [{"x": torch.full((20000,), 10.0)}, {"x": torch.full((20000,), -0.0001)}]
-    def private(uploads, clip, noise_multiplier):
-        return server.aggregate_private(
-            global_state, uploads, names=["x"], clip=clip, noise_multiplier=noise_multiplier,
-            expected_clients=len(uploads), generator=torch.Generator().manual_seed(0),
-        )
+    deltas = [{"x": torch.full((20000,), 10.0)}, {"x": torch.full((20000,), -0.0001)}]
 
-    clean = private(uploads, clip=1.0, noise_multiplier=0.0)
-    per_client = [server.clip_update({"x": u["x"]}, 1.0)["x"] for u in uploads]
+    def private(deltas, clip, noise_multiplier):
+        noise = {"x": Randomness(0).stream(Purpose.NOISE).normal((20000,), noise_multiplier * clip)}
+        return server.noisy_sum_step(global_state, ["x"], deltas, noise, clip=clip, divisor=len(deltas))
+
+    clean = private(deltas, clip=1.0, noise_multiplier=0.0)
+    per_client = [server.clip_update({"x": d["x"]}, 1.0)["x"] for d in deltas]
     torch.testing.assert_close(clean["x"], (per_client[0] + per_client[1]) / 2)
     assert float(per_client[0].double().norm()) == pytest.approx(1.0, rel=1e-6)
-    torch.testing.assert_close(per_client[1], uploads[1]["x"])  # small updates pass unscaled
+    torch.testing.assert_close(per_client[1], deltas[1]["x"])  # small updates pass unscaled
 
     zero = [{"x": torch.zeros(20000)}] * 4
     noisy = private(zero, clip=0.5, noise_multiplier=2.0)
@@ -455,10 +460,7 @@ def test_lora_params_survive_a_move_after_wrapping(synthetic_data):
 
     ws = Workspace(model, params, torch.device("cpu"), per_example, 64)
     config = dp_config(**{"lr": 0.5})
-    plan = sample_plan(1.0, 1.0, 16 / len(data))
-    result = train_client(
-        ws, params.state(), data, client=0, round=0, method=create_method("dp-lora"), config=config, plan=plan
-    )
+    result = train(ws, params.state(), data, method=create_method("dp-lora"), config=config, mechanism=sample_dp(config, data, 1.0))
 
     tracked = set(params.all())
     for name, p in model.named_parameters():
@@ -488,18 +490,14 @@ def test_empty_poisson_batch_still_takes_a_noisy_step(synthetic_data):
     0-example forward, which BERT rejects. The step must still happen, as noise alone."""
     data = synthetic_data.train.subset(torch.arange(200))
     config = dp_config(**{"batch-size": 1})
-    plan = sample_plan(1.0, 1.0, 1 / len(data))
+    mechanism = sample_dp(config, data, 1.0)
     # A round whose first Poisson draw selects nobody (≈ 37% of rounds at q = 1/n).
-    round = next(r for r in range(100) if _poisson_draw_is_empty(client_seed(config.seed, r, 0), len(data), 1 / len(data)))
+    round = next(r for r in range(100) if len(mechanism.draw_batch(0, Randomness(0).stream(Purpose.BATCHES, r, 0))) == 0)
     model, params = synthetic_model()
     ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 64)
     global_state = params.state()
-    result = train_client(ws, global_state, data, client=0, round=round, method=create_method("dp-lora"), config=config, plan=plan)
+    result = train(ws, global_state, data, round=round, method=create_method("dp-lora"), config=config, mechanism=mechanism)
     # Nothing was sampled, yet the step is still a noisy one (the noise is what protects the empty draw).
     name = next(iter(params.by_factor[Factor.A]))
     assert not torch.equal(result.upload[name], global_state[name])
 
-
-def _poisson_draw_is_empty(seed: int, n: int, rate: float) -> bool:
-    torch.manual_seed(seed)  # as train_client does before its first Poisson draw
-    return not bool((torch.rand(n) < rate).any())

@@ -21,12 +21,11 @@ from typer.testing import CliRunner
 from dpfl_bench import cli
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.cli import app
-from dpfl_bench.client import _summed_gradients, train_client
+from dpfl_bench.client import summed_gradients, train_client
 from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor
 from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
-from dpfl_bench.privacy.plan import PrivacyPlan
 from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
 from dpfl_bench.tasks.hub import lora_targets_for, parse_model, unreachable
@@ -478,32 +477,35 @@ def test_non_finite_example_contributes_zero():
 
 
 def _dp_setup(precision: str = "fp32", physical: int = 32):
-    """The synthetic task's workspace with per-example clipping and a fixed plan (no calibration: fast)."""
+    """The synthetic task's workspace with per-example clipping, and sample-level DP at a fixed σ = 1 and
+    clip 0.5 (no calibration: fast)."""
     from dpfl_bench.federated import prepare
+    from dpfl_bench.privacy.mechanism import create_mechanism
 
     exp = prepare(build_config({"task": "synthetic", "method": "dp-lora", "eps": float("inf"), "device": "cpu",
                                 "precision": precision, "physical-batch-size": physical}))
     ws = exp.workspace
     ws.per_example = PerExampleGradients(ws.model, ws.params.all())
-    plan = PrivacyPlan("sample", 1.0, 0.5, 1e-5, "rdp", tuple(16 / len(c) for c in exp.clients))
-    return exp, ws, plan
+    mechanism = create_mechanism(build_config({"task": "synthetic", "eps": 1.0, "clip": 0.5}), [len(c) for c in exp.clients])
+    mechanism.noise_multiplier = 1.0
+    return exp, ws, mechanism
 
 
 def test_bf16_step_changes_the_trainable_parameters_with_clipped_norms_in_fp32(monkeypatch):
-    exp, ws, plan = _dp_setup("bf16")
+    exp, ws, mechanism = _dp_setup("bf16")
     norms_seen = []
     original = ws.per_example.compute
 
     def recording(losses, loss_scale=1.0):
         grads = original(losses, loss_scale)
         assert all(g.dtype == torch.float32 for g in grads.values())
-        summed, norms = clip_and_sum(grads, plan.clip)
+        summed, norms = clip_and_sum(grads, mechanism.clip)
         norms_seen.append(norms)
         assert torch.isfinite(norms).all()
         # What is summed: each example's scaled gradient (all layers together), clip_and_sum of it alone.
-        scaled = [clip_and_sum({n: g[i : i + 1] for n, g in grads.items()}, plan.clip)[0] for i in range(len(norms))]
+        scaled = [clip_and_sum({n: g[i : i + 1] for n, g in grads.items()}, mechanism.clip)[0] for i in range(len(norms))]
         for one in scaled:
-            assert float(torch.sqrt(sum(t.pow(2).sum() for t in one.values()))) <= plan.clip * (1 + 1e-5)
+            assert float(torch.sqrt(sum(t.pow(2).sum() for t in one.values()))) <= mechanism.clip * (1 + 1e-5)
         for name in summed:
             torch.testing.assert_close(sum(one[name] for one in scaled), summed[name], rtol=1e-4, atol=1e-6)
         return grads
@@ -511,7 +513,8 @@ def test_bf16_step_changes_the_trainable_parameters_with_clipped_norms_in_fp32(m
     monkeypatch.setattr(ws.per_example, "compute", recording)
     before = {n: p.detach().clone() for n, p in ws.model.named_parameters()}
     state = ws.params.state()
-    result = train_client(ws, state, exp.clients[0], client=0, round=0, method=exp.method, config=exp.config, plan=plan)
+    result = train_client(ws, state, exp.clients[0], client=0, round=0, method=exp.method, config=exp.config,
+                          mechanism=mechanism, randomness=exp.randomness)
     assert norms_seen
     trainable = set(ws.params.all())
     for name, p in ws.model.named_parameters():
@@ -531,7 +534,7 @@ def test_bf16_private_run_completes(tmp_path):
 def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypatch):
     from dpfl_bench.client import set_train_mode
 
-    exp, ws, plan = _dp_setup(physical=4)
+    exp, ws, mechanism = _dp_setup(physical=4)
     data = exp.clients[0]
     with torch.no_grad():
         for p in ws.params.by_factor[Factor.B].values():
@@ -544,7 +547,7 @@ def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypa
         m.p = 0.2
     index = torch.arange(16)
     torch.manual_seed(7)
-    expected, loss = _summed_gradients(ws, data, index, plan)  # chunks of 4 from the start
+    expected, loss = summed_gradients(ws, data, index, mechanism.clip)  # chunks of 4 from the start
     compute = ws.per_example.compute
 
     def small_memory(losses, loss_scale=1.0):  # after the forward pass: its layers are recorded, masks drawn
@@ -556,7 +559,7 @@ def test_out_of_memory_halves_the_physical_batch_and_gives_the_same_sum(monkeypa
     ws.physical_batch_size = 16
     torch.manual_seed(7)
     with pytest.warns(UserWarning, match="physical batch size lowered to") as warned:
-        summed, halved_loss = _summed_gradients(ws, data, index, plan)
+        summed, halved_loss = summed_gradients(ws, data, index, mechanism.clip)
     assert [str(w.message)[-1] for w in warned] == ["8", "4"]  # 16 -> 8 -> 4
     assert ws.physical_batch_size == 4
     for name in expected:
@@ -579,8 +582,7 @@ class _TokensFirst(torch.nn.Module):
 
 @pytest.mark.parametrize("tokens_first", [True, False])
 def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_first):
-    from dpfl_bench.client import Workspace
-    from dpfl_bench.federated import check_per_example
+    from dpfl_bench.privacy.per_example import check_per_example
     from dpfl_bench.tasks import Examples
 
     torch.manual_seed(0)
@@ -588,14 +590,14 @@ def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_firs
     if not tokens_first:  # the same layers, batch-major
         model.forward = lambda x: model.head(torch.tanh(model.mix(torch.tanh(model.embed(x)))).mean(dim=1))
     params = add_lora(model, ("mix",), ("head",), AdapterConfig(rank=2, lora_alpha=2.0))
-    ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 8)
+    engine = PerExampleGradients(model, params.all())
     examples = Examples({"x": torch.randn(5, 6, 4)}, torch.tensor([0, 1, 0, 1, 1]))
     before, rng = params.state(), torch.random.get_rng_state()
     if tokens_first:
         with pytest.raises(UserError, match=r"toy are not per example \(layer mix\..*--dp-level client"):
-            check_per_example(ws, examples, "toy")
+            check_per_example(engine, model, params, torch.device("cpu"), examples, "toy")
     else:
-        check_per_example(ws, examples, "toy")
+        check_per_example(engine, model, params, torch.device("cpu"), examples, "toy")
     assert all(torch.equal(before[n], p) and not p.requires_grad for n, p in params.all().items())
     assert torch.equal(rng, torch.random.get_rng_state()) and model.training
 
@@ -603,7 +605,7 @@ def test_a_model_whose_per_example_gradients_mix_examples_is_refused(tokens_firs
 def test_fp16_per_example_gradients_are_close_to_fp32_and_an_overflow_contributes_zero():
     from dpfl_bench.precision import FP16_LOSS_SCALE
 
-    exp, ws, plan = _dp_setup("fp16")
+    exp, ws, mechanism = _dp_setup("fp16")
     with torch.no_grad():
         for p in ws.params.by_factor[Factor.B].values():
             p.normal_(0, 0.1)
@@ -628,7 +630,7 @@ def test_fp16_per_example_gradients_are_close_to_fp32_and_an_overflow_contribute
     assert not all(torch.isfinite(g[1]).all() for g in overflow.values())
     for name in fp16:
         assert torch.equal(overflow[name][[0, 2]], fp16[name][[0, 2]]), name
-    summed, _ = clip_and_sum(overflow, plan.clip)
-    others, _ = clip_and_sum({n: g[[0, 2]] for n, g in fp16.items()}, plan.clip)
+    summed, _ = clip_and_sum(overflow, mechanism.clip)
+    others, _ = clip_and_sum({n: g[[0, 2]] for n, g in fp16.items()}, mechanism.clip)
     for name in summed:
         torch.testing.assert_close(summed[name], others[name], rtol=1e-5, atol=1e-7)

@@ -20,8 +20,7 @@ def make_setup(**options):
         task.defaults,
     )
     exp = prepare(config)
-    ws, plan, clients = exp.workspace, exp.plan, exp.clients
-    return ws, config, plan, clients
+    return exp.workspace, config, exp, exp.clients
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -29,10 +28,11 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: v.detach().clone() for n, v in model.state_dict().items()}
 
 
-def step_once(ws, config, plan, clients, global_state):
+def step_once(ws, config, exp, clients, global_state):
     before = snapshot(ws.model)
     result = train_client(
-        ws, global_state, clients[0], client=0, round=0, method=create_method(config.method), config=config, plan=plan
+        ws, global_state, clients[0], client=0, round=0, method=create_method(config.method), config=config,
+        mechanism=exp.mechanism, randomness=exp.randomness,
     )
     return before, snapshot(ws.model), result
 
@@ -71,10 +71,10 @@ def test_trainable_set_is_lora_factors_and_head():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_step_from_zero_b_changes_b_and_head_only(optimizer):
-    ws, config, plan, clients = make_setup(optimizer=optimizer)
-    assert plan.level == "none"
+    ws, config, exp, clients = make_setup(optimizer=optimizer)
+    assert exp.mechanism.name == "none"
     global_state = ws.params.state()
-    before, after, result = step_once(ws, config, plan, clients, global_state)
+    before, after, result = step_once(ws, config, exp, clients, global_state)
 
     check_frozen_untouched(ws, before, after)
     for name in ws.params.by_factor[Factor.B]:
@@ -95,14 +95,14 @@ def test_step_from_zero_b_changes_b_and_head_only(optimizer):
 
 
 def test_step_from_nonzero_b_changes_a_b_and_head_only():
-    ws, config, plan, clients = make_setup(optimizer="sgd")
+    ws, config, exp, clients = make_setup(optimizer="sgd")
     gen = torch.Generator().manual_seed(7)
     global_state = {
         n: (torch.randn(v.shape, generator=gen) * 0.1 if n in ws.params.by_factor[Factor.B] else v)
         for n, v in ws.params.state().items()
     }
     before_load = snapshot(ws.model)
-    _, after, _ = step_once(ws, config, plan, clients, global_state)
+    _, after, _ = step_once(ws, config, exp, clients, global_state)
 
     check_frozen_untouched(ws, before_load, after)
     for name in ws.params.all():
@@ -111,10 +111,10 @@ def test_step_from_nonzero_b_changes_a_b_and_head_only():
 
 def test_sample_level_dp_step_changes_only_trainable_parameters():
     # DP-SGD path: per-example gradients through hooks, clipping and noise; the frozen model stays untouched
-    ws, config, plan, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
-    assert plan.level == "sample" and plan.noise_multiplier > 0
+    ws, config, exp, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
+    assert exp.mechanism.name == "sample" and exp.mechanism.noise_multiplier > 0
     global_state = ws.params.state()
-    before, after, _ = step_once(ws, config, plan, clients, global_state)
+    before, after, _ = step_once(ws, config, exp, clients, global_state)
 
     check_frozen_untouched(ws, before, after)
     # noise reaches every trainable tensor, A included (its clipped gradient is zero, its noise is not)
@@ -124,23 +124,21 @@ def test_sample_level_dp_step_changes_only_trainable_parameters():
 
 
 def test_local_step_is_a_pure_function_of_its_inputs():
-    ws, config, plan, clients = make_setup(optimizer="adamw")
+    ws, config, exp, clients = make_setup(optimizer="adamw")
     global_state = ws.params.state()
-    _, first, r1 = step_once(ws, config, plan, clients, global_state)
-    _, second, r2 = step_once(ws, config, plan, clients, global_state)  # reloads global_state first
+    _, first, r1 = step_once(ws, config, exp, clients, global_state)
+    _, second, r2 = step_once(ws, config, exp, clients, global_state)  # reloads global_state first
     for name in r1.upload:
         assert torch.equal(r1.upload[name], r2.upload[name])
     assert r1.train_loss == r2.train_loss
 
 
 def test_sample_level_step_survives_an_empty_poisson_batch():
-    import dataclasses
-
-    ws, config, plan, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
-    plan = dataclasses.replace(plan, sample_rates=(0.0,) * len(plan.sample_rates))  # every batch is empty
+    ws, config, exp, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
+    exp.mechanism.sample_rates = [0.0] * len(clients)  # every batch is empty
     global_state = ws.params.state()
     try:
-        before, after, result = step_once(ws, config, plan, clients, global_state)
+        before, after, result = step_once(ws, config, exp, clients, global_state)
     finally:
         ws.per_example.remove()
     check_frozen_untouched(ws, before, after)

@@ -5,7 +5,7 @@ Everything runs on the `synthetic` task (a tiny random-init BERT) with few round
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +22,8 @@ from dpfl_bench.config import RunConfig, build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import BOTH, METHODS, Factor, Method, create_method, load_methods
 from dpfl_bench.methods.la_lora import gaussian_smooth
-from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.privacy.mechanism import Mechanism
+from dpfl_bench.privacy.randomness import Randomness
 from dpfl_bench.tasks import TASKS, Examples
 
 INF = math.inf
@@ -71,7 +72,7 @@ def all_changed(before: State, after: State, factor: Factor) -> bool:
 @dataclass
 class Recorded:
     states: list[State]  # the global state before round 0, then after each round
-    uploads: list[list[State]]  # per round, one upload per sampled client
+    uploads: list[list[State]]  # per round, one update (upload − global) per sampled client
     rows: list[dict[str, Any]]
     config: RunConfig
 
@@ -80,22 +81,26 @@ def run_recorded(out: Any, method: str, eps: float, **options: Any) -> Recorded:
     config = config_for(method, eps, out=str(out), **options)
     states: list[State] = []
     uploads: list[list[State]] = []
+    real_create = federated.create_mechanism
 
-    def recording(real: Callable[..., State]) -> Callable[..., State]:
-        def aggregate(global_state: State, round_uploads: list[State], *args: Any, **kwargs: Any) -> State:
+    def recording_mechanism(*args: Any) -> Any:
+        # The core asks the run's mechanism (FedAvg, or DP-FedAvg at client level) to aggregate once a round.
+        mechanism = real_create(*args)
+        real_aggregate = mechanism.aggregate
+
+        def aggregate(global_state: State, names: list[str], deltas: list[State], *rest: Any) -> State:
             if not states:
                 states.append({n: t.clone() for n, t in global_state.items()})
-            uploads.append(round_uploads)
-            new_state = real(global_state, round_uploads, *args, **kwargs)
+            uploads.append(deltas)
+            new_state = real_aggregate(global_state, names, deltas, *rest)
             states.append({n: t.clone() for n, t in new_state.items()})
             return new_state
 
-        return aggregate
+        mechanism.aggregate = aggregate
+        return mechanism
 
     with pytest.MonkeyPatch.context() as mp:
-        # FedAvg, and DP-FedAvg under client-level DP: the core calls one of them once per round.
-        for name in ("aggregate", "aggregate_private"):
-            mp.setattr(federated, name, recording(getattr(federated, name)))
+        mp.setattr(federated, "create_mechanism", recording_mechanism)
         summary = federated.run_federated(config)
     assert len(states) == config.federated.rounds + 1, "expected one aggregation per round"
     return Recorded(states, uploads, summary.rows, config)
@@ -187,13 +192,14 @@ class ClientSetup:
     clients: list[Examples]
     method: Method
     config: RunConfig
-    plan: PrivacyPlan
+    mechanism: Mechanism
+    randomness: Randomness
 
 
 def client_setup(method: str, eps: float, **options: Any) -> ClientSetup:
     """The fixed parts a client trains with, exactly as `federated.run_federated` builds them."""
     exp = federated.prepare(config_for(method, eps, **options))
-    return ClientSetup(exp.workspace, exp.workspace.params.state(), exp.clients, exp.method, exp.config, exp.plan)
+    return ClientSetup(exp.workspace, exp.workspace.params.state(), exp.clients, exp.method, exp.config, exp.mechanism, exp.randomness)
 
 
 def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 0) -> tuple[list[State], State]:
@@ -210,7 +216,7 @@ def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 
     monkeypatch.setattr(client_module, "make_optimizer", recording_make_optimizer)
     result = train_client(
         setup.ws, setup.global_state, setup.clients[0],
-        client=0, round=round, method=setup.method, config=setup.config, plan=setup.plan,
+        client=0, round=round, method=setup.method, config=setup.config, mechanism=setup.mechanism, randomness=setup.randomness,
     )
     return snapshots, result.upload
 
@@ -219,7 +225,7 @@ def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 
 def test_la_lora_alternates_inside_the_local_loop(monkeypatch: pytest.MonkeyPatch, eps: float) -> None:
     steps = 4
     setup = client_setup("la-lora", eps, local_steps=steps)
-    assert setup.plan.private == (eps != INF)
+    assert (setup.mechanism.name != "none") == (eps != INF)
     snapshots, upload = train_one(setup, monkeypatch, round=1)
     assert len(snapshots) == steps + 1
     for step in range(steps):

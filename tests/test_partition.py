@@ -1,12 +1,26 @@
-"""Splitting data across clients (iid, Dirichlet label skew) and the per-round participation schedule."""
+"""Splitting data across clients (iid, Dirichlet label skew) and the mechanisms' participation schedules."""
 
 import math
 
 import numpy as np
 import pytest
 
+from dpfl_bench.config import build_config
 from dpfl_bench.errors import UserError
-from dpfl_bench.partition import dirichlet_partition, iid_partition, participation_schedule
+from dpfl_bench.partition import dirichlet_partition, iid_partition
+from dpfl_bench.privacy.mechanism import create_mechanism
+from dpfl_bench.privacy.randomness import Purpose, Randomness
+
+
+def split(seed: int):
+    return Randomness(seed).stream(Purpose.SPLIT)
+
+
+def participation_schedule(clients: int, participation: float, rounds: int, *, seed: int, level: str = "sample") -> list[list[int]]:
+    """The schedule a run of that level draws."""
+    options = {"task": "synthetic", "clients": clients, "participation": participation, "rounds": rounds, "seed": seed, "dp-level": level}
+    mechanism = create_mechanism(build_config(options), [1000] * clients)
+    return mechanism.participation(Randomness(seed).stream(Purpose.PARTICIPATION))
 
 
 def assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
@@ -24,7 +38,7 @@ def balanced_labels(per_class: int = 200, classes: int = 10) -> np.ndarray:
 
 @pytest.mark.parametrize("n, clients", [(600, 3), (601, 3), (10, 10), (103, 7), (1000, 1)])
 def test_iid_is_disjoint_covering_and_balanced(n, clients):
-    parts = iid_partition(n, clients, seed=3)
+    parts = iid_partition(n, clients, rng=split(3))
     assert len(parts) == clients
     assert_disjoint_cover(parts, n)
     sizes = [len(p) for p in parts]
@@ -32,9 +46,9 @@ def test_iid_is_disjoint_covering_and_balanced(n, clients):
 
 
 def test_iid_is_random_but_reproducible():
-    a = iid_partition(100, 4, seed=0)
-    b = iid_partition(100, 4, seed=0)
-    c = iid_partition(100, 4, seed=1)
+    a = iid_partition(100, 4, rng=split(0))
+    b = iid_partition(100, 4, rng=split(0))
+    c = iid_partition(100, 4, rng=split(1))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     # a random split, not contiguous blocks
@@ -43,7 +57,7 @@ def test_iid_is_random_but_reproducible():
 
 def test_iid_more_clients_than_examples_is_a_user_error():
     with pytest.raises(UserError, match="fewer --clients"):
-        iid_partition(3, 4, seed=0)
+        iid_partition(3, 4, rng=split(0))
 
 
 # ---------------------------------------------------------------------------------------- dirichlet
@@ -54,7 +68,7 @@ def test_iid_more_clients_than_examples_is_a_user_error():
 def test_dirichlet_is_disjoint_covering_and_respects_min_size(alpha, seed):
     labels = balanced_labels()
     min_size = 20
-    parts = dirichlet_partition(labels, 10, alpha=alpha, min_size=min_size, seed=seed)
+    parts = dirichlet_partition(labels, 10, alpha=alpha, min_size=min_size, rng=split(seed))
     assert len(parts) == 10
     assert_disjoint_cover(parts, len(labels))
     assert min(len(p) for p in parts) >= min_size
@@ -62,9 +76,9 @@ def test_dirichlet_is_disjoint_covering_and_respects_min_size(alpha, seed):
 
 def test_dirichlet_is_reproducible_by_seed():
     labels = balanced_labels()
-    a = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, seed=4)
-    b = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, seed=4)
-    c = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, seed=5)
+    a = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(4))
+    b = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(4))
+    c = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(5))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
 
@@ -87,7 +101,7 @@ def test_dirichlet_label_skew_grows_as_alpha_shrinks():
     results = {}
     for alpha in (100.0, 1.0, 0.1):
         stats = [
-            _skew(labels, dirichlet_partition(labels, 10, alpha=alpha, min_size=1, seed=seed), classes)
+            _skew(labels, dirichlet_partition(labels, 10, alpha=alpha, min_size=1, rng=split(seed)), classes)
             for seed in range(5)
         ]
         results[alpha] = tuple(np.mean(stats, axis=0))
@@ -104,7 +118,7 @@ def test_dirichlet_label_skew_grows_as_alpha_shrinks():
 def test_dirichlet_impossible_min_size_raises_user_error_naming_the_fix():
     labels = balanced_labels(per_class=10, classes=10)  # 100 examples
     with pytest.raises(UserError) as info:
-        dirichlet_partition(labels, 10, alpha=0.5, min_size=50, seed=0)  # 10 x 50 > 100: impossible
+        dirichlet_partition(labels, 10, alpha=0.5, min_size=50, rng=split(0))  # 10 x 50 > 100: impossible
     message = str(info.value)
     assert "--dirichlet-alpha" in message
     assert "--min-partition-size" in message
@@ -144,3 +158,14 @@ def test_schedule_is_reproducible_by_seed_and_differs_across_seeds():
 def test_schedule_size_is_not_inflated_by_float_rounding(clients, participation, expected):
     schedule = participation_schedule(clients, participation, 1, seed=0)
     assert len(schedule[0]) == expected
+
+
+def test_client_level_samples_each_client_independently_with_probability_p():
+    schedule = participation_schedule(20, 0.3, 400, seed=0, level="client")
+    joined = np.zeros(20)
+    for chosen in schedule:
+        assert chosen == sorted(set(chosen))
+        joined[chosen] += 1
+    sizes = {len(chosen) for chosen in schedule}
+    assert len(sizes) > 3  # Poisson: the round size varies (Binomial(20, 0.3))
+    assert np.abs(joined / 400 - 0.3).max() < 4 * math.sqrt(0.3 * 0.7 / 400)

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from dpfl_bench import server
-from dpfl_bench.server import aggregate, aggregate_private, clip_update, fedavg
+from dpfl_bench.config import build_config
+from dpfl_bench.privacy.mechanism import create_mechanism
+from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.server import clip_update, fedavg_step, noisy_sum_step
 
 
 def t(*values: float) -> torch.Tensor:
@@ -18,6 +21,12 @@ def total_norm(state: dict[str, torch.Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------------------- fedavg
+
+
+def fedavg(states, weights):
+    """FedAvg of whole states: fedavg_step from a zero global state."""
+    zero = {n: torch.zeros_like(v) for n, v in states[0].items()}
+    return fedavg_step(zero, list(zero), states, weights)
 
 
 def test_fedavg_uniform_is_exact():
@@ -43,37 +52,29 @@ def test_fedavg_of_one_client_is_that_client():
     torch.testing.assert_close(fedavg([state], [7.0])["w"], state["w"], rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------------------------- aggregate
-
-
-def test_aggregate_without_clip_is_fedavg_and_only_changes_uploaded_names():
+def test_fedavg_step_moves_only_the_named_parameters():
     global_state = {"lora_A": t(0, 0), "lora_B": t(1, 1), "frozen": t(7, 7)}
-    uploads = [{"lora_A": t(2, 4)}, {"lora_A": t(4, 8)}]
-    new = aggregate(global_state, uploads, [1.0, 1.0])
+    deltas = [{"lora_A": t(2, 4)}, {"lora_A": t(4, 8)}]
+    new = fedavg_step(global_state, ["lora_A"], deltas, [1.0, 1.0])
     assert set(new) == set(global_state)
     assert torch.equal(new["lora_A"], t(3, 6))
     assert new["lora_B"] is global_state["lora_B"] and torch.equal(new["lora_B"], t(1, 1))
     assert new["frozen"] is global_state["frozen"]
-    # the caller's global state is not modified in place
+    # the caller's global state is not modified in place, and a round without clients changes nothing
     assert torch.equal(global_state["lora_A"], t(0, 0))
+    assert fedavg_step(global_state, ["lora_A"], [], []) == global_state
 
 
-def private(global_state, uploads, *, clip, noise_multiplier=0.0, expected_clients=None, generator=None):
-    return aggregate_private(
-        global_state,
-        uploads,
-        names=list(uploads[0]),
-        clip=clip,
-        noise_multiplier=noise_multiplier,
-        expected_clients=expected_clients or len(uploads),
-        generator=generator or torch.Generator().manual_seed(0),
-    )
+def private(global_state, deltas, *, clip, noise=None, divisor=None):
+    names = list(deltas[0]) if deltas else list(global_state)
+    noise = noise or {n: torch.zeros_like(global_state[n]) for n in names}
+    return noisy_sum_step(global_state, names, deltas, noise, clip=clip, divisor=divisor or len(deltas))
 
 
-def test_private_aggregate_only_changes_uploaded_names():
+def test_private_step_only_changes_uploaded_names():
     global_state = {"lora_A": t(0, 0), "lora_B": t(1, 1), "head": t(5)}
-    uploads = [{"lora_B": t(100, 100), "head": t(5)}, {"lora_B": t(1, 1), "head": t(5)}]
-    new = private(global_state, uploads, clip=1.0)
+    deltas = [{"lora_B": t(99, 99), "head": t(0)}, {"lora_B": t(0, 0), "head": t(0)}]
+    new = private(global_state, deltas, clip=1.0)
     assert set(new) == set(global_state)
     assert new["lora_A"] is global_state["lora_A"]
     assert not torch.equal(new["lora_B"], global_state["lora_B"])
@@ -105,10 +106,17 @@ def test_clip_update_of_zero_is_zero_not_nan():
     assert torch.equal(clipped["a"], torch.zeros(3))
 
 
+def test_a_non_finite_update_contributes_zero():
+    """min(1, C / nan) is 1: without the check, a NaN or inf update passed client-level clipping unclipped."""
+    for bad in (float("nan"), float("inf")):
+        clipped = clip_update({"a": t(bad, 1.0), "b": t(3.0)}, 1.0)
+        assert torch.equal(clipped["a"], t(0, 0)) and torch.equal(clipped["b"], t(0))
+
+
 # ------------------------------------------------------------------------------ client-level DP
 
 
-def test_client_level_aggregate_averages_clipped_deltas(monkeypatch):
+def test_client_level_step_averages_clipped_deltas(monkeypatch):
     clip = 1.0
     g = {"A": t(1, -1, 2), "B": t(0.5, 0.5), "head": t(3)}
     deltas = [
@@ -117,7 +125,6 @@ def test_client_level_aggregate_averages_clipped_deltas(monkeypatch):
         {"A": t(0.1, 0.2, 0), "B": t(0, 0.2), "head": t(-0.2)},  # norm < clip: kept as is
         {"A": t(1e6, 1e6, 1e6), "B": t(1e6, -1e6), "head": t(1e6)},  # huge
     ]
-    uploads = [{n: g[n] + d[n] for n in g} for d in deltas]
 
     entering = []
     original = server.clip_update
@@ -128,17 +135,16 @@ def test_client_level_aggregate_averages_clipped_deltas(monkeypatch):
         return out
 
     monkeypatch.setattr(server, "clip_update", recording_clip)
-    new = private(g, uploads, clip=clip)
+    new = private(g, deltas, clip=clip)
 
-    assert len(entering) == len(uploads)
+    assert len(entering) == len(deltas)
     for d in entering:
         assert total_norm(d) <= clip * (1 + 1e-6)
 
     # expected: g + mean over clients of delta * min(1, clip / |delta|)
     expected_clipped = []
     for d in deltas:
-        norm = total_norm({n: d[n] for n in d})
-        s = min(1.0, clip / norm)
+        s = min(1.0, clip / total_norm(d))
         expected_clipped.append({n: d[n].double() * s for n in d})
     for name in g:
         mean = sum(c[name] for c in expected_clipped) / len(deltas)
@@ -147,27 +153,46 @@ def test_client_level_aggregate_averages_clipped_deltas(monkeypatch):
     assert total_norm({n: new[n] - g[n] for n in g}) <= clip + 1e-5
 
 
-def test_client_level_aggregate_noise_has_std_sigma_clip_over_m():
-    n, m, sigma, clip = 200_000, 4, 2.0, 0.5
-    g = {"w": torch.zeros(n)}
-    uploads = [{"w": torch.zeros(n)} for _ in range(m)]  # no update at all: only the noise moves the state
-    new = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
-    std = float(new["w"].std())
-    assert std == pytest.approx(sigma * clip / m, rel=0.02)
-    assert abs(float(new["w"].mean())) < 5 * sigma * clip / m / math.sqrt(n)
-    # seeded: the same generator seed gives the same noise, another seed different noise
-    again = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
-    other = private(g, uploads, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(new["w"], again["w"])
-    assert not torch.equal(new["w"], other["w"])
-
-
-def test_private_aggregate_divides_by_the_expected_number_of_clients():
-    """Clients are Poisson-sampled under client-level DP: the divisor is fixed, whoever came (even nobody)."""
+def test_a_nan_client_leaves_the_client_level_average_finite_and_unmoved():
     g = {"w": t(0, 0)}
-    one = private(g, [{"w": t(0.3, 0.4)}], clip=1.0, expected_clients=2.5)
+    good = [{"w": t(0.3, 0.4)}, {"w": t(-0.1, 0.2)}]
+    with_nan = private(g, [*good, {"w": t(float("nan"), 1.0)}], clip=1.0, divisor=3.0)
+    assert torch.isfinite(with_nan["w"]).all()
+    torch.testing.assert_close(with_nan["w"], private(g, good, clip=1.0, divisor=3.0)["w"])
+
+
+def client_level(clients: int, participation: float, sigma: float, clip: float):
+    config = build_config({"task": "synthetic", "dp-level": "client", "clients": clients, "participation": participation, "clip": clip})
+    mechanism = create_mechanism(config, [100] * clients)
+    mechanism.noise_multiplier = sigma
+    return mechanism
+
+
+def test_client_level_noise_has_std_sigma_clip_over_pn():
+    n, sigma, clip = 200_000, 2.0, 0.5
+    mechanism = client_level(8, 0.5, sigma, clip)  # pN = 4
+    g = {"w": torch.zeros(n)}
+    deltas = [{"w": torch.zeros(n)} for _ in range(3)]  # no update at all: only the noise moves the state
+
+    def noise(round):
+        return Randomness(0).stream(Purpose.NOISE, round)
+
+    new = mechanism.aggregate(g, ["w"], deltas, [1.0] * 3, noise(0))
+    std = float(new["w"].std())
+    assert std == pytest.approx(sigma * clip / 4, rel=0.02)
+    assert abs(float(new["w"].mean())) < 5 * sigma * clip / 4 / math.sqrt(n)
+    # seeded: the same stream gives the same noise, another stream different noise
+    assert torch.equal(new["w"], mechanism.aggregate(g, ["w"], deltas, [1.0] * 3, noise(0))["w"])
+    assert not torch.equal(new["w"], mechanism.aggregate(g, ["w"], deltas, [1.0] * 3, noise(1))["w"])
+
+
+def test_client_level_divides_by_the_expected_number_of_clients():
+    """Clients are Poisson-sampled under client-level DP: the divisor is fixed, whoever came (even nobody)."""
+    mechanism = client_level(5, 0.5, 0.0, 1.0)  # pN = 2.5
+    g = {"w": t(0, 0)}
+    stream = Randomness(0).stream(Purpose.NOISE)
+    one = mechanism.aggregate(g, ["w"], [{"w": t(0.3, 0.4)}], [1.0], stream)
     torch.testing.assert_close(one["w"], t(0.3, 0.4) / 2.5)
-    nobody = aggregate_private(
-        g, [], names=["w"], clip=1.0, noise_multiplier=1.0, expected_clients=2.5, generator=torch.Generator().manual_seed(0)
-    )
+    mechanism.noise_multiplier = 1.0
+    nobody = mechanism.aggregate(g, ["w"], [], [], stream)
     assert not torch.equal(nobody["w"], g["w"])  # noise alone still moves the state

@@ -27,6 +27,7 @@ errors = Console(stderr=True)
 Section = "Run"
 Federated, Training, Privacy, Adapter = "Federated learning", "Local training", "Privacy", "LoRA"
 Sources = "Model and data (hub tasks)"
+Audit = "Privacy audit"
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
@@ -38,6 +39,7 @@ def _opt(help: str, panel: str, *flags: str) -> Any:
 Eps = Annotated[Optional[float], _opt("Target privacy budget ε; `inf` trains without privacy. \\[default: 1]", Privacy)]
 Delta = Annotated[Optional[float], _opt("Target δ; must be below 1/n of the smallest protected dataset. \\[default: 1e-5]", Privacy)]
 DpLevel = Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. \\[default: sample]", Privacy)]
+Rng = Annotated[Optional[str], _opt("`seeded`: every draw from --seed (reproducible; not private against anyone who can guess the seed); `secure`: OS-keyed ChaCha20 for every privacy draw, for private data. \\[default: seeded]", Privacy)]
 AccountantName = Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. \\[default: rdp]", Privacy)]
 TaskName = Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`); its defaults fill options left out. \\[default: fashion]", Section)]
 Clients = Annotated[Optional[int], _opt("Number of clients N.", Federated)]
@@ -50,6 +52,9 @@ Model = Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of
 ModelPath = Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", Sources)]
 DataDir = Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", Sources)]
 Workers = Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", Sources)]
+Partition = Annotated[Optional[str], _opt("Data split across clients: iid or dirichlet (label skew).", Federated)]
+DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration; smaller is more skewed.", Federated)]
+MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)]
 
 
 @app.command()
@@ -60,14 +65,17 @@ def run(
     dp_level: DpLevel = None,
     clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). \\[default: 1]", Privacy)] = None,
     accountant: AccountantName = None,
+    rng: Rng = None,
+    audit_canaries: Annotated[Optional[int], _opt("Empirical audit: insert M canaries (each with probability 1/2) and report the ε they reveal. \\[default: 0]", Audit)] = None,
+    audit_client: Annotated[Optional[int], _opt("Sample level: the client whose dataset gets the canaries. \\[default: 0]", Audit)] = None,
     task: TaskName = None,
     clients: Clients = None,
     participation: Participation = None,
     rounds: Rounds = None,
     local_steps: LocalSteps = None,
-    partition: Annotated[Optional[str], _opt("Data split across clients: iid or dirichlet (label skew).", Federated)] = None,
-    dirichlet_alpha: Annotated[Optional[float], _opt("Dirichlet concentration; smaller is more skewed.", Federated)] = None,
-    min_partition_size: Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)] = None,
+    partition: Partition = None,
+    dirichlet_alpha: DirichletAlpha = None,
+    min_partition_size: MinPartitionSize = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
     batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory).", Training)] = None,
@@ -109,12 +117,18 @@ def run(
         resolved = build_config(options, chosen.defaults)
         _quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
-        privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level)" if priv.private else "non-private"
+        privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level, {priv.rng} rng)" if priv.private else "non-private"
+        audited = f" · audit: {resolved.audit.audit_canaries} canaries" if resolved.audit.audit_canaries else ""
         console.print(
             f"[bold]{resolved.task}[/] · {resolved.method} · {privacy_text} · "
             f"{fed.clients} clients × {fed.participation:g} · {fed.rounds} rounds × {fed.local_steps} steps · "
-            f"batch {resolved.training.batch_size} · lr {resolved.training.lr:g} · rank {resolved.adapter.rank}"
+            f"batch {resolved.training.batch_size} · lr {resolved.training.lr:g} · rank {resolved.adapter.rank}{audited}"
         )
+        if priv.private and priv.rng == "seeded":
+            console.print(
+                f"[yellow]seeded randomness: every draw follows from --seed {resolved.seed}, so this run is not private "
+                "against anyone who can guess or brute-force the seed; for private data use --rng secure[/]"
+            )
         if chosen.synthetic:
             console.print("[yellow]synthetic task: generated data and a random-init model, for tests only[/]")
         with _progress() as progress:
@@ -140,6 +154,9 @@ def privacy(
     rounds: Rounds = None,
     local_steps: LocalSteps = None,
     batch_size: BatchSize = None,
+    partition: Partition = None,
+    dirichlet_alpha: DirichletAlpha = None,
+    min_partition_size: MinPartitionSize = None,
     client_size: Annotated[Optional[int], _opt("Assume equal clients of this many examples instead of splitting the task's data.", Federated)] = None,
     seed: Seed = None,
     model: Model = None,
@@ -150,15 +167,16 @@ def privacy(
     """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
     Options left out take the task's defaults and the task's data is split as `run` splits it,
-    so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses.
+    so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses (with --rng seeded:
+    a secure run draws its own client schedule, which can move a sample-level σ slightly).
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier", "client_size")}
     with _user_errors():
         from dpfl_bench.config import RunConfig, build_config
-        from dpfl_bench.federated import partition
-        from dpfl_bench.partition import participation_schedule
+        from dpfl_bench.federated import partition as split
         from dpfl_bench.privacy.accounting import worst_epsilon
-        from dpfl_bench.privacy.plan import exposures_of, plan_privacy
+        from dpfl_bench.privacy.mechanism import create_mechanism
+        from dpfl_bench.privacy.randomness import Purpose, Randomness
         from dpfl_bench.tasks import TASKS
 
         if (eps is None) == (noise_multiplier is None):
@@ -170,20 +188,20 @@ def privacy(
         chosen = TASKS.get(flags.get("task", RunConfig.task))
         config = build_config({**flags, "eps": eps if eps is not None else 1.0}, chosen.defaults)
         fed, priv = config.federated, config.privacy
+        randomness = Randomness(config.seed)
         if client_size is not None:
             sizes = [client_size] * fed.clients
         else:
             _quiet_libraries()
-            sizes = [len(shard) for shard in partition(chosen.load_data(config.sources).train, config)]
-        client_level = priv.dp_level == "client"
-        schedule = participation_schedule(fed.clients, fed.participation, fed.rounds, seed=config.seed, poisson=client_level)
+            sizes = [len(shard) for shard in split(chosen.load_data(config.sources).train, config, randomness)]
+        mechanism = create_mechanism(config, sizes)
+        schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
         level = f"{priv.dp_level} level, {fed.clients} clients of {min(sizes)}–{max(sizes)} examples"
         if eps is not None:
-            sigma = plan_privacy(config, sizes, schedule).noise_multiplier
-            console.print(f"noise multiplier σ = [bold]{sigma:.4f}[/] for ε = {eps:g}, δ = {priv.delta:g} ({level})")
+            mechanism.calibrate(schedule)
+            console.print(f"noise multiplier σ = [bold]{mechanism.noise_multiplier:.4f}[/] for ε = {eps:g}, δ = {priv.delta:g} ({level})")
         else:
-            _, exposures = exposures_of(config, sizes, schedule)
-            spent = worst_epsilon(noise_multiplier, exposures, delta=priv.delta, accountant=priv.accountant)
+            spent = worst_epsilon(noise_multiplier, mechanism.exposures(schedule), delta=priv.delta, accountant=priv.accountant)
             console.print(f"ε = [bold]{spent:.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {priv.delta:g} ({level})")
 
 
@@ -487,8 +505,15 @@ def _print_summary(summary: Any) -> None:
     table.add_row("task · method", f"{last['task']} · {last['method']}")
     table.add_row("test accuracy", f"{last['test_accuracy']:.4f} after {last['round']} rounds")
     table.add_row("ε spent", eps)
-    if summary.plan.private:
-        table.add_row("noise multiplier σ", f"{last['noise_multiplier']:.4f} (clip {last['clip']:g}, {last['dp_level']} level)")
+    if math.isfinite(last["eps_target"]):
+        table.add_row("noise multiplier σ", f"{last['noise_multiplier']:.4f} (clip {last['clip']:g}, {last['dp_level']} level, {last['rng']} rng)")
+    if last["audit_canaries"]:
+        accounted = "∞" if math.isinf(last["eps_target"]) else f"{last['eps_spent']:.3f}"
+        table.add_row(
+            "audit",
+            f"ε ≥ {last['audit_eps_lower']:.3f} (95% lower bound), ≈ {last['audit_eps_estimate']:.3f} (Gaussian fit) "
+            f"from {last['audit_canaries']} canaries; accounted ε {accounted}",
+        )
     table.add_row("time", f"{last['wall_seconds']:.1f} s ({last['train_seconds'] / last['round']:.1f} s training per round)")
     table.add_row("results", str(summary.path))
     console.print(table)

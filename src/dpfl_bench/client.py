@@ -1,15 +1,16 @@
 """One client's local training for one round.
 
-`train_client` is a pure function of (global state, client id, round, seed) and the run's fixed setup:
-all of its randomness (batches, DP noise, dropout) comes from a seed derived from those, so a client
-can be run anywhere and in any order and still upload the same tensors.
+`train_client` is a pure function of (global state, client id, round) and the run's fixed setup: its
+batches, noise and dropout come from the run's streams for (round, client), so a client can be run
+anywhere and in any order and still upload the same tensors (with `--rng seeded`). How batches are drawn
+and how a step's gradient sum is privatized is the privacy mechanism's business; which factors train
+and how their gradients are post-processed, the method's.
 """
 
 import contextlib
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +19,10 @@ from dpfl_bench.adapters import State, TrainableParams
 from dpfl_bench.config import RunConfig
 from dpfl_bench.method import Factor, Method
 from dpfl_bench.precision import FP16_LOSS_SCALE, autocast, to_device
+from dpfl_bench.privacy.canaries import NoAudit
+from dpfl_bench.privacy.mechanism import Mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.privacy.plan import PrivacyPlan
+from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.tasks import Examples
 
 
@@ -30,7 +33,7 @@ class Workspace:
     model: nn.Module
     params: TrainableParams
     device: torch.device
-    per_example: PerExampleGradients | None  # present when clients run DP-SGD
+    per_example: PerExampleGradients | None  # present when the mechanism clips per example
     physical_batch_size: int  # examples per forward pass; halved for good when CUDA runs out of memory
     precision: str = "fp32"  # autocast dtype of the forward pass
 
@@ -48,10 +51,6 @@ class ClientResult:
     train_loss: float  # mean loss over the examples seen this round
 
 
-def client_seed(seed: int, round: int, client: int) -> int:
-    return int(np.random.SeedSequence([seed, round, client]).generate_state(1)[0])
-
-
 def train_client(
     ws: Workspace,
     global_state: State,
@@ -61,30 +60,28 @@ def train_client(
     round: int,
     method: Method,
     config: RunConfig,
-    plan: PrivacyPlan,
+    mechanism: Mechanism,
+    randomness: Randomness,
+    audit: NoAudit = NoAudit(),
 ) -> ClientResult:
-    torch.manual_seed(client_seed(config.seed, round, client))
+    torch.manual_seed(randomness.torch_seed(Purpose.DROPOUT, round, client))  # dropout draws inside the model
+    batches = randomness.stream(Purpose.BATCHES, round, client)
+    noise = randomness.stream(Purpose.NOISE, round, client)
     ws.params.load(global_state)
     set_train_mode(ws.model)
     optimizer = make_optimizer(ws.params, method, config)
-    sample_level = plan.level == "sample"
-    batch_size = config.training.batch_size
     loss_sum, seen = 0.0, 0
     for step in range(config.federated.local_steps):
         factors = method.trains(round, step) | {Factor.HEAD}
         ws.params.set_trainable(factors)
-        if sample_level:  # Poisson sampling: the amplification the accountant assumes
-            index = torch.nonzero(torch.rand(len(data)) < plan.sample_rates[client]).flatten()
-        else:
-            index = torch.randperm(len(data))[:batch_size]
-        grads, batch_loss = _summed_gradients(ws, data, index, plan if sample_level else None)
-        if sample_level:
-            for name, g in grads.items():
-                g += torch.randn_like(g) * (plan.noise_multiplier * plan.clip)
-        denominator = min(batch_size, len(data)) if sample_level else max(len(index), 1)
+        index = mechanism.draw_batch(client, batches)
+        summed, batch_loss = summed_gradients(ws, data, index, mechanism.clip_examples)
+        summed, canaries = audit.insert(client, round, summed)  # inserted canaries enter the sum before the noise
+        grads = mechanism.privatize(summed, len(index) + canaries, client, noise)
+        audit.observe(client, grads)
         for factor in factors:
             for name, param in ws.params.by_factor[factor].items():
-                param.grad = method.postprocess(factor, grads[name] / denominator).to(param.dtype)
+                param.grad = method.postprocess(factor, grads[name]).to(param.dtype)
         optimizer.step()
         loss_sum, seen = loss_sum + batch_loss, seen + len(index)
     uploaded = method.uploads(round) | {Factor.HEAD}
@@ -92,10 +89,8 @@ def train_client(
     return ClientResult(upload, len(data), loss_sum / max(seen, 1))
 
 
-def _summed_gradients(
-    ws: Workspace, data: Examples, index: torch.Tensor, dp: PrivacyPlan | None
-) -> tuple[dict[str, torch.Tensor], float]:
-    """Sum over the batch of each example's gradient (clipped to dp.clip per example under DP), and the
+def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, float]:
+    """Sum over the batch of each example's gradient (clipped to `clip` per example, unless None), and the
     summed loss. The batch is processed in physical chunks, so memory does not grow with its size. When CUDA
     runs out of memory, the chunks are halved and the whole batch is recomputed: the batch (drawn before)
     and its sum are the same, so the privacy accounting is too."""
@@ -105,7 +100,7 @@ def _summed_gradients(
     cuda_rng = torch.cuda.get_rng_state(ws.device) if ws.device.type == "cuda" else None
     while True:
         try:
-            return _summed_in_chunks(ws, data, index, dp)
+            return _summed_in_chunks(ws, data, index, clip)
         except torch.cuda.OutOfMemoryError:
             if ws.physical_batch_size == 1:
                 raise
@@ -119,9 +114,7 @@ def _summed_gradients(
             warnings.warn(f"CUDA out of memory: physical batch size lowered to {ws.physical_batch_size}", stacklevel=2)
 
 
-def _summed_in_chunks(
-    ws: Workspace, data: Examples, index: torch.Tensor, dp: PrivacyPlan | None
-) -> tuple[dict[str, torch.Tensor], float]:
+def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, float]:
     trainable = {n: p for n, p in ws.params.all().items() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
     scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
@@ -134,8 +127,8 @@ def _summed_in_chunks(
             logits = ws.model(**ws.to_device(features))
         losses = F.cross_entropy(logits.float(), labels.to(ws.device), reduction="none")
         loss_sum += float(losses.detach().sum())
-        if dp is not None:
-            clipped, _ = ws.per_example.clipped_sum(losses, dp.clip, loss_scale=scale)
+        if clip is not None:
+            clipped, _ = ws.per_example.clipped_sum(losses, clip, loss_scale=scale)
             grads = [clipped[n] for n in trainable]
         else:
             grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]

@@ -116,20 +116,37 @@ class SourcesConfig:
 class PrivacyConfig:
     eps: float = 1.0  # target ε; inf trains without privacy
     delta: float = 1e-5
-    dp_level: str = "sample"  # sample (DP-SGD in every client) | client (DP-FedAvg)
+    dp_level: str = "sample"  # a privacy mechanism: sample (DP-SGD in every client) | client (DP-FedAvg) | ...
     clip: float = 1.0  # clipping norm C: per example (sample level) or per client update (client level)
     accountant: str = "rdp"  # rdp | prv
+    rng: str = "seeded"  # seeded (reproducible from --seed) | secure (OS-keyed ChaCha20 for every privacy draw)
 
     def __post_init__(self) -> None:
+        from dpfl_bench.privacy.mechanism import load_mechanisms
+
+        levels = [name for name in load_mechanisms().names() if name != "none"]  # none is what --eps inf runs
         _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
         _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
-        _require(self.dp_level in ("sample", "client"), f"--dp-level must be sample or client, got {self.dp_level!r}")
+        _require(self.dp_level in levels, f"--dp-level must be one of {', '.join(levels)}, got {self.dp_level!r}")
         _require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
         _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
+        _require(self.rng in ("seeded", "secure"), f"--rng must be seeded or secure, got {self.rng!r}")
 
     @property
     def private(self) -> bool:
         return math.isfinite(self.eps)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The empirical privacy audit: canaries inserted into training, scored against what it released."""
+
+    audit_canaries: int = 0  # M canaries (0: no audit); each inserted with probability 1/2
+    audit_client: int = 0  # sample level: the client whose dataset gets the canary examples
+
+    def __post_init__(self) -> None:
+        _require(self.audit_canaries >= 0, f"--audit-canaries must be 0 (no audit) or more, got {self.audit_canaries}")
+        _require(self.audit_client >= 0, f"--audit-client must be a client number, 0 or more, got {self.audit_client}")
 
 
 @dataclass(frozen=True)
@@ -144,11 +161,12 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
-        _require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "adapter": AdapterConfig,
     "privacy": PrivacyConfig,
     "sources": SourcesConfig,
+    "audit": AuditConfig,
 }
 _TOP_LEVEL = ("task", "method", "seed", "device", "out", "method_options")
 

@@ -19,25 +19,29 @@ SCHEMA = pa.schema(
         ("task", pa.string()),
         ("model", pa.string()),
         ("method", pa.string()),
-        ("dp_level", pa.string()),  # none | sample | client
+        ("dp_level", pa.string()),  # the privacy mechanism: none | sample | client
+        ("rng", pa.string()),  # seeded | secure
         ("eps_target", pa.float64()),  # inf for a non-private run
         ("delta", pa.float64()),
         ("noise_multiplier", pa.float64()),  # σ; noise std is σ·clip
         ("clip", pa.float64()),
         ("eps_spent", pa.float64()),  # largest ε spent by any client so far (client level: by the client set)
         ("eps_spent_mean", pa.float64()),  # mean over clients
+        ("audit_canaries", pa.int64()),  # canaries of the empirical audit (0: none)
+        ("audit_eps_lower", pa.float64()),  # the audit's 95% lower bound on ε (NaN without an audit)
+        ("audit_eps_estimate", pa.float64()),  # the audit's Gaussian-fit estimate of ε
         ("round", pa.int64()),  # 1-based: the number of rounds finished
         ("rounds_total", pa.int64()),
         ("test_accuracy", pa.float64()),
         ("test_loss", pa.float64()),
-        ("train_loss", pa.float64()),  # mean over the examples the round's clients trained on
+        ("train_loss", pa.float64()),  # mean over the examples the round's clients trained on (NaN when secure)
         ("wall_seconds", pa.float64()),  # since the run started, evaluation included
         ("train_seconds", pa.float64()),  # local training and aggregation only, summed over rounds
         ("peak_memory_bytes", pa.int64()),  # CUDA peak allocation, or peak resident memory on CPU
         ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
         ("seed", pa.int64()),
         ("config_json", pa.string()),  # the fully resolved configuration, method options included
-        ("client_data_json", pa.string()),  # per client: examples, label histogram, Poisson rate (sample level)
+        ("client_data_json", pa.string()),  # per client: examples, label histogram, Poisson rate (see the README)
         ("dpfl_bench_version", pa.string()),
         ("torch_version", pa.string()),
         ("peft_version", pa.string()),

@@ -1,48 +1,35 @@
-"""Server-side aggregation: FedAvg, and its client-level DP form (DP-FedAvg, McMahan et al. 2018)."""
+"""Server-side aggregation arithmetic as pure functions: FedAvg, and DP-FedAvg's clip-sum-noise step
+(McMahan et al. 2018). The privacy mechanisms (`privacy/mechanisms/`) decide which one a run uses."""
 
 import torch
 
-from dpfl_bench.adapters import State
+State = dict[str, torch.Tensor]  # parameter name -> value: what the server holds and clients send
 
 
-def fedavg(states: list[State], weights: list[float]) -> State:
-    """Weighted average of the clients' tensors, name by name (weights need not sum to 1)."""
+def fedavg_step(global_state: State, names: list[str], deltas: list[State], weights: list[float]) -> State:
+    """The global state moved by the weighted mean of the clients' updates over `names` (weights need not
+    sum to 1); the other names, and a round without clients, leave it as it is."""
+    if not deltas:
+        return dict(global_state)
     total = sum(weights)
-    return {name: sum(w / total * s[name] for s, w in zip(states, weights)) for name in states[0]}
+    return {**global_state, **{n: global_state[n] + sum(w / total * d[n] for d, w in zip(deltas, weights)) for n in names}}
 
 
 def clip_update(update: State, clip: float) -> State:
-    """Scale a client's whole update (all tensors together) down to norm at most `clip`."""
-    norm = torch.sqrt(sum(t.double().pow(2).sum() for t in update.values()))
-    scale = min(1.0, clip / (float(norm) + 1e-12))
-    return {n: t * scale for n, t in update.items()}
+    """Scale a client's whole update (all tensors together) down to norm at most `clip`. An update whose
+    norm is not finite (a NaN or inf anywhere) contributes zero: min(1, clip / nan) would let it through."""
+    norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
+    scale = min(1.0, clip / (norm + 1e-12)) if norm < float("inf") else 0.0  # nan < inf is False too
+    return {n: t * scale if scale else torch.zeros_like(t) for n, t in update.items()}
 
 
-def aggregate(global_state: State, uploads: list[State], weights: list[float]) -> State:
-    """The next global state under FedAvg; only the uploaded names change."""
-    return {**global_state, **fedavg(uploads, weights)}
-
-
-def aggregate_private(
-    global_state: State,
-    uploads: list[State],
-    *,
-    names: list[str],
-    clip: float,
-    noise_multiplier: float,
-    expected_clients: float,
-    generator: torch.Generator,
-) -> State:
-    """The next global state under client-level DP.
-
-    Each client's update (upload − global, over `names`) is clipped to `clip`; Gaussian noise of std
-    noise_multiplier·clip is added to their sum, which is divided by the *expected* number of clients.
-    Clients are Poisson-sampled, so a round may have none, and a fixed divisor keeps one client's
-    influence on the result at most `clip` / expected_clients: the sensitivity the accountant assumes."""
-    deltas = [clip_update({n: u[n] - global_state[n] for n in names}, clip) for u in uploads]
+def noisy_sum_step(global_state: State, names: list[str], deltas: list[State], noise: State, *, clip: float, divisor: float) -> State:
+    """DP-FedAvg: global + (Σ_k clip(Δ_k) + noise) / divisor over `names`. The divisor is fixed (the
+    expected number of clients), so one client moves the result by at most clip / divisor whatever the
+    round's size: the sensitivity the accountant assumes."""
+    clipped = [clip_update({n: d[n] for n in names}, clip) for d in deltas]
     new_state = dict(global_state)
     for name in names:
-        summed = sum((d[name] for d in deltas), torch.zeros_like(global_state[name]))
-        noise = torch.randn(summed.shape, generator=generator).to(summed.device) * (noise_multiplier * clip)
-        new_state[name] = global_state[name] + (summed + noise) / expected_clients
+        summed = sum((c[name] for c in clipped), torch.zeros_like(global_state[name]))
+        new_state[name] = global_state[name] + (summed + noise[name]) / divisor
     return new_state

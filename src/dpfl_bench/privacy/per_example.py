@@ -21,10 +21,20 @@ the clipping norm, so the sensitivity and the privacy accounting are unchanged, 
 retried depending on the data.
 """
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from dpfl_bench.errors import UserError
+from dpfl_bench.precision import to_device
+
+if TYPE_CHECKING:
+    from dpfl_bench.adapters import TrainableParams
+    from dpfl_bench.tasks import Examples
+
+PER_EXAMPLE_TOLERANCE = 1e-2  # of an example's gradient norm: how far a layer's per-example gradient may stray
 
 
 class PerExampleGradients:
@@ -114,3 +124,60 @@ def _tokens_last(module: nn.Module, t: torch.Tensor, batch: int, name: str) -> t
     if batch == 0 or len(t) % batch:
         raise RuntimeError(f"per-example gradients: {name} got a leading dimension {len(t)}, not a multiple of the batch {batch}")
     return t.reshape(batch, -1, t.shape[-1])
+
+
+def check_per_example(
+    engine: PerExampleGradients, model: nn.Module, params: "TrainableParams", device: torch.device,
+    train: "Examples", model_name: str, count: int = 3,
+) -> None:
+    """Refuse a model whose per-example gradients mix examples: a layer may see its batch in a layout the
+    engine cannot tell apart from batch-major ([tokens, batch, features] with tokens a multiple of the
+    batch), and clipping would then bound nothing. Per-example gradients of `count` training examples in
+    one pass must equal those computed one example at a time, in fp32, with every factor trainable and
+    LoRA B made nonzero (else A's gradients are zero). Parameters, trainable flags, module modes and the
+    RNG states are restored, so the run is the same as without the check."""
+    from dpfl_bench.method import Factor
+
+    state, trainable = params.state(), {n: p.requires_grad for n, p in params.all().items()}
+    modes = {m: m.training for m in model.modules()}
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            params.set_trainable(frozenset(params.by_factor))
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in params.by_factor[Factor.B].values():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            model.eval()  # no dropout: one pass and the single passes compute the same function
+            features, labels = train.batch(torch.arange(min(count, len(train))))
+            features, labels = to_device(features, device), labels.to(device)
+            named = params.all()
+            losses = F.cross_entropy(model(**features).float(), labels, reduction="none")
+            try:
+                batched = engine.compute(losses)
+            except RuntimeError as e:
+                raise UserError(f"per-example gradients of {model_name} cannot be computed ({e}); it cannot be trained "
+                                "under sample-level DP; use --dp-level client") from None
+            for i in range(len(labels)):
+                loss = F.cross_entropy(model(**{k: v[i : i + 1] for k, v in features.items()}).float(), labels[i : i + 1])
+                engine.reset()
+                single = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+                single = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(named.values(), single)]
+                # Measured against the example's whole gradient (what clipping bounds), not the layer's own:
+                # a layer whose gradient nearly cancels has a large relative rounding error (1% seen on
+                # EfficientNet-Lite0 between batch sizes 3 and 1, TF32 convolutions on GPUs add more),
+                # while mixing examples moves a layer by a sizeable part of the whole.
+                tolerance = PER_EXAMPLE_TOLERANCE * float(torch.sqrt(sum(g.pow(2).sum() for g in single))) + 1e-6
+                for name, g in zip(named, single):
+                    mine = batched[name][i] if name in batched else torch.zeros_like(g)
+                    if float((mine - g).norm()) > tolerance:
+                        raise UserError(f"per-example gradients of {model_name} are not per example (layer {name}); it "
+                                        "cannot be trained under sample-level DP; use --dp-level client")
+    finally:
+        engine.reset()
+        params.load(state)
+        for name, p in params.all().items():
+            p.requires_grad_(trainable[name])
+            p.grad = None
+        for module, training in modes.items():
+            module.training = training

@@ -1,0 +1,144 @@
+"""The privacy mechanism interface: the questions on which `none`, `sample` and `client` differ.
+
+The federated core asks a mechanism these things and branches on nothing else:
+
+- `participation(stream)`: which clients take part in each round (drawn before training);
+- `calibrate(schedule)`: the noise multiplier σ for the whole schedule, before training;
+- `draw_batch(client, stream)`: which of a client's examples one local step uses;
+- `clip_examples`: the per-example clipping norm a client's gradient sum uses, or None for a plain sum;
+- `privatize(summed, count, client, stream)`: the gradient a local step applies, from the sum over its
+  `count` examples;
+- `aggregate(global_state, names, deltas, weights, stream)`: the server's next global state from the
+  clients' updates of the parameters `names`;
+- `exposures(schedule)`: what the accountant is told: how often each protected unit was touched, at
+  which rate, over the rounds of `schedule` (a prefix of the run's schedule gives the ε spent so far).
+
+Defaults below are the non-private ones (fixed-size shuffled batches, plain gradient means, FedAvg), so
+a mechanism overrides only what it changes. A mechanism is one module in `privacy/mechanisms/`,
+registered with `@register_mechanism`; its name is a `--dp-level`.
+"""
+
+import math
+from typing import ClassVar
+
+import torch
+
+from dpfl_bench.config import RunConfig
+from dpfl_bench.partition import clients_per_round
+from dpfl_bench.privacy.accounting import Exposure, calibrate_noise, epsilon
+from dpfl_bench.privacy.randomness import Stream
+from dpfl_bench.registry import Registry
+from dpfl_bench.server import State, fedavg_step
+
+Schedule = list[list[int]]  # the clients that take part in each round
+
+
+class Mechanism:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for listings
+    unit: ClassVar[str | None]  # what one guarantee protects and an audit inserts: "example" | "client" | None
+
+    def __init__(self, config: RunConfig, client_sizes: list[int]) -> None:
+        self.config = config
+        self.client_sizes = client_sizes
+        batch = config.training.batch_size
+        self.sample_rates = [min(1.0, batch / n) for n in client_sizes]  # a step's rate on each client's data
+        self.noise_multiplier = 0.0  # σ: noise std is σ·clip; set by `calibrate`
+        self.check()
+
+    @property
+    def clip(self) -> float:
+        return self.config.privacy.clip
+
+    @property
+    def expected_clients(self) -> float:
+        """Clients per round on average (what the upload size per round is reported for)."""
+        fed = self.config.federated
+        return float(clients_per_round(fed.clients, fed.participation))
+
+    def check(self) -> None:
+        """Refuse, in one line, a configuration this mechanism cannot protect."""
+
+    def participation(self, stream: Stream) -> Schedule:
+        """⌈p·N⌉ clients each round, without replacement."""
+        fed = self.config.federated
+        per_round = clients_per_round(fed.clients, fed.participation)
+        return [sorted(stream.choice(fed.clients, per_round).tolist()) for _ in range(fed.rounds)]
+
+    def exposures(self, schedule: Schedule) -> list[Exposure]:
+        """One per protected unit; none for a mechanism without an accountant."""
+        return []
+
+    def calibrate(self, schedule: Schedule) -> None:
+        privacy = self.config.privacy
+        exposures = self.exposures(schedule)
+        if exposures:
+            self.noise_multiplier = calibrate_noise(
+                target_epsilon=privacy.eps, delta=privacy.delta, exposures=exposures, accountant=privacy.accountant
+            )
+
+    def spent(self, schedule: Schedule) -> list[float]:
+        """ε spent by each protected unit over the rounds of `schedule`; [inf] without a guarantee."""
+        privacy = self.config.privacy
+        exposures = self.exposures(schedule)
+        if not exposures:
+            return [math.inf]
+        return [
+            epsilon(noise_multiplier=self.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps,
+                    delta=privacy.delta, accountant=privacy.accountant)
+            for e in exposures
+        ]
+
+    clip_examples: float | None = None
+
+    def draw_batch(self, client: int, stream: Stream) -> torch.Tensor:
+        """A shuffled batch of --batch-size examples."""
+        return torch.from_numpy(stream.permutation(self.client_sizes[client])[: self.config.training.batch_size])
+
+    def privatize(self, summed: State, count: int, client: int, stream: Stream) -> State:
+        """The mean gradient over the step's `count` examples."""
+        return {name: g / max(count, 1) for name, g in summed.items()}
+
+    def aggregate(self, global_state: State, names: list[str], deltas: list[State], weights: list[float], stream: Stream) -> State:
+        """FedAvg: the global state moves by the weighted mean of the clients' updates."""
+        return fedavg_step(global_state, names, deltas, weights)
+
+    def client_records(self, clients_labels: list[torch.Tensor], num_classes: int, secret: bool) -> list[dict]:
+        """What the results record about each client. With secret randomness only what the accounting
+        treats as public: nothing by default (a mechanism says what it publishes)."""
+        if secret:
+            return []
+        return [
+            {"examples": len(labels), "labels": torch.bincount(labels, minlength=num_classes).tolist()}
+            for labels in clients_labels
+        ]
+
+
+def noise_like(summed: State, std: float, stream: Stream) -> State:
+    """Gaussian noise of `std` for every tensor of `summed`, drawn in its (fixed) order on the CPU."""
+    return {name: stream.normal(g.shape, std).to(g.device) for name, g in summed.items()}
+
+
+MECHANISMS: Registry[type[Mechanism]] = Registry("privacy mechanism")
+
+
+def register_mechanism(cls: type[Mechanism]) -> type[Mechanism]:
+    return MECHANISMS.add(cls.name, cls)
+
+
+def load_mechanisms() -> Registry[type[Mechanism]]:
+    import dpfl_bench.privacy.mechanisms  # noqa: F401  (registers the built-in ones)
+
+    return MECHANISMS
+
+
+def create_mechanism(config: RunConfig, client_sizes: list[int]) -> Mechanism:
+    """The run's mechanism: its --dp-level, or `none` for a non-private run (--eps inf)."""
+    name = config.privacy.dp_level if config.privacy.private else "none"
+    return load_mechanisms().get(name)(config, client_sizes)
+
+
+def protected_unit(config: RunConfig) -> str | None:
+    """What --dp-level protects (and an audit inserts), also for a non-private run of that level."""
+    return load_mechanisms().get(config.privacy.dp_level).unit
+

@@ -1,0 +1,16 @@
+"""`none`: no privacy (--eps inf). Shuffled batches, plain mean gradients, FedAvg; no accountant."""
+
+import math
+
+from dpfl_bench.privacy.mechanism import Mechanism, register_mechanism
+
+
+@register_mechanism
+class NoPrivacy(Mechanism):
+    name = "none"
+    summary = "non-private: shuffled batches, mean gradients, FedAvg (what --eps inf runs)"
+    unit = None  # a non-private run is audited as the level it names (see `protected_unit`)
+
+    @property
+    def clip(self) -> float:
+        return math.inf  # nothing is clipped

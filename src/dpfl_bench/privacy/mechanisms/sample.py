@@ -1,0 +1,51 @@
+"""`sample`: DP-SGD in every client (Abadi et al. 2016). Each client's dataset is protected on its own.
+
+Each local step Poisson-samples the client's examples at rate q_k = batch / n_k, clips every example's
+gradient to C, adds N(0, σ²C²) to the sum and divides by the *expected* batch size. The accountant sees
+one subsampled Gaussian mechanism at q_k per local step a client runs: K per round it takes part in.
+"""
+
+import numpy as np
+import torch
+
+from dpfl_bench.privacy.accounting import Exposure, check_delta
+from dpfl_bench.privacy.mechanism import Mechanism, Schedule, noise_like, register_mechanism
+from dpfl_bench.privacy.randomness import Stream
+from dpfl_bench.server import State
+
+
+@register_mechanism
+class SampleDP(Mechanism):
+    name = "sample"
+    summary = "DP-SGD in every client: Poisson batches, per-example clipping, Gaussian noise; protects each example"
+    unit = "example"
+
+    def check(self) -> None:
+        check_delta(self.config.privacy.delta, min(self.client_sizes), "client dataset")
+
+    def exposures(self, schedule: Schedule) -> list[Exposure]:
+        steps = self.config.federated.local_steps
+        return [Exposure(q, steps * sum(k in chosen for chosen in schedule)) for k, q in enumerate(self.sample_rates)]
+
+    @property
+    def clip_examples(self) -> float:
+        return self.clip
+
+    def draw_batch(self, client: int, stream: Stream) -> torch.Tensor:
+        """Poisson sampling, the amplification the accountant assumes: each example joins with rate q_k."""
+        return torch.from_numpy(np.flatnonzero(stream.bernoulli(self.client_sizes[client], self.sample_rates[client])))
+
+    def privatize(self, summed: State, count: int, client: int, stream: Stream) -> State:
+        # Divided by the expected batch size, never the realised one (which would depend on the data).
+        expected = min(self.config.training.batch_size, self.client_sizes[client])
+        noise = noise_like(summed, self.noise_multiplier * self.clip, stream)
+        return {name: (g + noise[name]) / expected for name, g in summed.items()}
+
+    def client_records(self, clients_labels: list[torch.Tensor], num_classes: int, secret: bool) -> list[dict]:
+        """Client sizes (and so their rates) are public to the accounting; label histograms only when seeded."""
+        records = super().client_records(clients_labels, num_classes, secret=False)
+        for record, rate in zip(records, self.sample_rates):
+            record["sample_rate"] = rate
+            if secret:
+                del record["labels"]
+        return records
