@@ -57,3 +57,16 @@ def assert_user_error(result, *texts: str) -> None:
     assert len(result.output.strip().splitlines()) == 1, result.output
     for text in texts:
         assert text in result.output, result.output
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A run refused once it has started (after its header line): one error line on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

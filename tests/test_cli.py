@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+from support import assert_one_line_error
 from typer.testing import CliRunner
 
 from dpfl_bench import cli
@@ -120,18 +121,6 @@ def test_config_file_is_used_and_flags_override_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- bad input
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_unknown_task_lists_the_valid_ones():

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dpfl_bench.client as client_module
+import dpfl_bench.federated as federated
 import dpfl_bench.server as server
 from dpfl_bench.adapters import TrainableParams, add_lora
 from dpfl_bench.client import Workspace, train_client
@@ -408,6 +410,117 @@ def test_client_level_run_clips_every_update_and_stays_within_budget(tmp_path, m
     spent = [row["eps_spent"] for row in summary.rows]
     assert all(e <= 4.0 for e in spent) and spent == sorted(spent)
     assert all(row["dp_level"] == "client" for row in summary.rows)
+
+
+# --- what a run does, observed through the code path it takes ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_sample_run(tmp_path_factory):
+    """A sample-level dp-lora run with, for every local step, the batch it drew, the clipped sum, and the
+    gradient each parameter received at the optimizer step (dp-lora post-processes nothing)."""
+    steps: list[dict] = []
+    real_sum, real_optimizer = client_module.summed_gradients, client_module.make_optimizer
+
+    def recording_sum(ws, data, index, clip):
+        summed, loss = real_sum(ws, data, index, clip)
+        steps.append({"batch": len(index), "summed": {n: g.clone() for n, g in summed.items()}})
+        return summed, loss
+
+    def recording_optimizer(params, method, config):
+        optimizer = real_optimizer(params, method, config)
+        names = {id(p): n for n, p in params.all().items()}
+
+        def before_step(opt, args, kwargs):
+            steps[-1]["grads"] = {names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None}
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    config = run_options(tmp_path_factory.mktemp("recorded"), eps=1.0, rounds=3, **{"local-steps": 6, "batch-size": 16})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(client_module, "summed_gradients", recording_sum)
+        mp.setattr(client_module, "make_optimizer", recording_optimizer)
+        summary = run_federated(config)
+    return summary, steps
+
+
+def test_a_run_draws_poisson_batches_at_the_accounted_rate(recorded_sample_run):
+    """Each local step's batch is Poisson(n·q) with q = batch/n: its realised sizes average the batch size."""
+    summary, steps = recorded_sample_run
+    batch = summary.mechanism.config.training.batch_size
+    sizes = [s["batch"] for s in steps]
+    assert len(sizes) == 3 * 3 * 6 and len(set(sizes)) > 3  # 3 clients x 3 rounds x 6 steps, sizes vary
+    q = summary.mechanism.sample_rates[0]
+    assert q == batch / 200
+    standard_error = math.sqrt(batch * (1 - q) / len(sizes))
+    assert abs(sum(sizes) / len(sizes) - batch) < 4 * standard_error, sizes
+
+
+def test_every_trained_factor_and_the_head_get_noise_of_std_sigma_c_over_b_in_a_run(recorded_sample_run):
+    """What the optimizer applies, times the expected batch, minus the clipped sum, is the noise: its std
+    must be σ·C on every tensor that trains, the head included."""
+    summary, steps = recorded_sample_run
+    sigma, clip = summary.mechanism.noise_multiplier, summary.mechanism.clip
+    batch = summary.mechanism.config.training.batch_size
+    assert sigma > 0
+    params = dict(federated.prepare(summary.mechanism.config).workspace.params.by_factor)
+    for factor in Factor:
+        noise = torch.cat([(s["grads"][n] * batch - s["summed"][n]).flatten() for s in steps for n in params[factor]])
+        assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.1), factor
+        assert abs(float(noise.mean())) < 5 * sigma * clip / math.sqrt(noise.numel()), factor
+
+
+def test_a_client_level_run_adds_server_noise_and_divides_by_the_expected_number_of_clients(tmp_path, monkeypatch):
+    """Inside a run: each round's new global state is global + (Σ clip(update) + N(0, σ²C²)) / (p·N), with
+    the updates recorded from what the clients uploaded. The residual after taking out the clipped mean is
+    the noise alone: its std is σC/(pN), and it has no component along the clipped sum (which a divisor
+    of the realised number of clients would leave)."""
+    uploads: dict[int, list] = {}
+    transitions = []
+    real_train, real_create = federated.train_client, federated.create_mechanism
+
+    def recording_train(ws, global_state, data, *, round, **kwargs):
+        result = real_train(ws, global_state, data, round=round, **kwargs)
+        uploads.setdefault(round, []).append(result.upload)
+        return result
+
+    def recording_mechanism(*args):
+        mechanism = real_create(*args)
+        real_aggregate = mechanism.aggregate
+
+        def aggregate(global_state, names, *rest):
+            new = real_aggregate(global_state, names, *rest)
+            transitions.append((dict(global_state), new, names))
+            return new
+
+        mechanism.aggregate = aggregate
+        return mechanism
+
+    monkeypatch.setattr(federated, "train_client", recording_train)
+    monkeypatch.setattr(federated, "create_mechanism", recording_mechanism)
+    clip, clients, participation = 0.5, 6, 0.5
+    config = run_options(tmp_path, eps=1000.0, rounds=5, clients=clients, participation=participation, clip=clip, lr=0.05,
+                         **{"dp-level": "client"})
+    summary = run_federated(config)
+    sigma, expected_clients = summary.mechanism.noise_multiplier, participation * clients
+    assert 0 < sigma < 0.1
+    realised = [len(uploads.get(r, [])) for r in range(5)]
+    assert any(m not in (0, expected_clients) for m in realised), realised  # rounds where the two divisors differ
+
+    def flat(state, names):
+        return torch.cat([state[n].flatten().double() for n in names])
+
+    for round, (before, after, names) in enumerate(transitions):
+        clipped = [flat(server.clip_update({n: u[n] - before[n] for n in names}, clip), names) for u in uploads.get(round, [])]
+        summed = sum(clipped, torch.zeros(sum(before[n].numel() for n in names), dtype=torch.float64))
+        assert all(float(c.norm()) == pytest.approx(clip, rel=1e-4) for c in clipped)  # every update was clipped
+        residual = flat(after, names) - flat(before, names) - summed / expected_clients
+        noise_std = sigma * clip / expected_clients
+        assert float(residual.std()) == pytest.approx(noise_std, rel=0.05), round
+        if float(summed.norm()) > 0:
+            along = float(residual @ summed) / float(summed.norm())
+            assert abs(along) < 4 * noise_std, (round, realised[round], along)
 
 
 def test_aggregate_client_level_noise_and_clip():

@@ -146,3 +146,27 @@ def test_sample_level_step_survives_an_empty_poisson_batch():
     for name in ws.params.all():
         assert not torch.equal(before[name], after[name])
     assert result.train_loss == 0.0
+
+
+def test_batchnorm_stays_in_eval_mode_during_a_local_step():
+    """BatchNorm would mix a batch's examples (and update its running statistics from private data): during
+    a client's local steps every BatchNorm layer of the default task's EfficientNet must be in eval mode."""
+    config = build_config({"task": "mnist", "method": "dp-lora", "eps": math.inf, "local-steps": 2, "batch-size": 4,
+                           "physical-batch-size": 4, "device": "cpu"}, TASKS.get("mnist").defaults)
+    exp = prepare(config)
+    norms = [m for m in exp.workspace.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 10
+    modes: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda module, inputs: modes.append(module.training)) for m in norms]
+    statistics = {n: b.clone() for n, b in exp.workspace.model.named_buffers() if "running" in n}
+    try:
+        train_client(exp.workspace, exp.workspace.params.state(), exp.clients[0], client=0, round=0, method=exp.method,
+                     config=config, mechanism=exp.mechanism, randomness=exp.randomness)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(modes) == 2 * len(norms) and not any(modes)
+    assert exp.workspace.model.training  # the rest of the model trains (dropout on)
+    for name, value in exp.workspace.model.named_buffers():
+        if name in statistics:
+            assert torch.equal(value, statistics[name]), name

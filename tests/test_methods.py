@@ -254,6 +254,21 @@ def test_rolora_client_trains_only_that_rounds_factor(
     assert set(upload) == names_of(setup.global_state, trained) | names_of(setup.global_state, Factor.HEAD)
 
 
+@pytest.mark.parametrize("eps", [INF, 1.0], ids=["no-dp", "sample-dp"])
+def test_ffa_lora_client_never_trains_a_locally(monkeypatch: pytest.MonkeyPatch, eps: float) -> None:
+    """FFA-LoRA's A is never uploaded, so the global states cannot show a client training it: check the
+    client's own A after every local step, from a state where A's gradient is not zero."""
+    setup = client_setup("ffa-lora", eps, local_steps=3)
+    for name in names_of(setup.global_state, Factor.B):
+        setup.global_state[name] = torch.randn_like(setup.global_state[name]) * 0.1
+    snapshots, upload = train_one(setup, monkeypatch)
+    assert len(snapshots) == 4
+    for before, after in zip(snapshots, snapshots[1:]):
+        assert same(before, after, Factor.A), "A must stay bit-identical in the client, noise included"
+        assert all_changed(before, after, Factor.B) and all_changed(before, after, Factor.HEAD)
+    assert not names_of(setup.global_state, Factor.A) & set(upload)
+
+
 def test_la_lora_filter_is_applied_to_the_noisy_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """With plain SGD an update is -lr * gradient, so the smoothed run's B update must equal the
     unsmoothed run's B update (same seed, same noise) smoothed along B's output axis."""

@@ -167,6 +167,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        _require(
+            self.audit.audit_client < self.federated.clients,
+            f"--audit-client {self.audit.audit_client} does not exist: the run has clients 0 to {self.federated.clients - 1}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

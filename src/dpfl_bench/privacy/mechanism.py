@@ -35,7 +35,6 @@ Schedule = list[list[int]]  # the clients that take part in each round
 
 class Mechanism:
     name: ClassVar[str]
-    summary: ClassVar[str]  # one line for listings
     unit: ClassVar[str | None]  # what one guarantee protects and an audit inserts: "example" | "client" | None
 
     def __init__(self, config: RunConfig, client_sizes: list[int]) -> None:

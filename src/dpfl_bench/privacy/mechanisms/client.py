@@ -18,7 +18,6 @@ from dpfl_bench.server import State, noisy_sum_step
 @register_mechanism
 class ClientDP(Mechanism):
     name = "client"
-    summary = "DP-FedAvg: Poisson client sampling, each update clipped, Gaussian noise at the server; protects each client"
     unit = "client"
 
     def check(self) -> None:

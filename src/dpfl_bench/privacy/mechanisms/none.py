@@ -8,7 +8,6 @@ from dpfl_bench.privacy.mechanism import Mechanism, register_mechanism
 @register_mechanism
 class NoPrivacy(Mechanism):
     name = "none"
-    summary = "non-private: shuffled batches, mean gradients, FedAvg (what --eps inf runs)"
     unit = None  # a non-private run is audited as the level it names (see `protected_unit`)
 
     @property

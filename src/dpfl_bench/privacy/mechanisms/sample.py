@@ -17,7 +17,6 @@ from dpfl_bench.server import State
 @register_mechanism
 class SampleDP(Mechanism):
     name = "sample"
-    summary = "DP-SGD in every client: Poisson batches, per-example clipping, Gaussian noise; protects each example"
     unit = "example"
 
     def check(self) -> None:
