@@ -119,6 +119,21 @@ def test_cells_that_mix_configurations_are_warned_about(tmp_path):
     assert mixed_options(load_results(tmp_path).finals, ["method", "lr"]) == []
 
 
+def test_non_private_runs_of_both_levels_are_told_apart_by_their_configured_level(tmp_path):
+    """A non-private run records dp_level none whatever --dp-level it had (its audit's canaries follow the
+    configured level): --by dp_level alone must warn, --by config.dp_level separates them."""
+    write_run(tmp_path, method="dp-lora", eps=math.inf, seed=0, accuracies=[0.5])
+    write_run(tmp_path, method="dp-lora", eps=math.inf, seed=0, accuracies=[0.7], **{"dp-level": "client"})
+    finals = load_results(tmp_path).finals
+    assert mixed_options(finals, ["method", "dp_level"]) == ["config.dp_level"]
+    assert mixed_options(finals, ["method", "config.dp_level"]) == []
+    result = invoke("compare", tmp_path, "--by", "method,config.dp_level", "--format", "csv")
+    assert result.exit_code == 0 and "warning" not in result.output
+    assert sorted(result.output.splitlines()[1:])[0].startswith("synthetic,tiny,dp-lora,client,inf,0.7")
+    warned = invoke("compare", tmp_path, "--by", "method,dp_level")
+    assert "differ in config.dp_level" in warned.output and "--by method,dp_level,config.dp_level" in warned.output
+
+
 def test_corrupt_foreign_unfinished_and_duplicate_files_are_skipped_with_a_warning(folder):
     (folder / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     pd.DataFrame({"a": [1]}).to_parquet(folder / "foreign.parquet")

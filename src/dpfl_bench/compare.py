@@ -72,11 +72,17 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last row, with seconds per round and its configuration's options as columns."""
+    """Each run's last row, with seconds per round and its configuration's options as columns (an option
+    named like a results column, e.g. dp_level, which a non-private run records as none, as config.<name>)."""
     finals = rows.sort_values("round").groupby("run_id", sort=False).tail(1).sort_values("run_id").reset_index(drop=True)
     finals["seconds_per_round"] = finals["train_seconds"] / finals["round"]
     options = pd.DataFrame([flat_options(text) for text in finals["config_json"]], index=finals.index)
-    return finals.join(options[[c for c in options.columns if c not in finals.columns]])
+    return finals.join(options.rename(columns={c: option_column(c) for c in options.columns}))
+
+
+def option_column(option: str) -> str:
+    """The column of `finals` that holds a run option."""
+    return f"config.{option}" if option in SCHEMA.names else option
 
 
 def flat_options(config_json: str) -> dict:
@@ -122,13 +128,17 @@ def mixed_options(finals: pd.DataFrame, by: list[str]) -> list[str]:
     """Run options that differ between runs averaged into one cell: anything but the seed, where results
     go and how many workers load data (an option a run lacks counts as a value of its own)."""
     keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
-    same_in_a_cell = {"seed", "out", "workers", "eps", "task", "model", *by}
+    # A results column in `by` (dp_level) does not fix the option of that name (config.dp_level).
+    held = {b.removeprefix("config.") for b in by if b.startswith("config.") or b not in SCHEMA.names}
+    same_in_a_cell = {"seed", "out", "workers", "eps", "task", "model", *held}
     mixed = set()
     for _, cell in finals.groupby(keys, dropna=False):
         configs = [flat_options(text) for text in cell["config_json"]]
         for option in set().union(*configs) - same_in_a_cell:
             if len({repr(c.get(option, "<absent>")) for c in configs}) > 1:
-                mixed.add(option)
+                # Name the column that separates them: the results column of that name when it does (method).
+                separates = option in cell.columns and cell[option].nunique(dropna=False) > 1
+                mixed.add(option if separates else option_column(option))
     return sorted(mixed)
 
 
