@@ -20,10 +20,8 @@ from dpfl_bench.client import train_client
 from dpfl_bench.config import build_config
 from dpfl_bench.federated import prepare
 from dpfl_bench.privacy.mechanism import noise_like
-from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.privacy.randomness import MODES, Purpose, Randomness
 from dpfl_bench.tasks import TASKS
-
-MODES = ("seeded", "secure")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dpfl_bench.errors import UserError
+from dpfl_bench.privacy.randomness import MODES
 
 
 def _require(ok: bool, message: str) -> None:
@@ -130,7 +131,7 @@ class PrivacyConfig:
         _require(self.dp_level in levels, f"--dp-level must be one of {', '.join(levels)}, got {self.dp_level!r}")
         _require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
         _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
-        _require(self.rng in ("seeded", "secure"), f"--rng must be seeded or secure, got {self.rng!r}")
+        _require(self.rng in MODES, f"--rng must be {' or '.join(MODES)}, got {self.rng!r}")
 
     @property
     def private(self) -> bool:

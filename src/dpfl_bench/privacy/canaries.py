@@ -38,8 +38,6 @@ SCORE_CHUNK = 256  # canaries unpacked at a time when scoring
 class NoAudit:
     """What the core calls when nothing is audited: every hook leaves training as it is."""
 
-    count = 0
-
     def insert(self, client: int, round: int, summed: State) -> tuple[State, int]:
         return summed, 0
 
