@@ -49,7 +49,7 @@ def main() -> None:
     if args.physical_batch_size:
         options["physical_batch_size"] = args.physical_batch_size
     config = build_config(options, task.defaults)
-    data = task.load_data(config.sources)
+    data = task.load(config.sources)
     plain, private = (workspace(task, data.num_classes, config, dp) for dp in (False, True))
     index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[: args.batch_size]
 

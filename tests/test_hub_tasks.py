@@ -487,7 +487,7 @@ def _dp_setup(precision: str = "fp32", physical: int = 32):
     ws = exp.workspace
     ws.per_example = PerExampleGradients(ws.model, ws.params.all())
     mechanism = create_mechanism(build_config({"task": "synthetic", "eps": 1.0, "clip": 0.5}), [len(c) for c in exp.clients])
-    mechanism.noise_multiplier = 1.0
+    mechanism.noise_multipliers = [1.0] * len(exp.clients)
     return exp, ws, mechanism
 
 

@@ -9,12 +9,24 @@ from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.randomness import Stream
 
 
-def iid_partition(num_examples: int, num_clients: int, *, rng: Stream) -> list[np.ndarray]:
-    """An equal random split: client sizes differ by at most one."""
+def iid_partition(num_examples: int, num_clients: int, *, size: int = 0, rng: Stream) -> list[np.ndarray]:
+    """An equal random split: `size` examples per client, or (size 0) the whole set, client sizes then
+    differing by at most one."""
+    check_client_size(num_examples, num_clients, size)
+    used = size * num_clients or num_examples
+    return [np.sort(part) for part in np.array_split(rng.permutation(num_examples)[:used], num_clients)]
+
+
+def check_client_size(num_examples: int, num_clients: int, size: int) -> None:
+    """Refuse a split that would leave a client empty, or whose clients of `size` examples each (0: the
+    whole set split) need more examples than the training set holds: clients never share an example."""
     if num_examples < num_clients:
         raise UserError(f"{num_examples} training examples cannot be split across {num_clients} clients; use fewer --clients")
-    order = rng.permutation(num_examples)
-    return [np.sort(part) for part in np.array_split(order, num_clients)]
+    if size * num_clients > num_examples:
+        raise UserError(
+            f"{num_clients} clients of {size} examples (--client-size) need {size * num_clients} training examples, "
+            f"but the training set has {num_examples} (after its validation split); lower --client-size or --clients"
+        )
 
 
 def dirichlet_partition(
@@ -41,6 +53,56 @@ def dirichlet_partition(
         f"no Dirichlet(alpha={alpha}) split gave every one of {num_clients} clients {min_size} examples in "
         f"{max_tries} tries; raise --dirichlet-alpha, lower --min-partition-size or use fewer --clients"
     )
+
+
+def dirichlet_mix_partition(
+    labels: np.ndarray, num_clients: int, *, alpha: float, size: int, rng: Stream
+) -> list[np.ndarray]:
+    """Label skew with equal clients: each client draws its class proportions from Dir(alpha·1) and takes
+    `size` examples (0: len(labels) // num_clients), disjoint from every other client's.
+
+    A client's proportions become counts by largest-remainder rounding; when a class has fewer examples
+    left than the client's share of it, the client takes all that is left and spreads the rest over its
+    other classes in proportion to its draw (see `class_counts`). Clients draw in order, from class pools
+    shuffled once.
+    """
+    check_client_size(len(labels), num_clients, size)
+    size = size or len(labels) // num_clients
+    classes = np.unique(labels)
+    pools = [members[rng.permutation(len(members))] for members in (np.flatnonzero(labels == c) for c in classes)]
+    taken = np.zeros(len(classes), dtype=int)  # how much of each pool earlier clients took
+    partition = []
+    for _ in range(num_clients):
+        counts = class_counts(size, rng.dirichlet(np.full(len(classes), alpha)), np.array([len(p) for p in pools]) - taken)
+        partition.append(np.sort(np.concatenate([pool[t : t + n] for pool, t, n in zip(pools, taken, counts)])))
+        taken += counts
+    return partition
+
+
+def class_counts(total: int, proportions: np.ndarray, available: np.ndarray) -> np.ndarray:
+    """Integer counts summing to `total`, none above what is `available`, proportional to `proportions`
+    where the pools allow: a class whose share exceeds its pool gets the whole pool and the remainder is
+    shared among the other classes in proportion to theirs (by what is left in their pools if all of
+    theirs are 0), then shares are rounded by largest remainder. Needs total <= available.sum()."""
+    counts = np.zeros(len(proportions), dtype=int)
+    open_ = available > 0
+    while total > 0:
+        weights = np.where(open_, proportions, 0.0)
+        if weights.sum() <= 0:
+            weights = np.where(open_, available - counts, 0).astype(float)
+        share = total * weights / weights.sum()
+        full = open_ & (share >= available - counts)
+        if full.any():
+            total -= int((available - counts)[full].sum())
+            counts[full] = available[full]
+            open_ &= ~full
+            continue
+        rounded = np.floor(share).astype(int)
+        remainders = np.argsort(-(share - rounded), kind="stable")[: total - rounded.sum()]
+        rounded[remainders] += 1
+        counts += rounded
+        total = 0
+    return counts
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:

@@ -5,6 +5,9 @@ A task is registered once with `register_task(Task(...))`. Its model maps a batc
 training a text or an image model. Data and model are loaded through the run's `SourcesConfig` (hub or
 local mirror); the built model says which of its modules get LoRA and which form the head, since that
 depends on the architecture a user picked with `--model`.
+
+A task's `load_data` returns its fixed train/test split; callers load through `Task.load`, which also
+carves the task's validation split out of the training data, so no caller can train on it.
 """
 
 from dataclasses import dataclass, field
@@ -47,8 +50,20 @@ class Examples:
 
 
 @dataclass(frozen=True)
-class TaskData:
+class TrainTestSplit:
+    """What a task's `load_data` returns: its fixed train/test split, before the validation carve."""
+
     train: Examples
+    test: Examples
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What `Task.load` returns: `val` is carved out of the task's training data and never trained on."""
+
+    train: Examples
+    val: Examples
     test: Examples
     num_classes: int
 
@@ -66,11 +81,36 @@ class Task:
     name: str
     description: str
     model_name: str  # the default model, for listings
-    load_data: Callable[[SourcesConfig], TaskData]  # a fixed, seeded train/test split
+    load_data: Callable[[SourcesConfig], TrainTestSplit]  # a fixed, seeded train/test split; callers use `load`
     build_model: Callable[[int, SourcesConfig], BuiltModel]  # num_classes -> pretrained model
     lora_targets: tuple[str, ...]  # the default model's LoRA targets, for listings
+    validation_size: int  # training examples held out for validation (at most a fifth of the training split)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flat options that suit this task
     synthetic: bool = False  # generated data and random weights: for tests, not for conclusions
+
+    def load(self, sources: SourcesConfig) -> TaskData:
+        """The task's data with its validation split carved out of the training data: the same examples
+        for every run and seed, so validation scores compare across runs, and none of them trained on."""
+        split = self.load_data(sources)
+        train_index, val_index = validation_split(len(split.train), self.validation_size, self.name)
+        return TaskData(split.train.subset(train_index), split.train.subset(val_index), split.test, split.num_classes)
+
+
+VALIDATION_SEED = 20240601  # part of every task, independent of the run's --seed
+
+
+def validation_split(num_train: int, size: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into a training split of `num_train` examples, each in ascending order:
+    `size` examples drawn with a fixed seed, or a fifth of the split if that is fewer (so a small local
+    mirror of a hub dataset still leaves most of its examples to train on)."""
+    held_out = min(size, num_train // 5)
+    if held_out < 1:
+        raise UserError(
+            f"{task}'s training split has {num_train} examples, too few to hold out a validation split; "
+            "a task needs at least 5 training examples"
+        )
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[held_out:].sort().values, order[:held_out].sort().values
 
 
 TASKS: Registry[Task] = Registry("task")

