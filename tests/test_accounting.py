@@ -181,8 +181,8 @@ def calibrated(config, sizes, schedule):
     return mechanism
 
 
-def test_sample_level_calibrates_for_most_participating_client():
-    config = _config(clients=3, participation=2 / 3, rounds=4)
+def test_shared_calibration_gives_every_client_the_most_participating_clients_sigma():
+    config = _config(clients=3, participation=2 / 3, rounds=4, calibration="shared")
     schedule = [[0, 1], [0, 2], [0, 1], [0, 2]]  # client 0 takes part 4 times, the others twice
     mechanism = calibrated(config, [200, 200, 200], schedule)
 
@@ -198,11 +198,34 @@ def test_sample_level_calibrates_for_most_participating_client():
                                                       delta=DELTA, accountant="rdp") for s in (5, 5, 0)]
     # Cross-check the most-exposed client's ε with dp_accounting at the calibrated σ.
     assert reference_rdp(0.05, mechanism.noise_multiplier, 20) == pytest.approx(spent[0], rel=0.02)
+    assert mechanism.noise_multipliers == [mechanism.noise_multiplier] * 3
+
+
+def test_per_client_calibration_gives_each_client_its_own_smallest_sigma():
+    """Each client protects its own dataset, so each gets the least noise that keeps it within ε for its
+    own rate and steps: every client spends the whole budget, none more."""
+    config = _config(clients=4, participation=0.5, rounds=4)
+    assert config.privacy.calibration == "per-client"  # the default
+    schedule = [[0, 1], [0, 2], [0, 1], [0, 2]]  # client 0: 4 rounds; 1 and 2: twice; 3: never
+    sizes = [200, 200, 50, 200]  # client 2 is small: rate 0.2
+    mechanism = calibrated(config, sizes, schedule)
+    sigmas = mechanism.noise_multipliers
+    assert sigmas[3] == 0.0  # never takes part: never adds noise
+    for k, (q, steps) in enumerate([(0.05, 20), (0.05, 10), (0.2, 10)]):
+        own = calibrate_noise(target_epsilon=2.0, delta=DELTA, exposures=[Exposure(q, steps)], accountant="rdp")
+        assert sigmas[k] == own
+        assert reference_rdp(q, sigmas[k], steps) == pytest.approx(2.0, rel=0.02)  # dp_accounting agrees
+    spent = mechanism.spent(schedule)
+    assert all(e <= 2.0 and e == pytest.approx(2.0, rel=0.01) for e in spent[:3]) and spent[3] == 0.0
+    assert sigmas[1] < sigmas[0] < sigmas[2]  # fewer steps need less noise; a higher rate more
+    assert mechanism.noise_multiplier == sigmas[2] and mechanism.noise_multiplier_min == sigmas[1]
+    shared = calibrated(_config(clients=4, participation=0.5, rounds=4, calibration="shared"), sizes, schedule)
+    assert shared.noise_multipliers == [sigmas[2]] * 3 + [0.0]
 
 
 def test_sample_level_worst_client_can_be_the_smallest():
     """A small client has a higher Poisson rate, so it may be the binding one despite fewer rounds."""
-    config = _config(clients=2, participation=0.5, rounds=3)
+    config = _config(clients=2, participation=0.5, rounds=3, calibration="shared")
     schedule = [[0], [0], [1]]
     mechanism = calibrated(config, [1000, 100], schedule)  # rates 0.01 and 0.1
     assert mechanism.sample_rates == [0.01, 0.1]

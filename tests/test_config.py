@@ -24,7 +24,7 @@ from dpfl_bench.errors import UserError
 def test_defaults_when_nothing_is_given():
     config = build_config({})
     # the method's options are resolved to its defaults, so they are saved with the run
-    assert config == dataclasses.replace(RunConfig(), method_options={"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 1.0})
+    assert config == dataclasses.replace(RunConfig(), method_options={"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 1.0, "filter": "gaussian"})
     assert config.federated == FederatedConfig()
     assert config.training == TrainingConfig()
     assert config.privacy == PrivacyConfig()
@@ -35,7 +35,7 @@ def test_method_options_are_resolved_the_same_from_the_cli_and_from_toml():
     from_cli = build_config({"method": "la-lora", "method_options": {"smooth-sigma": "0"}})
     from_toml = build_config({"method": "la-lora", "method_options": {"smooth_sigma": 0}})
     assert from_cli.method_options == from_toml.method_options
-    assert from_cli.method_options == {"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 0.0}
+    assert from_cli.method_options == {"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 0.0, "filter": "gaussian"}
     assert from_cli.to_json() == from_toml.to_json()
 
 
@@ -62,15 +62,16 @@ def test_dashes_and_underscores_name_the_same_option():
 def test_every_option_lands_in_the_config(tmp_path):
     options = {
         "task": "synthetic", "method": "la-lora", "seed": 3, "device": "cpu", "out": "elsewhere",
-        "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet",
-        "dirichlet-alpha": 0.3, "min-partition-size": 5, "weighting": "size", "batch-size": 4, "lr": 0.2,
+        "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet-mix",
+        "dirichlet-alpha": 0.3, "min-partition-size": 5, "client-size": 7, "weighting": "size", "batch-size": 4, "lr": 0.2,
         "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
+        "weight-decay": 0.01, "lr-decay": 0.9, "calibration": "shared",
         "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
         "precision": "bf16", "lora-targets": "query,value", "model": "hf:some/model", "model-path": str(tmp_path),
         "data-dir": str(tmp_path), "workers": 2, "rng": "secure", "audit-canaries": 100, "audit-client": 1,
-        "method-options": {"first_factor": "A", "lr_b_multiplier": 3.0, "smooth_sigma": 0.5},
+        "method-options": {"first_factor": "A", "lr_b_multiplier": 3.0, "smooth_sigma": 0.5, "filter": "laplacian"},
     }
-    assert set(options) == set(option_names())
+    assert set(options) | {"dp-sigma"} == set(option_names())  # dp-sigma: the authors' level only, below
     config = build_config(options)
     flat = {}
     for section in (config.federated, config.training, config.adapter, config.privacy, config.sources, config.audit):
@@ -79,6 +80,7 @@ def test_every_option_lands_in_the_config(tmp_path):
                 method_options=dict(config.method_options))
     for key, value in options.items():
         assert flat[key.replace("-", "_")] == value, key
+    assert build_config({"dp-level": "authors", "dp-sigma": 0.7}).privacy.dp_sigma == 0.7
 
 
 def test_unknown_option_lists_valid_options():
@@ -112,15 +114,18 @@ BAD_VALUES = [
     ({"lr": 0}, "--lr must be a number > 0"),
     ({"lr": math.inf}, "--lr must be a number > 0"),
     ({"optimizer": "adam"}, "--optimizer must be adamw or sgd"),
-    ({"partition": "shards"}, "--partition must be iid or dirichlet"),
+    ({"partition": "shards"}, "--partition must be iid, dirichlet or dirichlet-mix"),
     ({"delta": 0}, "--delta must be in (0, 1)"),
     ({"delta": 1}, "--delta must be in (0, 1)"),
     ({"clip": 0}, "--clip must be a number > 0"),
     ({"clip": math.inf}, "--clip must be a number > 0"),
     ({"seed": -1}, "--seed must be in [0, 2^63)"),
     ({"seed": 2**63}, "--seed must be in [0, 2^63)"),
-    ({"dp-level": "user"}, "--dp-level must be one of client, sample"),
-    ({"dp-level": "none"}, "--dp-level must be one of client, sample"),
+    ({"dp-level": "user"}, "--dp-level must be one of authors, client, sample"),
+    ({"dp-level": "none"}, "--dp-level must be one of authors, client, sample"),
+    ({"weight-decay": -0.1}, "--weight-decay must be a number ≥ 0"),
+    ({"lr-decay": 0}, "--lr-decay must be in (0, 1]"),
+    ({"lr-decay": 1.5}, "--lr-decay must be in (0, 1]"),
     ({"rng": "urandom"}, "--rng must be seeded or secure"),
     ({"audit-canaries": -1}, "--audit-canaries must be 0 (no audit) or more"),
     ({"audit-client": -1}, "--audit-client must be a client number"),
@@ -189,8 +194,8 @@ def test_load_toml_reads_flat_options_and_method_options(tmp_path):
     assert config.federated.local_steps == 3  # the file beats task defaults
     assert config.federated.rounds == 2
     assert config.task == "synthetic" and config.privacy.dp_level == "client"
-    assert not config.privacy.private
-    assert config.method_options == {"first_factor": "A", "lr_b_multiplier": 2.0, "smooth_sigma": 0.5}
+    assert not config.privacy.accounted
+    assert config.method_options == {"first_factor": "A", "lr_b_multiplier": 2.0, "smooth_sigma": 0.5, "filter": "gaussian"}
 
 
 def test_load_toml_rejects_an_unknown_key(tmp_path):

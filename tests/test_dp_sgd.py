@@ -40,7 +40,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def synthetic_data():
-    return SYNTHETIC.load_data(SourcesConfig())
+    return SYNTHETIC.load(SourcesConfig())
 
 
 def synthetic_model(rank: int = 4, seed: int = 0) -> tuple[nn.Module, TrainableParams]:
@@ -122,7 +122,7 @@ def dp_config(**options):
 def sample_dp(config, data, sigma: float) -> Mechanism:
     """Sample-level DP-SGD for one client holding `data`, at a chosen σ (no calibration: fast)."""
     mechanism = create_mechanism(config, [len(data)])
-    mechanism.noise_multiplier = sigma
+    mechanism.noise_multipliers = [sigma]
     return mechanism
 
 
@@ -427,8 +427,8 @@ def recorded_sample_run(tmp_path_factory):
         steps.append({"batch": len(index), "summed": {n: g.clone() for n, g in summed.items()}})
         return summed, loss
 
-    def recording_optimizer(params, method, config):
-        optimizer = real_optimizer(params, method, config)
+    def recording_optimizer(params, method, config, round):
+        optimizer = real_optimizer(params, method, config, round)
         names = {id(p): n for n, p in params.all().items()}
 
         def before_step(opt, args, kwargs):

@@ -21,7 +21,7 @@ from dpfl_bench.client import Workspace, make_optimizer, train_client
 from dpfl_bench.config import RunConfig, build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import BOTH, METHODS, Factor, Method, create_method, load_methods
-from dpfl_bench.methods.la_lora import gaussian_smooth
+from dpfl_bench.methods.la_lora import gaussian_smooth, laplacian_smooth
 from dpfl_bench.privacy.mechanism import Mechanism
 from dpfl_bench.privacy.randomness import Randomness
 from dpfl_bench.tasks import TASKS, Examples
@@ -291,7 +291,7 @@ def test_la_lora_b_learning_rate_multiplier() -> None:
     params = setup.ws.params
 
     def lr_of(method: Method, factor: Factor) -> float:
-        optimizer = make_optimizer(params, method, setup.config)
+        optimizer = make_optimizer(params, method, setup.config, 0)
         first = next(iter(params.by_factor[factor].values()))
         (lr,) = [g["lr"] for g in optimizer.param_groups if any(p is first for p in g["params"])]
         return lr
@@ -302,6 +302,63 @@ def test_la_lora_b_learning_rate_multiplier() -> None:
     assert lr_of(default, Factor.HEAD) == pytest.approx(0.01)
     assert lr_of(create_method("la-lora", {"lr_b_multiplier": "3"}), Factor.B) == pytest.approx(3 * 0.01)
     assert lr_of(create_method("dp-lora"), Factor.B) == pytest.approx(0.01)
+
+
+def test_la_lora_laplacian_filter_takes_an_extra_smoothed_step_before_the_optimizers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The authors' variant: param -= lr · smooth(g) (base lr, the head included), then the optimizer's
+    own step on the raw g. With plain SGD and the filter off, one step is -lr_group · g, which gives g."""
+    lr = 0.05
+    updates = {}
+    for variant, sigma in (("gaussian", 0.0), ("laplacian", 1.0)):
+        options = {"smooth_sigma": sigma, "filter": variant}
+        setup = client_setup("la-lora", 1.0, local_steps=1, optimizer="sgd", lr=lr, method_options=options)
+        snapshots, _ = train_one(setup, monkeypatch)
+        updates[variant] = {n: snapshots[1][n] - snapshots[0][n] for n in snapshots[0]}
+    for factor, multiplier in ((Factor.B, 2.0), (Factor.HEAD, 1.0)):  # step 0 trains B (and the head)
+        for name in names_of(setup.global_state, factor):
+            raw = updates["gaussian"][name]
+            grad = -raw / (multiplier * lr)
+            smoothed = laplacian_smooth(grad.flatten() if factor is Factor.HEAD else grad, 1.0).reshape(grad.shape)
+            torch.testing.assert_close(updates["laplacian"][name], raw - lr * smoothed, rtol=1e-4, atol=1e-7)
+            assert not torch.allclose(updates["laplacian"][name], raw)
+
+
+def direct_laplacian(shape: tuple[int, ...]) -> torch.Tensor:
+    """The periodic discrete Laplacian over every axis of `shape`, as a dense matrix on the flattened tensor."""
+    def one_axis(n: int) -> torch.Tensor:
+        matrix = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            matrix[i, i] -= 2
+            matrix[i, (i + 1) % n] += 1
+            matrix[i, (i - 1) % n] += 1
+        return matrix
+
+    total = torch.zeros(math.prod(shape), math.prod(shape), dtype=torch.float64)
+    for axis, n in enumerate(shape):
+        term = torch.ones(1, 1, dtype=torch.float64)
+        for other, m in enumerate(shape):
+            term = torch.kron(term, one_axis(m) if other == axis else torch.eye(m, dtype=torch.float64))
+        total += term
+    return total
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (4, 5, 1, 1), (2, 6)])
+def test_fft_laplacian_smoothing_equals_a_direct_solve(shape: tuple[int, ...]) -> None:
+    grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = 0.7
+    system = torch.eye(grad.numel(), dtype=torch.float64) - sigma * direct_laplacian(shape)
+    expected = torch.linalg.solve(system, grad.flatten()).reshape(shape)
+    torch.testing.assert_close(laplacian_smooth(grad, sigma), expected, rtol=1e-10, atol=1e-12)
+    assert laplacian_smooth(grad, 0.0) is grad
+    torch.testing.assert_close(laplacian_smooth(grad, sigma).mean(), grad.mean())  # keeps the mean
+
+
+def test_learning_rate_decays_per_round_and_weight_decay_reaches_the_optimizer() -> None:
+    setup = client_setup("la-lora", INF, lr=0.01, lr_decay=0.9, weight_decay=0.001, optimizer="sgd")
+    optimizer = make_optimizer(setup.ws.params, create_method("la-lora"), setup.config, 3)
+    lrs = sorted(g["lr"] for g in optimizer.param_groups)
+    assert lrs == pytest.approx([0.01 * 0.9**3, 0.01 * 0.9**3, 2 * 0.01 * 0.9**3])
+    assert isinstance(optimizer, torch.optim.SGD) and all(g["weight_decay"] == 0.001 for g in optimizer.param_groups)
 
 
 def test_la_lora_schedule() -> None:
@@ -465,6 +522,8 @@ def test_bad_la_lora_numbers() -> None:
         create_method("la-lora", {"lr_b_multiplier": 0})
     with pytest.raises(UserError, match="la-lora option lr_b_multiplier must be a float, got 'two'"):
         create_method("la-lora", {"lr_b_multiplier": "two"})
+    with pytest.raises(UserError, match="filter must be 'gaussian' or 'laplacian', got 'median'"):
+        create_method("la-lora", {"filter": "median"})
 
 
 def test_bad_first_factor_on_the_command_line(tmp_path: Any) -> None:

@@ -105,7 +105,7 @@ def test_two_secure_runs_with_the_same_flags_differ_and_record_no_seeded_secrets
     assert first.rows[-1]["test_loss"] != second.rows[-1]["test_loss"]
     # client sizes (public to the accounting) are kept; label histograms and the training loss are not
     clients = json.loads(first.rows[-1]["client_data_json"])
-    assert [set(c) for c in clients] == [{"examples", "sample_rate"}] * 3
+    assert [set(c) for c in clients] == [{"examples", "sample_rate", "noise_multiplier"}] * 3
     assert math.isnan(first.rows[-1]["train_loss"])
 
 

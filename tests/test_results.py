@@ -22,6 +22,8 @@ def make_row(round: int, **overrides) -> dict:
             row[field.name] = 1000 * round + len(field.name)
         elif pa.types.is_float64(field.type):
             row[field.name] = round + len(field.name) / 7
+        elif pa.types.is_boolean(field.type):
+            row[field.name] = round % 2 == 1
         else:  # a new column type: extend this helper
             raise AssertionError(f"unexpected type {field.type} for {field.name}")
     row.update(overrides)
@@ -30,7 +32,7 @@ def make_row(round: int, **overrides) -> dict:
 
 def test_schema_columns_have_the_types_the_runner_writes():
     # a guard so that make_row covers every column
-    assert set(str(f.type) for f in SCHEMA) <= {"string", "int64", "double"}
+    assert set(str(f.type) for f in SCHEMA) <= {"string", "int64", "double", "bool"}
     assert len(SCHEMA.names) == len(set(SCHEMA.names))
 
 
@@ -52,6 +54,8 @@ def test_round_trip_preserves_every_column_value_and_dtype(tmp_path):
             assert df[field.name].dtype == "int64", field.name
         elif pa.types.is_float64(field.type):
             assert df[field.name].dtype == "float64", field.name
+        elif pa.types.is_boolean(field.type):
+            assert df[field.name].dtype == "bool", field.name
         else:
             assert kind in "OU" or isinstance(df[field.name].dtype, pd.StringDtype), field.name
     for i, row in enumerate(rows):

@@ -164,7 +164,7 @@ def test_a_nan_client_leaves_the_client_level_average_finite_and_unmoved():
 def client_level(clients: int, participation: float, sigma: float, clip: float):
     config = build_config({"task": "synthetic", "dp-level": "client", "clients": clients, "participation": participation, "clip": clip})
     mechanism = create_mechanism(config, [100] * clients)
-    mechanism.noise_multiplier = sigma
+    mechanism.noise_multipliers = [sigma]
     return mechanism
 
 
@@ -193,6 +193,6 @@ def test_client_level_divides_by_the_expected_number_of_clients():
     stream = Randomness(0).stream(Purpose.NOISE)
     one = mechanism.aggregate(g, ["w"], [{"w": t(0.3, 0.4)}], [1.0], stream)
     torch.testing.assert_close(one["w"], t(0.3, 0.4) / 2.5)
-    mechanism.noise_multiplier = 1.0
+    mechanism.noise_multipliers = [1.0]
     nobody = mechanism.aggregate(g, ["w"], [], [], stream)
     assert not torch.equal(nobody["w"], g["w"])  # noise alone still moves the state

@@ -38,7 +38,9 @@ def _opt(help: str, panel: str, *flags: str) -> Any:
 # Options that `run` and `privacy` share, declared once.
 Eps = Annotated[Optional[float], _opt("Target privacy budget ε; `inf` trains without privacy. \\[default: 1]", Privacy)]
 Delta = Annotated[Optional[float], _opt("Target δ; must be below 1/n of the smallest protected dataset. \\[default: 1e-5]", Privacy)]
-DpLevel = Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients. \\[default: sample]", Privacy)]
+DpLevel = Annotated[Optional[str], _opt("`sample`: DP-SGD in every client; `client`: DP-FedAvg over clients; `authors`: the LA-LoRA authors' own noise (per-tensor clipping of the batch mean, --dp-sigma), NO privacy guarantee and no --eps. \\[default: sample]", Privacy)]
+DpSigma = Annotated[Optional[float], _opt("--dp-level authors only: noise std dp_sigma·C/B on each coordinate of the batch-mean gradient. \\[default: 0.2]", Privacy)]
+Calibration = Annotated[Optional[str], _opt("`per-client`: each client the smallest σ_k that keeps it within ε for its own rate and steps; `shared`: the worst client's σ for all. \\[default: per-client]", Privacy)]
 Rng = Annotated[Optional[str], _opt("`seeded`: every draw from --seed (reproducible; not private against anyone who can guess the seed); `secure`: OS-keyed ChaCha20 for every privacy draw, for private data. \\[default: seeded]", Privacy)]
 AccountantName = Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. \\[default: rdp]", Privacy)]
 TaskName = Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`); its defaults fill options left out. \\[default: fashion]", Section)]
@@ -52,9 +54,10 @@ Model = Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of
 ModelPath = Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", Sources)]
 DataDir = Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", Sources)]
 Workers = Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", Sources)]
-Partition = Annotated[Optional[str], _opt("Data split across clients: iid or dirichlet (label skew).", Federated)]
-DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration; smaller is more skewed.", Federated)]
-MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a Dirichlet split may give.", Federated)]
+Partition = Annotated[Optional[str], _opt("Data split across clients: `iid`; `dirichlet`: each class split across clients in Dir(α) proportions; `dirichlet-mix`: each client's class mix drawn from Dir(α), clients of equal size.", Federated)]
+DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of dirichlet and dirichlet-mix; smaller is more skewed.", Federated)]
+MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated)]
+ClientSize = Annotated[Optional[int], _opt("Training examples per client, disjoint, with iid or dirichlet-mix; the rest of the training set is unused. \\[default: 0: split the whole training set]", Federated)]
 
 
 @app.command()
@@ -63,6 +66,8 @@ def run(
     eps: Eps = None,
     delta: Delta = None,
     dp_level: DpLevel = None,
+    dp_sigma: DpSigma = None,
+    calibration: Calibration = None,
     clip: Annotated[Optional[float], _opt("Clipping norm C (per example, or per client update). \\[default: 1]", Privacy)] = None,
     accountant: AccountantName = None,
     rng: Rng = None,
@@ -76,12 +81,15 @@ def run(
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
     min_partition_size: MinPartitionSize = None,
+    client_size: ClientSize = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
     batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory).", Training)] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
     lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
+    weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
+    lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
@@ -117,14 +125,19 @@ def run(
         resolved = build_config(options, chosen.defaults)
         _quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
-        privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level, {priv.rng} rng)" if priv.private else "non-private"
+        if priv.accounted:
+            privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level, {priv.rng} rng)"
+        elif math.isnan(priv.eps):
+            privacy_text = f"{priv.dp_level} regime, dp-sigma {priv.dp_sigma:g} ([red]no privacy guarantee[/]: noise without an accountant)"
+        else:
+            privacy_text = "non-private ([red]no privacy guarantee[/])"
         audited = f" · audit: {resolved.audit.audit_canaries} canaries" if resolved.audit.audit_canaries else ""
         console.print(
             f"[bold]{resolved.task}[/] · {resolved.method} · {privacy_text} · "
             f"{fed.clients} clients × {fed.participation:g} · {fed.rounds} rounds × {fed.local_steps} steps · "
             f"batch {resolved.training.batch_size} · lr {resolved.training.lr:g} · rank {resolved.adapter.rank}{audited}"
         )
-        if priv.private and priv.rng == "seeded":
+        if priv.accounted and priv.rng == "seeded":
             console.print(
                 f"[yellow]seeded randomness: every draw follows from --seed {resolved.seed}, so this run is not private "
                 "against anyone who can guess or brute-force the seed; for private data use --rng secure[/]"
@@ -147,6 +160,7 @@ def privacy(
     noise_multiplier: Annotated[Optional[float], _opt("σ: print the ε it gives instead.", Privacy)] = None,
     delta: Delta = None,
     dp_level: DpLevel = None,
+    calibration: Calibration = None,
     accountant: AccountantName = None,
     task: TaskName = None,
     clients: Clients = None,
@@ -157,7 +171,7 @@ def privacy(
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
     min_partition_size: MinPartitionSize = None,
-    client_size: Annotated[Optional[int], _opt("Assume equal clients of this many examples instead of splitting the task's data.", Federated)] = None,
+    client_size: ClientSize = None,
     seed: Seed = None,
     model: Model = None,
     model_path: ModelPath = None,
@@ -166,11 +180,12 @@ def privacy(
 ) -> None:
     """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
-    Options left out take the task's defaults and the task's data is split as `run` splits it,
+    Options left out take the task's defaults and the task's data is split as `run` splits it
+    (with --client-size every client has that many examples, and the data is not loaded),
     so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses (with --rng seeded:
     a secure run draws its own client schedule, which can move a sample-level σ slightly).
     """
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier", "client_size")}
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier")}
     with _user_errors():
         from dpfl_bench.config import RunConfig, build_config
         from dpfl_bench.federated import partition as split
@@ -183,23 +198,23 @@ def privacy(
             raise UserError("give exactly one of --eps (to get σ) or --noise-multiplier (to get ε)")
         if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
             raise UserError(f"--noise-multiplier must be a number > 0, got {noise_multiplier}")
-        if client_size is not None and client_size < 1:
-            raise UserError(f"--client-size must be at least 1, got {client_size}")
         chosen = TASKS.get(flags.get("task", RunConfig.task))
         config = build_config({**flags, "eps": eps if eps is not None else 1.0}, chosen.defaults)
         fed, priv = config.federated, config.privacy
         randomness = Randomness(config.seed)
-        if client_size is not None:
-            sizes = [client_size] * fed.clients
+        if fed.client_size:
+            sizes = [fed.client_size] * fed.clients
         else:
             _quiet_libraries()
-            sizes = [len(shard) for shard in split(chosen.load_data(config.sources).train, config, randomness)]
+            sizes = [len(shard) for shard in split(chosen.load(config.sources).train, config, randomness)]
         mechanism = create_mechanism(config, sizes)
         schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
         level = f"{priv.dp_level} level, {fed.clients} clients of {min(sizes)}–{max(sizes)} examples"
         if eps is not None:
             mechanism.calibrate(schedule)
-            console.print(f"noise multiplier σ = [bold]{mechanism.noise_multiplier:.4f}[/] for ε = {eps:g}, δ = {priv.delta:g} ({level})")
+            low, high = mechanism.noise_multiplier_min, mechanism.noise_multiplier
+            sigma = f"[bold]{high:.4f}[/]" if math.isclose(low, high, rel_tol=1e-9) else f"[bold]{low:.4f}–{high:.4f}[/] across clients ({priv.calibration} calibration)"
+            console.print(f"noise multiplier σ = {sigma} for ε = {eps:g}, δ = {priv.delta:g} ({level})")
         else:
             spent = worst_epsilon(noise_multiplier, mechanism.exposures(schedule), delta=priv.delta, accountant=priv.accountant)
             console.print(f"ε = [bold]{spent:.4f}[/] (worst client) for σ = {noise_multiplier:g}, δ = {priv.delta:g} ({level})")
@@ -311,12 +326,16 @@ def compare(
     metric: Annotated[str, typer.Option(help="Any numeric results column, e.g. test_accuracy, eps_spent, seconds_per_round.")] = "test_accuracy",
     by: Annotated[str, typer.Option(help="What a table's rows are: results columns or run options, comma-separated, e.g. method,rank.")] = "method",
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json (csv and json: one line per cell).")] = "table",
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the metric against round (a panel per ε) and the final metric against ε, to this .png, .pdf or .svg file.", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the metric against round (a panel per privacy regime) and the final metric against regime, to this .png, .pdf or .svg file.", show_default=False)] = None,
+    select: Annotated[str, typer.Option(help="Run options to tune per cell, comma-separated, e.g. lr or lr,smooth_sigma: each cell keeps the value with the best mean final val_accuracy (ties: the smaller) and reports its --metric.")] = "",
+    baseline: Annotated[Optional[str], typer.Option(help="The method LA-LoRA's gain row is measured against. \\[default: the best other method of each column]", show_default=False)] = None,
 ) -> None:
-    """Compare finished runs: per task, methods × ε, each cell the final metric's mean ± std over seeds.
+    """Compare finished runs: per task, methods × privacy regime, each cell the final metric's mean ± std over seeds.
 
-    The best cell of each column is highlighted; a last row gives LA-LoRA's gain over the best other method.
-    Example: dpfl-bench compare results/ --plot comparison.png
+    Columns: accounted ε ascending, then ε=∞ (no DP), then regimes without a guarantee (the authors' σ).
+    The best cell of each column is highlighted; a last row gives LA-LoRA's gain over the best other method
+    (or --baseline), paired by seed, with a 95% interval.
+    Example: dpfl-bench compare results/ --select lr --plot comparison.png
     """
     with _user_errors():
         from dpfl_bench import compare as summary_of
@@ -329,28 +348,36 @@ def compare(
         if plot is not None:
             _check_plot_path(plot)
         loaded = _load_results(results)
-        summary = summary_of.summarize(loaded.finals, metric, columns)
-        mixed = summary_of.mixed_options(loaded.finals, columns)
+        finals, selected = loaded.finals, []
+        summary_of.check_columns(finals, metric, columns)
+        if baseline is not None:
+            summary_of.check_baseline(finals, baseline, columns)
+        options = [o.strip() for o in select.split(",") if o.strip()]
+        if options:
+            finals, selected = summary_of.select_best(finals, options, columns)
+        summary = summary_of.summarize(finals, metric, columns, selected)
+        mixed = summary_of.mixed_options(finals, columns)
         if mixed:
             errors.print(
                 f"[yellow]warning[/]: some cells average runs that differ in {', '.join(mixed)}; "
-                f"to separate them use --by {','.join([*columns, mixed[0]])}",
+                f"to separate them use --by {','.join([*columns, mixed[0]])} (or choose one per cell with --select {mixed[0]})",
                 highlight=False,
             )
-        tables = summary_of.pivots(summary, metric, columns)
+        gains = summary_of.paired_gains(finals, summary, metric, columns, baseline)
+        tables = summary_of.pivots(summary, metric, columns, gains, selected, baseline)
         if format == "table":
             for table in summary_of.to_rich(tables, metric):
                 console.print(table)
         elif format == "markdown":
             console.print(summary_of.to_markdown(tables, metric), markup=False, highlight=False, soft_wrap=True)
         elif format == "csv":
-            print(summary_of.to_records(summary).to_csv(index=False), end="")
+            print(summary_of.to_records(summary, gains).to_csv(index=False), end="")
         else:
-            print(summary_of.to_records(summary).to_json(orient="records", indent=1))
+            print(summary_of.to_records(summary, gains).to_json(orient="records", indent=1, force_ascii=False))
         if plot:
             from dpfl_bench.plots import plot_comparison
 
-            plot_comparison(loaded.rows, loaded.finals, metric, columns, plot)
+            plot_comparison(loaded.rows, finals, metric, columns, plot)
             errors.print(f"plot written to {plot}")
 
 
@@ -425,14 +452,15 @@ def _load_results(folder: Path) -> Any:
 
 
 def _run_label(config: Any, varying: list[str]) -> str:
-    from dpfl_bench.compare import eps_label, flat_options
+    from dpfl_bench.compare import flat_options, regime
 
-    options = flat_options(config.to_json())
-    shown = [config.task, config.method, eps_label(config.privacy.eps), f"seed {config.seed}"]
+    options, privacy = flat_options(config.to_json()), config.privacy
+    column = regime(privacy.dp_level, privacy.accounted, privacy.eps, privacy.dp_sigma).label
+    shown = [config.task, config.method, column, f"seed {config.seed}"]
     shown += [
         f"{k.removeprefix('method_options.').replace('_', '-')} {options[k]}"
         for k in varying
-        if k not in ("task", "method", "eps", "seed") and k in options
+        if k not in ("task", "method", "eps", "dp_sigma", "seed") and k in options
     ]
     return " · ".join(shown)
 
@@ -501,14 +529,20 @@ def _progress() -> Progress:
 def _print_summary(summary: Any) -> None:
     last = summary.rows[-1]
     table = Table(title="run finished", show_header=False)
-    eps = "∞ (non-private)" if math.isinf(last["eps_target"]) else f"{last['eps_spent']:.3f} of {last['eps_target']:g} (δ={last['delta']:g})"
     table.add_row("task · method", f"{last['task']} · {last['method']}")
-    table.add_row("test accuracy", f"{last['test_accuracy']:.4f} after {last['round']} rounds")
-    table.add_row("ε spent", eps)
-    if math.isfinite(last["eps_target"]):
-        table.add_row("noise multiplier σ", f"{last['noise_multiplier']:.4f} (clip {last['clip']:g}, {last['dp_level']} level, {last['rng']} rng)")
+    table.add_row("test accuracy", f"{last['test_accuracy']:.4f} after {last['round']} rounds (validation {last['val_accuracy']:.4f})")
+    if last["guarantee"]:
+        table.add_row("ε spent", f"{last['eps_spent']:.3f} of {last['eps_target']:g} (δ={last['delta']:g})")
+        low, high = last["noise_multiplier_min"], last["noise_multiplier"]
+        sigma = f"{high:.4f}" if math.isclose(low, high, rel_tol=1e-9) else f"{low:.4f}–{high:.4f} across clients"
+        table.add_row("noise multiplier σ", f"{sigma} (clip {last['clip']:g}, {last['dp_level']} level, {last['rng']} rng)")
+    elif math.isnan(last["eps_target"]):
+        table.add_row("ε spent", f"[red]no privacy guarantee[/]: the {last['dp_level']} regime has no accountant")
+        table.add_row("noise", f"as much as σ = {last['noise_multiplier']:.2g} would be against a per-example sensitivity (calibrated DP-SGD needs σ ≈ 1 or more)")
+    else:
+        table.add_row("ε spent", "∞ ([red]non-private: no privacy guarantee[/])")
     if last["audit_canaries"]:
-        accounted = "∞" if math.isinf(last["eps_target"]) else f"{last['eps_spent']:.3f}"
+        accounted = f"{last['eps_spent']:.3f}" if last["guarantee"] else "none (no guarantee)"
         table.add_row(
             "audit",
             f"ε ≥ {last['audit_eps_lower']:.3f} (95% lower bound), ≈ {last['audit_eps_estimate']:.3f} (Gaussian fit) "

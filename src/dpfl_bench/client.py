@@ -69,7 +69,8 @@ def train_client(
     noise = randomness.stream(Purpose.NOISE, round, client)
     ws.params.load(global_state)
     set_train_mode(ws.model)
-    optimizer = make_optimizer(ws.params, method, config)
+    optimizer = make_optimizer(ws.params, method, config, round)
+    lr = config.training.lr_at(round)
     loss_sum, seen = 0.0, 0
     for step in range(config.federated.local_steps):
         factors = method.trains(round, step) | {Factor.HEAD}
@@ -81,6 +82,9 @@ def train_client(
         audit.observe(client, grads)
         for factor in factors:
             for name, param in ws.params.by_factor[factor].items():
+                extra = method.extra_step(factor, grads[name])
+                if extra is not None:
+                    param.data.sub_(lr * extra.to(param.dtype))
                 param.grad = method.postprocess(factor, grads[name]).to(param.dtype)
         optimizer.step()
         loss_sum, seen = loss_sum + batch_loss, seen + len(index)
@@ -139,17 +143,19 @@ def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: 
     return total, loss_sum
 
 
-def make_optimizer(params: TrainableParams, method: Method, config: RunConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer for one client-round, one parameter group per factor (for its lr multiplier)."""
-    lr = config.training.lr
+def make_optimizer(params: TrainableParams, method: Method, config: RunConfig, round: int) -> torch.optim.Optimizer:
+    """A fresh optimizer for one client-round, one parameter group per factor (for its lr multiplier),
+    at the round's learning rate."""
+    training = config.training
+    lr = training.lr_at(round)
     groups = [
         {"params": list(p.values()), "lr": lr * (1.0 if f is Factor.HEAD else method.lr_multiplier(f))}
         for f, p in params.by_factor.items()
         if p
     ]
-    if config.training.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=training.weight_decay)
 
 
 def set_train_mode(model: nn.Module) -> None:

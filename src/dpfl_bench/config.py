@@ -28,9 +28,10 @@ class FederatedConfig:
     participation: float = 0.5  # fraction of clients sampled each round
     rounds: int = 5
     local_steps: int = 10  # optimizer steps each sampled client runs per round
-    partition: str = "iid"  # iid | dirichlet
+    partition: str = "iid"  # iid | dirichlet (each class split across clients) | dirichlet-mix (each client's class mix)
     dirichlet_alpha: float = 0.5  # label skew; smaller is more skewed
     min_partition_size: int = 10
+    client_size: int = 0  # training examples per client (iid, dirichlet-mix); 0: split the whole training set
     weighting: str = "uniform"  # FedAvg weights: uniform | size
 
     def __post_init__(self) -> None:
@@ -38,9 +39,18 @@ class FederatedConfig:
         _require(0 < self.participation <= 1, f"--participation must be in (0, 1], got {self.participation}")
         _require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
         _require(self.local_steps >= 1, f"--local-steps must be at least 1, got {self.local_steps}")
-        _require(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
+        _require(
+            self.partition in ("iid", "dirichlet", "dirichlet-mix"),
+            f"--partition must be iid, dirichlet or dirichlet-mix, got {self.partition!r}",
+        )
         _require(self.dirichlet_alpha > 0, f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         _require(self.min_partition_size >= 1, f"--min-partition-size must be at least 1, got {self.min_partition_size}")
+        _require(self.client_size >= 0, f"--client-size must be 0 (split the whole training set) or more, got {self.client_size}")
+        _require(
+            not (self.client_size and self.partition == "dirichlet"),
+            f"--client-size {self.client_size} does not apply to --partition dirichlet, which splits every class across "
+            "all clients; for equal clients with Dirichlet label skew use --partition dirichlet-mix",
+        )
         _require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
 
 
@@ -52,6 +62,8 @@ class TrainingConfig:
     eval_every: int = 1  # evaluate the global model every this many rounds (and always after the last)
     physical_batch_size: int = 32  # examples per forward pass; larger batches are split (same math, less memory)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; privacy arithmetic stays fp32
+    weight_decay: float = 0.0  # the optimizer's (decoupled for AdamW); the authors' code: SGD 1e-3, AdamW 1e-2
+    lr_decay: float = 1.0  # the learning rate of round t is lr · lr_decay^t (the authors' vision code: 0.99)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -60,6 +72,11 @@ class TrainingConfig:
         _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
         _require(self.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
         _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
+        _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
+
+    def lr_at(self, round: int) -> float:
+        return self.lr * self.lr_decay**round
 
 
 @dataclass(frozen=True)
@@ -115,27 +132,41 @@ class SourcesConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    eps: float = 1.0  # target ε; inf trains without privacy
+    eps: float = 1.0  # target ε; inf trains without privacy; NaN for a level without an accountant (authors)
     delta: float = 1e-5
-    dp_level: str = "sample"  # a privacy mechanism: sample (DP-SGD in every client) | client (DP-FedAvg) | ...
+    dp_level: str = "sample"  # a privacy mechanism: sample (DP-SGD in every client) | client (DP-FedAvg) | authors
     clip: float = 1.0  # clipping norm C: per example (sample level) or per client update (client level)
     accountant: str = "rdp"  # rdp | prv
     rng: str = "seeded"  # seeded (reproducible from --seed) | secure (OS-keyed ChaCha20 for every privacy draw)
+    calibration: str = "per-client"  # per-client: each client its own smallest σ_k | shared: the worst client's σ for all
+    dp_sigma: float = 0.2  # the authors' regime only: noise std dp_sigma·C/B on the batch mean (no guarantee)
 
     def __post_init__(self) -> None:
         from dpfl_bench.privacy.mechanism import load_mechanisms
 
-        levels = [name for name in load_mechanisms().names() if name != "none"]  # none is what --eps inf runs
-        _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
-        _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
+        mechanisms = load_mechanisms()
+        levels = [name for name in mechanisms.names() if name != "none"]  # none is what --eps inf runs
         _require(self.dp_level in levels, f"--dp-level must be one of {', '.join(levels)}, got {self.dp_level!r}")
+        if mechanisms.get(self.dp_level).accounted:
+            _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
+        else:
+            _require(math.isnan(self.eps), _no_eps(self.dp_level))
+        _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
         _require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
         _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
         _require(self.rng in MODES, f"--rng must be {' or '.join(MODES)}, got {self.rng!r}")
+        _require(self.calibration in ("per-client", "shared"), f"--calibration must be per-client or shared, got {self.calibration!r}")
+        _require(0 < self.dp_sigma < math.inf, f"--dp-sigma must be a number > 0, got {self.dp_sigma}")
 
     @property
-    def private(self) -> bool:
+    def accounted(self) -> bool:
+        """Whether the run is backed by an accounted (ε, δ) guarantee."""
         return math.isfinite(self.eps)
+
+    @property
+    def regime(self) -> str:
+        """The privacy regime in a run id: eps1, epsinf, or the unaccounted level with its noise."""
+        return f"eps{self.eps:g}" if not math.isnan(self.eps) else f"{self.dp_level}-sigma{self.dp_sigma:g}"
 
 
 @dataclass(frozen=True)
@@ -181,9 +212,11 @@ class RunConfig:
 
 
 def _jsonable(value: Any) -> Any:
-    """inf is not JSON: write it as the string "inf", readable and reversible."""
+    """inf and NaN are not JSON: write them as the strings "inf" and "nan", readable and reversible."""
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
     if isinstance(value, Mapping):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
@@ -213,6 +246,7 @@ def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = 
     from dpfl_bench.method import create_method
 
     flat = {**_normalise(task_defaults), **_normalise(options)}
+    _unaccounted_level(flat)
     sections = {}
     for name, section in _SECTIONS.items():
         sections[name] = section(**_typed(flat, section))
@@ -221,6 +255,23 @@ def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = 
     method = create_method(top.get("method", RunConfig.method), top.get("method_options", {}))
     top["method_options"] = dataclasses.asdict(method.options)
     return RunConfig(**top, **sections)
+
+
+def _unaccounted_level(flat: dict[str, Any]) -> None:
+    """A level without an accountant (authors) takes --dp-sigma and no --eps: its ε is NaN, never a
+    number that could be read as a guarantee. --dp-sigma means nothing to the other levels."""
+    from dpfl_bench.privacy.mechanism import load_mechanisms
+
+    level = flat.get("dp_level", PrivacyConfig.dp_level)
+    if level not in load_mechanisms().names() or load_mechanisms().get(level).accounted:
+        _require("dp_sigma" not in flat, f"--dp-sigma applies only to --dp-level authors (noise without a guarantee), not to {level}; drop it")
+        return
+    _require("eps" not in flat, _no_eps(level))
+    flat["eps"] = math.nan
+
+
+def _no_eps(level: str) -> str:
+    return f"--eps does not apply to --dp-level {level}: it has no accountant and no guarantee; drop --eps (set its noise with --dp-sigma)"
 
 
 def _typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
-from dpfl_bench.partition import dirichlet_partition, iid_partition
+from dpfl_bench.partition import dirichlet_mix_partition, dirichlet_partition, iid_partition
 from dpfl_bench.precision import autocast, to_device
 from dpfl_bench.privacy.canaries import NoAudit, create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
@@ -50,7 +50,7 @@ def run_id(config: RunConfig) -> str:
     identity = {k: v for k, v in json.loads(config.to_json()).items() if k != "out"}
     identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{config.task}_{config.method}_eps{config.privacy.eps:g}_seed{config.seed}_{digest}"
+    return f"{config.task}_{config.method}_{config.privacy.regime}_seed{config.seed}_{digest}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,7 +97,7 @@ def prepare(config: RunConfig) -> Experiment:
     randomness = Randomness(config.seed, config.privacy.rng)
     device = resolve_device(config.device)
     check_precision(device, config.training.precision)
-    data = task.load_data(config.sources)
+    data = task.load(config.sources)  # with its validation split held out of data.train
     clients = [data.train.subset(torch.from_numpy(idx)) for idx in partition(data.train, config, randomness)]
     mechanism = create_mechanism(config, [len(c) for c in clients])
     schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
@@ -163,6 +163,7 @@ def run_federated(
         if (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds:
             params.load(global_state)
             accuracy, loss = evaluate(ws.model, data.test, ws.device, ws.precision)
+            val_accuracy, val_loss = evaluate(ws.model, data.val, ws.device, ws.precision)
             spent = mechanism.spent(exp.schedule[: round + 1])
             train_loss = float(np.mean([r.train_loss for r in results])) if results and not secret else math.nan
             row = {
@@ -175,14 +176,18 @@ def run_federated(
                 "eps_target": config.privacy.eps,
                 "delta": config.privacy.delta,
                 "noise_multiplier": mechanism.noise_multiplier,
+                "noise_multiplier_min": mechanism.noise_multiplier_min,
                 "clip": mechanism.clip,
                 "eps_spent": max(spent),
                 "eps_spent_mean": float(np.mean(spent)),
+                "guarantee": mechanism.accounted,
                 **audit.estimates(config.privacy.delta),
                 "round": round + 1,
                 "rounds_total": fed.rounds,
                 "test_accuracy": accuracy,
                 "test_loss": loss,
+                "val_accuracy": val_accuracy,  # for tuning: --select in compare chooses on it, never on test
+                "val_loss": val_loss,
                 "train_loss": train_loss,  # noiseless statistic of private data: not recorded when secure
                 "wall_seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
@@ -212,9 +217,12 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
 
 
 def partition(train: Examples, config: RunConfig, randomness: Randomness) -> list[np.ndarray]:
+    """Each client's indices into `train` (a task's `Task.load(...).train`, never its validation split)."""
     fed, rng = config.federated, randomness.stream(Purpose.SPLIT)
     if fed.partition == "iid":
-        return iid_partition(len(train), fed.clients, rng=rng)
+        return iid_partition(len(train), fed.clients, size=fed.client_size, rng=rng)
+    if fed.partition == "dirichlet-mix":
+        return dirichlet_mix_partition(train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, size=fed.client_size, rng=rng)
     return dirichlet_partition(
         train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, min_size=fed.min_partition_size, rng=rng
     )

@@ -1,10 +1,12 @@
 """The method interface: the few questions on which LoRA methods for private federated learning differ.
 
-The federated core asks a method four things and nothing else:
+The federated core asks a method these things and nothing else:
 
 - `trains(round, step)`: which LoRA factors (A, B) are trained at this local step of this round;
 - `lr_multiplier(factor)`: the factor's learning rate relative to `--lr`;
 - `postprocess(factor, grad)`: what to do to a factor's (already privatized) gradient before the step;
+- `extra_step(factor, grad)`: a direction for a plain step of the round's learning rate taken before the
+  optimizer's step, or None (default: none; the authors' Laplacian-smoothing variant of LA-LoRA);
 - `uploads(round)`: which factors clients send and the server averages this round.
 
 The classification head always trains and is always uploaded. A method is one class in one file in
@@ -63,6 +65,9 @@ class Method:
 
     def postprocess(self, factor: Factor, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+    def extra_step(self, factor: Factor, grad: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def uploads(self, round: int) -> frozenset[Factor]:
         return BOTH

@@ -24,9 +24,11 @@ SCHEMA = pa.schema(
         ("eps_target", pa.float64()),  # inf for a non-private run
         ("delta", pa.float64()),
         ("noise_multiplier", pa.float64()),  # σ; noise std is σ·clip
+        ("noise_multiplier_min", pa.float64()),  # smallest per-client σ (noise_multiplier is the largest)
         ("clip", pa.float64()),
         ("eps_spent", pa.float64()),  # largest ε spent by any client so far (client level: by the client set)
         ("eps_spent_mean", pa.float64()),  # mean over clients
+        ("guarantee", pa.bool_()),  # an accounted (ε, δ) guarantee: false when non-private or under the authors' regime
         ("audit_canaries", pa.int64()),  # canaries of the empirical audit (0: none)
         ("audit_eps_lower", pa.float64()),  # the audit's 95% lower bound on ε (NaN without an audit)
         ("audit_eps_estimate", pa.float64()),  # the audit's Gaussian-fit estimate of ε
@@ -34,6 +36,8 @@ SCHEMA = pa.schema(
         ("rounds_total", pa.int64()),
         ("test_accuracy", pa.float64()),
         ("test_loss", pa.float64()),
+        ("val_accuracy", pa.float64()),  # global model on a validation split carved from the training data
+        ("val_loss", pa.float64()),
         ("train_loss", pa.float64()),  # mean over the examples the round's clients trained on (NaN when secure)
         ("wall_seconds", pa.float64()),  # since the run started, evaluation included
         ("train_seconds", pa.float64()),  # local training and aggregation only, summed over rounds

@@ -3,7 +3,8 @@
 The federated core asks a mechanism these things and branches on nothing else:
 
 - `participation(stream)`: which clients take part in each round (drawn before training);
-- `calibrate(schedule)`: the noise multiplier σ for the whole schedule, before training;
+- `calibrate(schedule)`: the noise multipliers σ_k (one per protected unit) for the whole schedule,
+  before training: each unit's own smallest σ (`--calibration per-client`) or the worst unit's for all;
 - `draw_batch(client, stream)`: which of a client's examples one local step uses;
 - `clip_examples`: the per-example clipping norm a client's gradient sum uses, or None for a plain sum;
 - `privatize(summed, count, client, stream)`: the gradient a local step applies, from the sum over its
@@ -36,18 +37,29 @@ Schedule = list[list[int]]  # the clients that take part in each round
 class Mechanism:
     name: ClassVar[str]
     unit: ClassVar[str | None]  # what one guarantee protects and an audit inserts: "example" | "client" | None
+    accounted: ClassVar[bool] = True  # an accountant backs the run with an (ε, δ) guarantee
 
     def __init__(self, config: RunConfig, client_sizes: list[int]) -> None:
         self.config = config
         self.client_sizes = client_sizes
         batch = config.training.batch_size
         self.sample_rates = [min(1.0, batch / n) for n in client_sizes]  # a step's rate on each client's data
-        self.noise_multiplier = 0.0  # σ: noise std is σ·clip; set by `calibrate`
+        self.noise_multipliers: list[float] = []  # σ_k per protected unit (noise std σ_k·clip); set by `calibrate`
         self.check()
 
     @property
     def clip(self) -> float:
         return self.config.privacy.clip
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The largest σ_k of the units that take part: what the results record as `noise_multiplier`."""
+        return max(self.noise_multipliers, default=0.0)
+
+    @property
+    def noise_multiplier_min(self) -> float:
+        """The smallest σ_k of the units that take part (σ_k = 0 marks a unit that never takes part)."""
+        return min((s for s in self.noise_multipliers if s > 0), default=0.0)
 
     @property
     def expected_clients(self) -> float:
@@ -69,23 +81,31 @@ class Mechanism:
         return []
 
     def calibrate(self, schedule: Schedule) -> None:
+        """σ_k for each unit: its own smallest σ within (ε, δ) for its rate and steps, or with
+        `--calibration shared` the worst unit's σ for every unit (a unit that never takes part gets 0)."""
         privacy = self.config.privacy
         exposures = self.exposures(schedule)
-        if exposures:
-            self.noise_multiplier = calibrate_noise(
-                target_epsilon=privacy.eps, delta=privacy.delta, exposures=exposures, accountant=privacy.accountant
-            )
+
+        def smallest(group: list[Exposure]) -> float:
+            return calibrate_noise(target_epsilon=privacy.eps, delta=privacy.delta, exposures=group, accountant=privacy.accountant)
+
+        if privacy.calibration == "shared":
+            sigma = smallest([e for e in exposures if e.steps]) if any(e.steps for e in exposures) else 0.0
+            self.noise_multipliers = [sigma if e.steps else 0.0 for e in exposures]
+        else:
+            own = {e: smallest([e]) for e in set(exposures) if e.steps}  # equal exposures calibrate once
+            self.noise_multipliers = [own.get(e, 0.0) for e in exposures]
 
     def spent(self, schedule: Schedule) -> list[float]:
-        """ε spent by each protected unit over the rounds of `schedule`; [inf] without a guarantee."""
+        """ε spent by each protected unit over the rounds of `schedule` (a prefix of the calibrated one);
+        [inf] for a mechanism that the accountant is told nothing of."""
         privacy = self.config.privacy
         exposures = self.exposures(schedule)
         if not exposures:
             return [math.inf]
         return [
-            epsilon(noise_multiplier=self.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps,
-                    delta=privacy.delta, accountant=privacy.accountant)
-            for e in exposures
+            epsilon(noise_multiplier=sigma, sample_rate=e.sample_rate, steps=e.steps, delta=privacy.delta, accountant=privacy.accountant)
+            for e, sigma in zip(exposures, self.noise_multipliers)
         ]
 
     clip_examples: float | None = None
@@ -133,7 +153,7 @@ def load_mechanisms() -> Registry[type[Mechanism]]:
 
 def create_mechanism(config: RunConfig, client_sizes: list[int]) -> Mechanism:
     """The run's mechanism: its --dp-level, or `none` for a non-private run (--eps inf)."""
-    name = config.privacy.dp_level if config.privacy.private else "none"
+    name = "none" if math.isinf(config.privacy.eps) else config.privacy.dp_level
     return load_mechanisms().get(name)(config, client_sizes)
 
 

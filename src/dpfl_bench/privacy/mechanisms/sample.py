@@ -37,14 +37,17 @@ class SampleDP(Mechanism):
     def privatize(self, summed: State, count: int, client: int, stream: Stream) -> State:
         # Divided by the expected batch size, never the realised one (which would depend on the data).
         expected = min(self.config.training.batch_size, self.client_sizes[client])
-        noise = noise_like(summed, self.noise_multiplier * self.clip, stream)
+        noise = noise_like(summed, self.noise_multipliers[client] * self.clip, stream)
         return {name: (g + noise[name]) / expected for name, g in summed.items()}
 
     def client_records(self, clients_labels: list[torch.Tensor], num_classes: int, secret: bool) -> list[dict]:
-        """Client sizes (and so their rates) are public to the accounting; label histograms only when seeded."""
+        """Client sizes (and so their rates and σ_k) are public to the accounting; label histograms only
+        when seeded. (A secure run's σ_k also reflect its secret schedule's participation counts, which
+        sample-level DP does not rely on keeping secret.)"""
         records = super().client_records(clients_labels, num_classes, secret=False)
-        for record, rate in zip(records, self.sample_rates):
+        for record, rate, sigma in zip(records, self.sample_rates, self.noise_multipliers):
             record["sample_rate"] = rate
+            record["noise_multiplier"] = sigma
             if secret:
                 del record["labels"]
         return records
