@@ -20,28 +20,35 @@ def write_run(
     folder: Path,
     *,
     method: str,
-    eps: float,
     seed: int,
     accuracies: list[float],
+    eps: float = math.nan,
+    val_accuracies: list[float] | None = None,
     rounds_total: int | None = None,
     **options,
 ) -> Path:
     """A finished (or, with rounds_total > len(accuracies), unfinished) run whose round r has test accuracy
-    accuracies[r-1], under the real run id of its configuration; other columns get plausible values."""
-    config = build_config({"task": "synthetic", "method": method, "eps": eps, "seed": seed, **options})
+    accuracies[r-1] and validation accuracy val_accuracies[r-1] (default: the test accuracy), under the real
+    run id of its configuration; other columns get plausible values. With the option dp_level="authors"
+    (and its dp_sigma), a run of the authors' regime: no eps, no guarantee."""
+    level = options.get("dp_level", options.get("dp-level", "sample"))
+    authors = level == "authors"
+    config = build_config({"task": "synthetic", "method": method, "seed": seed, **({} if authors else {"eps": eps}), **options})
+    eps, private = config.privacy.eps, math.isfinite(config.privacy.eps)
+    sigma = config.privacy.dp_sigma if authors else 1.0 if private else 0.0
     name = run_id(config)
     total = rounds_total or len(accuracies)
     rows = []
-    for r, accuracy in enumerate(accuracies, 1):
+    for r, (accuracy, val_accuracy) in enumerate(zip(accuracies, val_accuracies or accuracies), 1):
         row = {column: "" for column in SCHEMA.names}
         row.update(
-            run_id=name, task="synthetic", model="tiny", method=method, dp_level="sample" if math.isfinite(eps) else "none",
+            run_id=name, task="synthetic", model="tiny", method=method, dp_level=level if authors or private else "none",
             rng="seeded", audit_canaries=0, audit_eps_lower=math.nan, audit_eps_estimate=math.nan,
-            eps_target=eps, delta=1e-5, noise_multiplier=1.0 if math.isfinite(eps) else 0.0, clip=1.0,
-            eps_spent=eps * r / total if math.isfinite(eps) else math.inf, eps_spent_mean=0.0, round=r, rounds_total=total,
-            test_accuracy=accuracy, test_loss=1.0 - accuracy, train_loss=1.0, wall_seconds=10.0 * r,
-            train_seconds=2.0 * r, peak_memory_bytes=1 << 20, bytes_uploaded_per_round=3e6, seed=seed,
-            config_json=config.to_json(), client_data_json="[]",
+            eps_target=eps, delta=1e-5, noise_multiplier=sigma, noise_multiplier_min=sigma, clip=1.0, guarantee=private,
+            eps_spent=eps * r / total if private else eps, eps_spent_mean=0.0 if private else eps, round=r, rounds_total=total,
+            test_accuracy=accuracy, test_loss=1.0 - accuracy, val_accuracy=val_accuracy, val_loss=1.0 - val_accuracy,
+            train_loss=1.0, wall_seconds=10.0 * r, train_seconds=2.0 * r, peak_memory_bytes=1 << 20,
+            bytes_uploaded_per_round=3e6, seed=seed, config_json=config.to_json(), client_data_json="[]",
         )
         rows.append(row)
     path = folder / f"{name}.parquet"

@@ -1,5 +1,6 @@
-"""`dpfl-bench compare`: exact summaries of crafted results, every output format, the plot, and files it
-must skip with a warning instead of crashing."""
+"""`dpfl-bench compare`: exact summaries of crafted results, every output format, the plot, --select,
+paired gains with their intervals, columns without a guarantee, and files it must skip with a warning
+instead of crashing."""
 
 import json
 import math
@@ -8,7 +9,9 @@ import pandas as pd
 import pytest
 from support import assert_user_error, invoke, write_run
 
-from dpfl_bench.compare import load_results, mixed_options, pivots, summarize
+from dpfl_bench.compare import load_results, mixed_options, paired_gains, pivots, summarize
+
+T_975 = {2: 4.302652729749464, 3: 3.182446305284263}  # Student's t table: the 0.975 quantile by degrees of freedom
 
 
 @pytest.fixture
@@ -25,6 +28,12 @@ def folder(tmp_path):
             # round 1 is worse than the final round: only the last round may count
             write_run(tmp_path / method, method=method, eps=eps, seed=seed, accuracies=[0.1, accuracy])
     return tmp_path
+
+
+def tables_of(folder, metric="test_accuracy", by=["method"]):
+    finals = load_results(folder).finals
+    summary = summarize(finals, metric, by)
+    return pivots(summary, metric, by, paired_gains(finals, summary, metric, by))
 
 
 def test_mean_std_and_count_over_seeds_are_exact(folder):
@@ -45,25 +54,27 @@ def test_mean_std_and_count_over_seeds_are_exact(folder):
 
 
 def test_best_cell_per_column_and_la_lora_gain_over_the_best_other_method(folder):
-    loaded = load_results(folder)
-    (table,) = pivots(summarize(loaded.finals), "test_accuracy", ["method"])
-    assert table.eps == [1.0, math.inf], "∞ comes last"
-    assert table.best == {1.0: {"la-lora"}, math.inf: {"dp-lora"}}
-    assert table.gain[1.0] == pytest.approx(0.1)
-    assert table.gain[math.inf] == pytest.approx(0.8 - 2.5 / 3)
+    (table,) = tables_of(folder)
+    assert table.columns == ["ε=1", "ε=∞ (no DP)"], "∞ comes last, and says it is not private"
+    assert table.best == {"ε=1": {"la-lora"}, "ε=∞ (no DP)": {"dp-lora"}}
+    assert table.gains["ε=1"][0] == "dp-lora"
+    assert table.gains["ε=1"][1].mean == pytest.approx(0.1)
+    assert table.gains["ε=∞ (no DP)"][1].mean == pytest.approx(0.8 - 2.5 / 3)
 
 
 def test_lower_is_better_metrics_pick_the_smallest_mean(folder):
-    loaded = load_results(folder)
-    (table,) = pivots(summarize(loaded.finals, "test_loss"), "test_loss", ["method"])
-    assert table.best == {1.0: {"la-lora"}, math.inf: {"dp-lora"}}  # loss = 1 - accuracy here
-    assert table.gain[1.0] == pytest.approx(0.1), "a gain is an improvement, whichever direction is better"
+    (table,) = tables_of(folder, "test_loss")
+    assert table.best == {"ε=1": {"la-lora"}, "ε=∞ (no DP)": {"dp-lora"}}  # loss = 1 - accuracy here
+    gain = table.gains["ε=1"][1]
+    assert gain.mean == pytest.approx(0.1), "a gain is an improvement, whichever direction is better"
+    assert 0 < gain.high and gain.low == pytest.approx(0.1 - T_975[2] * 0.05 / math.sqrt(3))
 
 
 def test_table_output_shows_cells_columns_and_gain(folder):
     result = invoke("compare", folder)
     assert result.exit_code == 0, result.output
-    for text in ("synthetic · tiny", "ε=1", "ε=∞", "0.6000 ± 0.1000 (3)", "0.7000 ± 0.0500 (3)", "la-lora gain", "+0.1000", "-0.0333"):
+    texts = ("synthetic · tiny", "ε=1", "ε=∞ (no DP)", "0.6000 ± 0.1000 (3)", "0.7000 ± 0.0500 (3)", "la-lora gain", "+0.1000", "-0.0333")
+    for text in texts:
         assert text in result.output
     assert result.output.index("ε=1") < result.output.index("ε=∞")
 
@@ -129,7 +140,7 @@ def test_non_private_runs_of_both_levels_are_told_apart_by_their_configured_leve
     assert mixed_options(finals, ["method", "config.dp_level"]) == []
     result = invoke("compare", tmp_path, "--by", "method,config.dp_level", "--format", "csv")
     assert result.exit_code == 0 and "warning" not in result.output
-    assert sorted(result.output.splitlines()[1:])[0].startswith("synthetic,tiny,dp-lora,client,inf,0.7")
+    assert sorted(result.output.splitlines()[1:])[0].startswith("synthetic,tiny,dp-lora,client,ε=∞ (no DP),False,inf,0.7")
     warned = invoke("compare", tmp_path, "--by", "method,dp_level")
     assert "differ in config.dp_level" in warned.output and "--by method,dp_level,config.dp_level" in warned.output
 
@@ -176,13 +187,13 @@ def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_
     assert result.exit_code == 0, result.output
     assert path.read_bytes().startswith(b"\x89PNG")
     titles = [ax.get_title() for ax in saved["axes"]]
-    assert titles == ["synthetic · ε=1", "synthetic · ε=∞", "synthetic · final test accuracy"]
+    assert titles == ["synthetic · ε=1", "synthetic · ε=∞ (no DP)", "synthetic · final test accuracy"]
     per_round = saved["axes"][0]
     assert sorted(line.get_label() for line in per_round.get_lines()) == ["dp-lora", "la-lora"]
     la_lora = next(line for line in per_round.get_lines() if line.get_label() == "la-lora")
     assert list(la_lora.get_xdata()) == [1, 2] and la_lora.get_ydata()[-1] == pytest.approx(0.7)
     assert all(float(tick).is_integer() for tick in per_round.get_xticks()), "rounds are whole numbers"
-    assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞"]
+    assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞\n(no DP)"]
 
 
 def test_a_file_from_another_version_is_named_as_such(folder):
@@ -208,9 +219,9 @@ def test_a_diverged_run_is_counted_apart_and_an_all_nan_column_does_not_crash(tm
     write_run(tmp_path, method="dp-lora", eps=1.0, seed=1, accuracies=[math.nan])
     write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.4])
     write_run(tmp_path, method="la-lora", eps=math.inf, seed=0, accuracies=[math.nan])
-    (table,) = pivots(summarize(load_results(tmp_path).finals), "test_accuracy", ["method"])
-    assert table.best == {1.0: {"dp-lora"}}, "no best cell in a column of NaN"
-    assert table.gain == {1.0: pytest.approx(-0.1)}
+    (table,) = tables_of(tmp_path)
+    assert table.best == {"ε=1": {"dp-lora"}}, "no best cell in a column of NaN"
+    assert list(table.gains) == ["ε=1"] and table.gains["ε=1"][1].mean == pytest.approx(-0.1)
     result = invoke("compare", tmp_path)
     assert result.exit_code == 0, result.output
     assert "0.5000 (1, 1 NaN)" in result.output and "— (0, 1 NaN)" in result.output
@@ -235,6 +246,175 @@ def test_tied_best_cells_are_all_highlighted(tmp_path):
     write_run(tmp_path, method="ffa-lora", eps=1.0, seed=0, accuracies=[0.7])
     write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.7])
     write_run(tmp_path, method="rolora", eps=1.0, seed=0, accuracies=[0.6])
-    (table,) = pivots(summarize(load_results(tmp_path).finals), "test_accuracy", ["method"])
-    assert table.best == {1.0: {"ffa-lora", "la-lora"}}
+    (table,) = tables_of(tmp_path)
+    assert table.best == {"ε=1": {"ffa-lora", "la-lora"}}
     assert invoke("compare", tmp_path, "--format", "markdown").output.count("**0.7000 (1)**") == 2
+
+
+@pytest.fixture
+def tuned(tmp_path):
+    """dp-lora at ε = 1 over three learning rates, two seeds each. Validation and test disagree: lr 0.001
+    has the best test accuracy, lr 0.003 the best validation accuracy; lr 0.01 is worse on both."""
+    runs = {  # lr -> (validation, test) final accuracies by seed
+        0.001: ([0.60, 0.62], [0.90, 0.92]),
+        0.003: ([0.70, 0.72], [0.75, 0.79]),  # the one to choose: test mean 0.77, sample std 0.028284
+        0.01: ([0.65, 0.65], [0.50, 0.50]),
+    }
+    for lr, (val, test) in runs.items():
+        for seed in (0, 1):
+            write_run(tmp_path, method="dp-lora", eps=1.0, seed=seed, accuracies=[0.1, test[seed]], val_accuracies=[0.1, val[seed]], lr=lr)
+    return tmp_path
+
+
+def test_select_reports_the_test_metric_of_the_configuration_best_on_validation(tuned):
+    result = invoke("compare", tuned, "--select", "lr", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| dp-lora | **0.7700 ± 0.0283 (2) lr=0.003** |" in result.output
+    assert "lr: chosen per cell by the best mean final val_accuracy over seeds" in result.output
+    assert "warning" not in result.output, "the selected option differs between runs by design"
+    assert "differ in lr" in invoke("compare", tuned).output, "without --select, mixing learning rates is warned about"
+    records = json.loads(invoke("compare", tuned, "--select", "lr", "--format", "json").output)
+    assert len(records) == 1 and records[0]["lr"] == 0.003 and records[0]["mean"] == pytest.approx(0.77)
+    table = invoke("compare", tuned, "--select", "lr")
+    assert "0.7700 ± 0.0283 (2) lr=0.003" in table.output
+
+
+def test_select_breaks_ties_toward_the_smaller_value_and_compares_several_options_as_tuples(tmp_path):
+    """la-lora over lr × smooth_sigma: (0.001, 1.0) and (0.003, 0.5) tie on validation accuracy, 0.8; the
+    smaller tuple, (0.001, 1.0), wins. Alone, smooth_sigma 0.5 and 1.0 tie too: 0.5 wins."""
+    validation = {(0.001, 0.5): 0.6, (0.001, 1.0): 0.8, (0.003, 0.5): 0.8, (0.003, 1.0): 0.6}
+    for (lr, sigma), val in validation.items():
+        test = 0.5 + lr * 10 + sigma / 10  # a distinct test accuracy per configuration
+        options = {"lr": lr, "method_options": {"smooth_sigma": sigma}}
+        write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[test], val_accuracies=[val], **options)
+    both = pd.read_csv(pd.io.common.StringIO(invoke("compare", tmp_path, "--select", "lr,smooth_sigma", "--format", "csv").output))
+    assert both[["lr", "method_options.smooth_sigma"]].values.tolist() == [[0.001, 1.0]]
+    assert both["mean"].tolist() == [pytest.approx(0.5 + 0.01 + 0.1)]
+    assert "lr=0.001 smooth_sigma=1" in invoke("compare", tmp_path, "--select", "lr,method_options.smooth_sigma").output
+    one_option = tmp_path / "smooth_sigma"
+    for sigma in (1.0, 0.5):  # the larger value first: order on disk must not decide
+        options = {"method_options": {"smooth_sigma": sigma}}
+        write_run(one_option, method="la-lora", eps=1.0, seed=0, accuracies=[sigma], val_accuracies=[0.7], **options)
+    result = invoke("compare", one_option, "--select", "smooth-sigma", "--format", "csv")
+    assert pd.read_csv(pd.io.common.StringIO(result.output))["method_options.smooth_sigma"].tolist() == [0.5]
+
+
+def test_select_of_an_option_the_runs_do_not_vary_is_a_one_line_error(tuned):
+    assert_user_error(invoke("compare", tuned, "--select", "rank"), "--select rank", "options that do: lr")
+    assert_user_error(invoke("compare", tuned, "--select", "lr,colour"), "--select colour", "options that do: lr")
+    assert_user_error(invoke("compare", tuned, "--by", "method,lr", "--select", "lr"), "--select lr", "nothing but their seed")
+
+
+def test_select_when_only_seeds_differ_says_so(folder):
+    assert_user_error(invoke("compare", folder, "--select", "lr"), "--select lr", "they differ in nothing but their seed")
+
+
+@pytest.fixture
+def paired(tmp_path):
+    """la-lora and dp-lora at ε = 1 over seeds 0-3 (la-lora also seed 4, which has no pair), and ffa-lora."""
+    la_lora, dp_lora = [0.70, 0.74, 0.71, 0.77, 0.99], [0.65, 0.66, 0.69, 0.70]
+    for seed, accuracy in enumerate(la_lora):
+        write_run(tmp_path, method="la-lora", eps=1.0, seed=seed, accuracies=[accuracy])
+    for seed, accuracy in enumerate(dp_lora):
+        write_run(tmp_path, method="dp-lora", eps=1.0, seed=seed, accuracies=[accuracy])
+    write_run(tmp_path, method="ffa-lora", eps=1.0, seed=0, accuracies=[0.5])
+    return tmp_path
+
+
+def test_the_gain_is_the_mean_paired_difference_with_a_student_t_interval(paired):
+    differences = [0.05, 0.08, 0.02, 0.07]  # seeds 0-3; seed 4 has no dp-lora run
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    half = T_975[3] * sd / math.sqrt(4)
+    (table,) = tables_of(paired)
+    over, gain = table.gains["ε=1"]
+    assert over == "dp-lora" and gain.pairs == 4
+    assert (gain.mean, gain.low, gain.high) == pytest.approx((mean, mean - half, mean + half), abs=1e-12)
+    assert gain.significant and mean - half > 0
+    text = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (4 pairs)"
+    assert f"| la-lora gain | **{text}** * |" in invoke("compare", paired, "--format", "markdown").output
+    assert f"{text} *" in invoke("compare", paired).output
+    records = json.loads(invoke("compare", paired, "--format", "json").output)
+    ours = next(r for r in records if r["method"] == "la-lora")
+    assert ours["gain_over"] == "dp-lora" and ours["gain_pairs"] == 4 and ours["significant"] is True
+    assert (ours["gain"], ours["gain_low"], ours["gain_high"]) == pytest.approx((mean, mean - half, mean + half))
+    assert all(r["gain"] is None for r in records if r["method"] != "la-lora")
+
+
+def test_an_interval_that_contains_zero_is_not_significant(folder):
+    (table,) = tables_of(folder)
+    gain = table.gains["ε=1"][1]  # differences 0.15, 0.1, 0.05: sd 0.05
+    assert (gain.low, gain.high) == pytest.approx((0.1 - T_975[2] * 0.05 / math.sqrt(3), 0.1 + T_975[2] * 0.05 / math.sqrt(3)))
+    assert not gain.significant
+    assert "+0.1000 [-0.0242, +0.2242] (3 pairs) |" in invoke("compare", folder, "--format", "markdown").output
+
+
+def test_baseline_measures_la_lora_against_the_method_named(paired):
+    result = invoke("compare", paired, "--baseline", "ffa-lora", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| la-lora − ffa-lora | +0.2000 (1 pair: no interval) |" in result.output, "only seed 0 has both"
+    frame = pd.read_csv(pd.io.common.StringIO(invoke("compare", paired, "--baseline", "ffa-lora", "--format", "csv").output))
+    ours = frame[frame["method"] == "la-lora"].iloc[0]
+    assert ours["gain_over"] == "ffa-lora" and ours["gain_pairs"] == 1 and math.isnan(ours["gain_low"]) and not ours["significant"]
+
+
+def test_cells_without_a_common_seed_say_so(tmp_path):
+    write_run(tmp_path, method="la-lora", eps=1.0, seed=1, accuracies=[0.7])
+    write_run(tmp_path, method="dp-lora", eps=1.0, seed=0, accuracies=[0.6])
+    assert "— (no seed in common)" in invoke("compare", tmp_path).output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--baseline", "la-lora"], "--baseline la-lora: give a method to measure la-lora against; these runs have dp-lora, ffa-lora"),
+        (["--baseline", "rolora"], "--baseline rolora: give a method"),
+        (["--baseline", "dp-lora", "--by", "method,rank"], "use it with --by method"),
+    ],
+)
+def test_bad_baselines_are_one_line_errors(paired, args, message):
+    assert_user_error(invoke("compare", paired, *args), message)
+
+
+@pytest.fixture
+def regimes(tmp_path):
+    """la-lora under an accounted ε = 1, the authors' regime at σ = 0.5 and 0.2, and non-private."""
+    write_run(tmp_path, method="la-lora", eps=1.0, seed=0, accuracies=[0.5])
+    write_run(tmp_path, method="la-lora", seed=0, accuracies=[0.9], dp_level="authors", dp_sigma=0.5)
+    write_run(tmp_path, method="la-lora", seed=0, accuracies=[0.8], dp_level="authors", dp_sigma=0.2)
+    write_run(tmp_path, method="la-lora", eps=math.inf, seed=0, accuracies=[0.95])
+    return tmp_path
+
+
+def test_runs_without_a_guarantee_are_never_averaged_with_accounted_ones(regimes):
+    authors = ["authors σ=0.2 (no guarantee)", "authors σ=0.5 (no guarantee)"]
+    (table,) = tables_of(regimes)
+    assert table.columns == ["ε=1", "ε=∞ (no DP)", *authors]
+    means = {column: table.cells[("la-lora", column)]["mean"] for column in table.columns}
+    assert means == {"ε=1": 0.5, "ε=∞ (no DP)": 0.95, authors[0]: 0.8, authors[1]: 0.9}
+    markdown = invoke("compare", regimes, "--format", "markdown")
+    assert markdown.exit_code == 0 and "warning" not in markdown.output
+    assert "|  | ε=1 | ε=∞ (no DP) | authors σ=0.2 (no guarantee) | authors σ=0.5 (no guarantee) |" in markdown.output
+    assert "| la-lora | **0.5000 (1)** | **0.9500 (1)** | **0.8000 (1)** | **0.9000 (1)** |" in markdown.output
+    records = json.loads(invoke("compare", regimes, "--format", "json").output)
+    expected = [("ε=1", True), ("ε=∞ (no DP)", False), (authors[0], False), (authors[1], False)]
+    assert [(r["regime"], r["guarantee"]) for r in records] == expected
+    assert records[2]["eps_target"] is None, "no ε, not a number that could be read as one"
+    assert "(no guarantee)" in invoke("compare", regimes).output
+
+
+def test_the_plot_labels_regimes_without_a_guarantee(regimes, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(figure, path, **kwargs):
+        saved["axes"] = [ax for ax in figure.axes if ax.get_visible()]
+        return original(figure, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    assert invoke("compare", regimes, "--plot", tmp_path / "regimes.png").exit_code == 0
+    assert [ax.get_title() for ax in saved["axes"]][2] == "synthetic · authors σ=0.2 (no guarantee)"
+    ticks = [t.get_text() for t in saved["axes"][-1].get_xticklabels()]
+    assert ticks == ["1", "∞\n(no DP)", "authors σ=0.2\n(no guarantee)", "authors σ=0.5\n(no guarantee)"]

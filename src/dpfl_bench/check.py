@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dpfl_bench.compare import Results
+from dpfl_bench.compare import Results, flat_options, regime
 
 EPS_SLACK = 1e-6  # calibration meets the target to within its bisection tolerance, from below
 
@@ -25,8 +25,10 @@ class Shortfall:
 
 
 def run_name(row: pd.Series) -> str:
-    eps = "∞" if math.isinf(row["eps_target"]) else f"{row['eps_target']:g}"
-    return f"{row['task']} · {row['method']} · ε={eps} · seed {row['seed']}"
+    """task · method · regime (as compare labels it: a run without a guarantee says so) · seed."""
+    sigma = flat_options(row["config_json"]).get("dp_sigma", math.nan)
+    label = regime(row["dp_level"], row["guarantee"], row["eps_target"], sigma).label
+    return f"{row['task']} · {row['method']} · {label} · seed {row['seed']}"
 
 
 def check_runs(results: Results, reference: pd.DataFrame, tolerance: float) -> list[Shortfall]:

@@ -1,8 +1,9 @@
-"""Read a folder of results files and summarize them: one cell per (task, method, ε), over seeds.
+"""Read a folder of results files and summarize them: one cell per (task, method, privacy regime), over seeds.
 
 Loading is forgiving, summarizing is strict: a file that is corrupt, foreign, unfinished or a duplicate is
 skipped with a one-line warning, but runs that differ in anything other than their seed are never
-averaged into one cell without saying so.
+averaged into one cell without saying so, and a run without an accounted guarantee never shares a cell
+with one that has it.
 """
 
 import json
@@ -10,24 +11,30 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from dpfl_bench.errors import UserError
 from dpfl_bench.results import SCHEMA, NotAResultsFile, read_run
+from dpfl_bench.stats import Gain, paired_gain
 
 TABLE_KEYS = ["task", "model"]  # one table per task and model
-COLUMN_KEY = "eps_target"  # the columns of a table: ε, ∞ last
+COLUMN_KEY = "regime"  # the columns of a table: privacy regimes (see `regime`), in their order
 HIGHLIGHTED_METHOD = "la-lora"  # the method whose gain over the best other method gets its own row
+SELECTION_METRIC = "val_accuracy"  # --select chooses on validation data, never on the test split it reports
 LOWER_IS_BETTER = ("loss", "seconds", "bytes", "memory", "eps_spent", "audit_eps", "noise")  # audit ε: less leaked
+NO_GUARANTEE = "(no guarantee)"
+SPECIAL_NUMBERS = {"inf": math.inf, "nan": math.nan}  # how a configuration's JSON writes them
 
 
 @dataclass(frozen=True)
 class Results:
     rows: pd.DataFrame  # every evaluated round of every finished run
-    finals: pd.DataFrame  # each run's last row, its configuration options as extra columns
+    finals: pd.DataFrame  # each run's last row, its configuration options and privacy regime as extra columns
     unfinished: dict[str, int]  # run id -> rounds saved, for runs that stopped before their last round
     warnings: list[str]
 
@@ -72,12 +79,13 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last row, with seconds per round and its configuration's options as columns (an option
-    named like a results column, e.g. dp_level, which a non-private run records as none, as config.<name>)."""
+    """Each run's last row, with seconds per round, its configuration's options as columns (an option
+    named like a results column, e.g. dp_level, which a non-private run records as none, as config.<name>)
+    and its privacy regime."""
     finals = rows.sort_values("round").groupby("run_id", sort=False).tail(1).sort_values("run_id").reset_index(drop=True)
     finals["seconds_per_round"] = finals["train_seconds"] / finals["round"]
     options = pd.DataFrame([flat_options(text) for text in finals["config_json"]], index=finals.index)
-    return finals.join(options.rename(columns={c: option_column(c) for c in options.columns}))
+    return with_regimes(finals.join(options.rename(columns={c: option_column(c) for c in options.columns})))
 
 
 def option_column(option: str) -> str:
@@ -95,24 +103,72 @@ def flat_options(config_json: str) -> dict:
             flat.update({f"method_options.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    return {k: (math.inf if v == "inf" else v) for k, v in flat.items()}
+    return {k: SPECIAL_NUMBERS.get(v, v) if isinstance(v, str) else v for k, v in flat.items()}
+
+
+class Regime(NamedTuple):
+    """A table column. Sorted: accounted ε ascending, then runs without a guarantee (non-private: ε = ∞),
+    then regimes without an accountant (the authors' noise), by σ."""
+
+    rank: int
+    value: float
+    label: str
+
+
+def regime(dp_level: str, guarantee: bool, eps: float, dp_sigma: float) -> Regime:
+    """A run's column. Only an accounted run gets a label that does not say it has no guarantee, so no
+    cell can mix the two."""
+    if guarantee:
+        return Regime(0, eps, f"ε={_exact(eps)}")
+    if math.isnan(eps):  # no accountant: the level's own noise setting is all there is to tell runs apart
+        return Regime(2, dp_sigma, f"{dp_level} σ={_exact(dp_sigma)} {NO_GUARANTEE}")
+    return Regime(1, eps, "ε=∞ (no DP)" if math.isinf(eps) else f"ε={_exact(eps)} {NO_GUARANTEE}")
+
+
+def _exact(value: float) -> str:
+    """As short as reads back exactly: runs at ε = 1 and ε = 1.0000001 stay two columns."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
+
+
+def with_regimes(finals: pd.DataFrame) -> pd.DataFrame:
+    """`finals` with its regime column: ordered categories, so that sorting and grouping keep table order."""
+    sigmas = finals["dp_sigma"] if "dp_sigma" in finals else pd.Series(math.nan, index=finals.index)
+    regimes = [regime(*values) for values in zip(finals["dp_level"], finals["guarantee"], finals["eps_target"], sigmas)]
+    order = list(dict.fromkeys(r.label for r in sorted(regimes)))
+    return finals.assign(**{COLUMN_KEY: pd.Categorical([r.label for r in regimes], categories=order, ordered=True)})
+
+
+def regimes_in(column: pd.Series) -> list[str]:
+    """The regimes of a column of `finals` or of a summary, in table order."""
+    return list(dict.fromkeys(column.sort_values()))
 
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in LOWER_IS_BETTER)
 
 
-def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str] = ["method"]) -> pd.DataFrame:
-    """One row per (task, model, *by, ε): the metric's mean, sample std and count over runs, and the mean
-    seconds and bytes uploaded per round. Raises UserError for an unknown or non-numeric column."""
+def cell_keys(by: list[str], selected: list[str] = []) -> list[str]:
+    """The columns that make a cell: table, row, the options --select fixed, and column."""
+    return list(dict.fromkeys([*TABLE_KEYS, *by, *selected, COLUMN_KEY]))
+
+
+def check_columns(finals: pd.DataFrame, metric: str, by: list[str]) -> None:
+    """Raises UserError for an unknown or non-numeric metric, or an unknown --by column."""
     for column in [metric, *by]:
         if column not in finals.columns:
             valid = ", ".join(sorted(c for c in finals.columns if c not in ("config_json", "client_data_json")))
             raise UserError(f"no column {column!r} in these results; choose from: {valid}")
     if not pd.api.types.is_numeric_dtype(finals[metric]):
         raise UserError(f"--metric {metric!r} is not numeric")
-    keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
-    grouped = finals.groupby(keys, sort=True, dropna=False)
+
+
+def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str] = ["method"], selected: list[str] = []) -> pd.DataFrame:
+    """One row per (task, model, *by, regime): the metric's mean, sample std and count over runs, and the
+    mean seconds and bytes uploaded per round; with the values of the `selected` options (one per cell
+    after `select_best`), whether the cell's runs have a guarantee, and their target ε."""
+    keys = [*cell_keys(by, selected), "guarantee", "eps_target"]  # the last two: fixed by the regime
+    grouped = finals.groupby(keys, sort=True, dropna=False, observed=True)
     summary = grouped.agg(
         mean=(metric, "mean"),  # over the runs with a value: a diverged run (NaN) is counted in `missing`
         std=(metric, "std"),  # sample std (ddof 1): NaN for a single seed
@@ -127,12 +183,11 @@ def summarize(finals: pd.DataFrame, metric: str = "test_accuracy", by: list[str]
 def mixed_options(finals: pd.DataFrame, by: list[str]) -> list[str]:
     """Run options that differ between runs averaged into one cell: anything but the seed, where results
     go and how many workers load data (an option a run lacks counts as a value of its own)."""
-    keys = list(dict.fromkeys([*TABLE_KEYS, *by, COLUMN_KEY]))
     # A results column in `by` (dp_level) does not fix the option of that name (config.dp_level).
     held = {b.removeprefix("config.") for b in by if b.startswith("config.") or b not in SCHEMA.names}
     same_in_a_cell = {"seed", "out", "workers", "eps", "task", "model", *held}
     mixed = set()
-    for _, cell in finals.groupby(keys, dropna=False):
+    for _, cell in finals.groupby(cell_keys(by), dropna=False, observed=True):
         configs = [flat_options(text) for text in cell["config_json"]]
         for option in set().union(*configs) - same_in_a_cell:
             if len({repr(c.get(option, "<absent>")) for c in configs}) > 1:
@@ -142,58 +197,150 @@ def mixed_options(finals: pd.DataFrame, by: list[str]) -> list[str]:
     return sorted(mixed)
 
 
+def select_best(finals: pd.DataFrame, options: list[str], by: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Per cell, only the runs of the value of `options` (a tuple, compared in order, for several) with the
+    best mean final validation accuracy over seeds, the smaller value of tied ones; and the columns of
+    those options. Raises UserError for an option that the runs of no cell differ in."""
+    varying = mixed_options(finals, by)
+    columns = list(dict.fromkeys(_varying_column(option, varying) for option in options))
+    chosen = [_best_value(cell, columns) for _, cell in finals.groupby(cell_keys(by), dropna=False, observed=True)]
+    return pd.concat(chosen).sort_values("run_id").reset_index(drop=True), columns
+
+
+def _varying_column(option: str, varying: list[str]) -> str:
+    name = option.replace("-", "_")
+    for column in (name, option_column(name), f"method_options.{name}"):
+        if column in varying:
+            return column
+    they = f"options that do: {', '.join(varying)}" if varying else "they differ in nothing but their seed"
+    raise UserError(f"--select {option}: the runs of no cell differ in it; {they}")
+
+
+def _best_value(cell: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    # Candidates in ascending order of value: of tied scores, max keeps the first, the smaller value.
+    candidates = sorted(cell.groupby(columns, dropna=False), key=lambda candidate: _ascending(candidate[0]))
+    return max(candidates, key=lambda candidate: _validation_score(candidate[1]))[1]
+
+
+def _ascending(values: tuple) -> tuple:
+    return tuple((pd.isna(v), 0 if pd.isna(v) else v) for v in values)  # an option a run lacks sorts last
+
+
+def _validation_score(runs: pd.DataFrame) -> float:
+    score = runs[SELECTION_METRIC].mean()
+    return -math.inf if math.isnan(score) else score  # a value whose runs all diverged is never chosen over one
+
+
+def check_baseline(finals: pd.DataFrame, baseline: str, by: list[str]) -> None:
+    """Raises UserError unless `baseline` is a method with runs, other than the highlighted one, in tables
+    whose rows are methods."""
+    if by != ["method"]:
+        raise UserError(f"--baseline compares methods: use it with --by method, not --by {','.join(by)}")
+    methods = sorted(finals["method"].unique())
+    if baseline == HIGHLIGHTED_METHOD or baseline not in methods:
+        others = ", ".join(m for m in methods if m != HIGHLIGHTED_METHOD) or "none"
+        raise UserError(f"--baseline {baseline}: give a method to measure {HIGHLIGHTED_METHOD} against; these runs have {others}")
+
+
+GainCell = tuple[str, Gain]  # the method compared with, and the highlighted method's gain over it
+GAIN_FIELDS = ["gain_over", "gain", "gain_low", "gain_high", "gain_pairs", "significant"]  # csv and json
+
+
+def paired_gains(
+    finals: pd.DataFrame, summary: pd.DataFrame, metric: str, by: list[str], baseline: str | None = None
+) -> dict[tuple, GainCell]:
+    """(task, model, regime) -> the highlighted method's gain, seed by seed, over `baseline`, or else over
+    the other method with the best mean in that column; positive is better, whichever direction the metric
+    is. Only for tables whose rows are methods, and cells where both have a mean."""
+    if by != ["method"]:
+        return {}
+    lower = lower_is_better(metric)
+    runs = dict(iter(finals.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True)))
+    gains = {}
+    for key, column in summary.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True):
+        means = column.set_index("method")["mean"].dropna()
+        others = means.drop(HIGHLIGHTED_METHOD, errors="ignore")
+        if HIGHLIGHTED_METHOD not in means or others.empty:
+            continue
+        over = baseline or (others.idxmin() if lower else others.idxmax())
+        if over not in others:  # the baseline has no mean in this column
+            continue
+        per_seed = runs[key].groupby(["method", "seed"])[metric].mean()
+        ours, theirs = per_seed[HIGHLIGHTED_METHOD], per_seed[over]
+        gains[key] = (over, paired_gain(theirs, ours) if lower else paired_gain(ours, theirs))
+    return gains
+
+
 @dataclass(frozen=True)
 class Pivot:
-    """One table: rows are the `by` values, columns the ε values (∞ last)."""
+    """One table: rows are the `by` values, columns the privacy regimes."""
 
     title: str
     row_names: list[str]
-    eps: list[float]
-    cells: dict[tuple[str, float], pd.Series]  # (row, ε) -> a summary row
-    best: dict[float, set[str]]  # ε -> the rows with the best mean (absent when no row has one)
-    gain: dict[float, float] | None  # ε -> highlighted method minus the best other row, when both exist
+    columns: list[str]  # regime labels, in order
+    cells: dict[tuple[str, str], pd.Series]  # (row, regime) -> a summary row
+    best: dict[str, set[str]]  # regime -> the rows with the best mean (absent when no row has one)
+    gains: dict[str, GainCell]  # regime -> the highlighted method's gain, where there is one
+    gain_name: str  # the gain row's name
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
+    selected: list[str]  # the options --select chose per cell
+    notes: list[str]  # what the reader must know to read the cells
 
     def row_texts(self, row: str, emphasize: Callable[[str], str]) -> list[str]:
-        """A row as text: its name, a cell per ε (emphasized where it is the column's best), then its
+        """A row as text: its name, a cell per regime (emphasized where it is the column's best), then its
         seconds and megabytes uploaded per round."""
         texts = [row]
-        for e in self.eps:
-            cell = self.cells.get((row, e))
-            text = "—" if cell is None else cell_text(cell)
-            texts.append(emphasize(text) if row in self.best.get(e, ()) else text)
+        for column in self.columns:
+            cell = self.cells.get((row, column))
+            text = "—" if cell is None else cell_text(cell, self.selected)
+            texts.append(emphasize(text) if row in self.best.get(column, ()) else text)
         seconds, size = self.costs[row]
         return [*texts, f"{seconds:.1f}", megabytes(size)]
 
 
-def pivots(summary: pd.DataFrame, metric: str, by: list[str]) -> list[Pivot]:
+def pivots(
+    summary: pd.DataFrame,
+    metric: str,
+    by: list[str],
+    gains: dict[tuple, GainCell] = {},
+    selected: list[str] = [],
+    baseline: str | None = None,
+) -> list[Pivot]:
     tables = []
     lower = lower_is_better(metric)
+    gain_name = f"{HIGHLIGHTED_METHOD} − {baseline}" if baseline else f"{HIGHLIGHTED_METHOD} gain"
     for (task, model), table in summary.groupby(TABLE_KEYS, sort=True):
         table = table.assign(row=[row_name(values) for values in table[by].itertuples(index=False)])
         row_names = list(dict.fromkeys(table["row"]))
-        eps = sorted(table[COLUMN_KEY].unique())
+        columns = regimes_in(table[COLUMN_KEY])
         cells = {(r["row"], r[COLUMN_KEY]): r for _, r in table.iterrows()}
         best = {}
-        for e in eps:
-            means = table[table[COLUMN_KEY] == e].set_index("row")["mean"].dropna()
+        for column in columns:
+            means = table[table[COLUMN_KEY] == column].set_index("row")["mean"].dropna()
             if len(means):  # ties are all best
-                best[e] = set(means.index[means == (means.min() if lower else means.max())])
-        gain = None
-        if by == ["method"] and HIGHLIGHTED_METHOD in row_names and len(row_names) > 1:
-            gain = {}
-            for e in eps:
-                ours = cells.get((HIGHLIGHTED_METHOD, e))
-                others = [cells[(r, e)]["mean"] for r in row_names if r != HIGHLIGHTED_METHOD and (r, e) in cells]
-                others = [m for m in others if not np.isnan(m)]
-                if ours is not None and others and not np.isnan(ours["mean"]):
-                    gain[e] = (min(others) - ours["mean"]) if lower else (ours["mean"] - max(others))
+                best[column] = set(means.index[means == (means.min() if lower else means.max())])
+        table_gains = {key[2]: gain for key, gain in gains.items() if key[:2] == (task, model)}
         costs = {
             row: (group["seconds_per_round"].mean(), group["bytes_uploaded_per_round"].mean())
             for row, group in table.groupby("row", sort=False)
         }
-        tables.append(Pivot(f"{task} · {model}", row_names, eps, cells, best, gain, costs))
+        notes = _notes(selected, gain_name if table_gains else None, baseline)
+        tables.append(Pivot(f"{task} · {model}", row_names, columns, cells, best, table_gains, gain_name, costs, selected, notes))
     return tables
+
+
+def _notes(selected: list[str], gain_name: str | None, baseline: str | None) -> list[str]:
+    notes = []
+    if selected:
+        names = ", ".join(map(option_name, selected))
+        notes.append(f"{names}: chosen per cell by the best mean final {SELECTION_METRIC} over seeds")
+    if gain_name:
+        over = baseline or "the best other method of the column"
+        notes.append(
+            f"{gain_name}: mean paired difference from {over} over the seeds both ran (positive: better) "
+            "[95% Student-t interval]; * excludes 0"
+        )
+    return notes
 
 
 def row_name(values: tuple) -> str:
@@ -201,8 +348,9 @@ def row_name(values: tuple) -> str:
     return " · ".join("—" if pd.isna(v) else "∞" if isinstance(v, float) and math.isinf(v) else str(v) for v in values)
 
 
-def eps_label(eps: float) -> str:
-    return "ε=∞" if math.isinf(eps) else f"ε={eps:g}"
+def option_name(column: str) -> str:
+    """A selected option's column as a cell names it: lr, smooth_sigma, dp_level."""
+    return column.removeprefix("config.").removeprefix("method_options.")
 
 
 def number(value: float) -> str:
@@ -211,10 +359,25 @@ def number(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.4g}"
 
 
-def cell_text(cell: pd.Series) -> str:
+def cell_text(cell: pd.Series, selected: list[str] = []) -> str:
     std = "" if np.isnan(cell["std"]) else f" ± {number(cell['std'])}"
     missing = f", {cell['missing']} NaN" if cell["missing"] else ""
-    return f"{number(cell['mean'])}{std} ({cell['n']}{missing})"
+    chosen = "".join(f" {option_name(c)}={_value(cell[c])}" for c in selected if not pd.isna(cell[c]))
+    return f"{number(cell['mean'])}{std} ({cell['n']}{missing}){chosen}"
+
+
+def _value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def gain_text(gain: Gain) -> str:
+    """The mean paired difference and its interval, or why there is no interval (the significance mark
+    is each format's own)."""
+    if gain.pairs == 0:
+        return "— (no seed in common)"
+    if gain.pairs == 1:
+        return f"{gain.mean:+.4f} (1 pair: no interval)"
+    return f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}] ({gain.pairs} pairs)"
 
 
 def megabytes(size: float) -> str:
@@ -224,45 +387,65 @@ def megabytes(size: float) -> str:
 def to_markdown(tables: list[Pivot], metric: str) -> str:
     blocks = []
     for t in tables:
-        header = ["", *map(eps_label, t.eps), "s / round", "MB up / round"]
+        header = ["", *t.columns, "s / round", "MB up / round"]
         lines = [f"**{t.title}**: {metric}, mean ± std (seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in t.row_names:
             lines.append("| " + " | ".join(t.row_texts(row, lambda text: f"**{text}**")) + " |")
-        if t.gain:
-            gains = [f"{t.gain[e]:+.4f}" if e in t.gain else "—" for e in t.eps]
-            lines.append("| " + " | ".join([f"{HIGHLIGHTED_METHOD} gain", *gains, "", ""]) + " |")
+        if t.gains:
+            gains = [_markdown_gain(t.gains[c][1]) if c in t.gains else "—" for c in t.columns]
+            lines.append("| " + " | ".join([t.gain_name, *gains, "", ""]) + " |")
+        lines += ["", *t.notes] if t.notes else []
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def _markdown_gain(gain: Gain) -> str:
+    return f"**{gain_text(gain)}** *" if gain.significant else gain_text(gain)
 
 
 def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
     rendered = []
     for t in tables:
-        table = Table(title=f"[bold]{t.title}[/]: {metric}, mean ± std (seeds)", title_justify="left")
+        caption = "\n".join(escape(note) for note in t.notes) or None
+        title = f"[bold]{t.title}[/]: {metric}, mean ± std (seeds)"
+        table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         table.add_column("")
-        for e in t.eps:
-            table.add_column(eps_label(e), justify="right")
+        for column in t.columns:
+            table.add_column(escape(column).replace(NO_GUARANTEE, f"[yellow]{NO_GUARANTEE}[/]"), justify="right")
         table.add_column("s / round", justify="right", style="dim")
         table.add_column("MB up / round", justify="right", style="dim")
         for row in t.row_names:
             table.add_row(*t.row_texts(row, lambda text: f"[bold green]{text}[/]"))
-        if t.gain:
+        if t.gains:
             table.add_section()
-            gains = [_signed(t.gain[e]) if e in t.gain else "—" for e in t.eps]
-            table.add_row(f"[italic]{HIGHLIGHTED_METHOD} gain[/]", *gains, "", "")
+            gains = [_rich_gain(t.gains[c][1]) if c in t.gains else "—" for c in t.columns]
+            table.add_row(f"[italic]{escape(t.gain_name)}[/]", *gains, "", "")
         rendered.append(table)
     return rendered
 
 
-def _signed(value: float) -> str:
-    colour = "green" if value > 0 else "red" if value < 0 else "white"
-    return f"[{colour}]{value:+.4f}[/]"
+def _rich_gain(gain: Gain) -> str:
+    if not gain.significant:
+        return escape(gain_text(gain))
+    colour = "green" if gain.mean > 0 else "red"
+    return f"[{colour}]{escape(gain_text(gain))} *[/]"
 
 
-def to_records(summary: pd.DataFrame) -> pd.DataFrame:
-    """The long form for csv and json; ±inf written as "inf"/"-inf" (JSON has no infinity, and null
-    would read as "no data")."""
+def to_records(summary: pd.DataFrame, gains: dict[tuple, GainCell] = {}) -> pd.DataFrame:
+    """The long form for csv and json, with the gain columns on the highlighted method's cells when there
+    are gains; ±inf written as "inf"/"-inf" (JSON has no infinity, and null would read as "no data")."""
     records = summary.astype(object)
+    if gains:
+        keys = zip(summary["task"], summary["model"], summary[COLUMN_KEY].astype(str), summary["method"])
+        fields = [_gain_fields(gains.get(key[:3]) if key[3] == HIGHLIGHTED_METHOD else None) for key in keys]
+        records = records.join(pd.DataFrame(fields, index=records.index, dtype=object))  # object: pairs stay whole numbers
     for column in records.columns:
         records[column] = [("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for v in records[column]]
     return records
+
+
+def _gain_fields(cell: GainCell | None) -> dict:
+    if cell is None:
+        return dict.fromkeys(GAIN_FIELDS)
+    over, gain = cell
+    return dict(gain_over=over, gain=gain.mean, gain_low=gain.low, gain_high=gain.high, gain_pairs=gain.pairs, significant=gain.significant)

@@ -1,4 +1,5 @@
-"""The comparison figure: the metric against round, one panel per ε, and the final metric against ε.
+"""The comparison figure: the metric against round, one panel per privacy regime (an ε, or a regime
+without a guarantee, which its title says), and the final metric against regime.
 
 One row of panels per task and model; one line per method (or `--by` group), its band ± one standard
 deviation over seeds.
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpfl_bench.compare import COLUMN_KEY, TABLE_KEYS, eps_label
+from dpfl_bench.compare import COLUMN_KEY, TABLE_KEYS, regimes_in
 
 
 def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: list[str], path: Path) -> None:
@@ -19,7 +20,10 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rows = rows.merge(finals[["run_id", *[c for c in by if c not in rows.columns]]], on="run_id")
+    order = regimes_in(finals[COLUMN_KEY])
+    finals = finals.assign(**{COLUMN_KEY: finals[COLUMN_KEY].astype(str)})  # plain labels; `order` keeps their order
+    # Only `finals`' runs: after --select, the chosen configurations.
+    rows = rows.merge(finals[["run_id", COLUMN_KEY, *[c for c in by if c not in rows.columns]]], on="run_id")
     tables = list(finals.groupby(TABLE_KEYS, sort=True))
     width = max(finals.groupby(TABLE_KEYS)[COLUMN_KEY].nunique()) + 1
     figure, axes = plt.subplots(len(tables), width, figsize=(3.6 * width, 3.2 * len(tables)), squeeze=False)
@@ -28,33 +32,33 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     readable = metric.replace("_", " ")
 
     for row_axes, ((task, model), table) in zip(axes, tables):
-        eps_values = sorted(table[COLUMN_KEY].unique())
+        regimes = [r for r in order if r in set(table[COLUMN_KEY])]
         run_rows = rows[rows["run_id"].isin(table["run_id"])]
-        for ax, eps in zip(row_axes, eps_values):
-            at_eps = run_rows[run_rows[COLUMN_KEY] == eps]
-            for values, group in at_eps.groupby(by, sort=True):
+        for ax, regime in zip(row_axes, regimes):
+            in_regime = run_rows[run_rows[COLUMN_KEY] == regime]
+            for values, group in in_regime.groupby(by, sort=True):
                 name = _label(values)
                 curve = group.groupby("round")[metric].agg(["mean", "std"]).fillna({"std": 0.0})
                 ax.plot(curve.index, curve["mean"], marker="o", markersize=3, label=name, color=colours[name])
                 ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2, color=colours[name])
-            ax.set_title(f"{task} · {eps_label(eps)}", fontsize=10)
+            ax.set_title(f"{task} · {regime}", fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
             ax.set_xlabel("round")
             ax.set_ylabel(readable)
             ax.grid(alpha=0.3)
-        for ax in row_axes[len(eps_values):-1]:
+        for ax in row_axes[len(regimes):-1]:
             ax.set_visible(False)
 
-        # Final metric against ε: ε values are evenly spaced categories, so ∞ has a place on the axis.
+        # Final metric against regime: evenly spaced categories, so ∞ and the regimes without an ε have a place.
         ax = row_axes[-1]
-        positions = range(len(eps_values))
+        positions = range(len(regimes))
         for values, group in table.groupby(by, sort=True):
             name = _label(values)
-            final = group.groupby(COLUMN_KEY)[metric].agg(["mean", "std"]).reindex(eps_values).fillna({"std": 0.0})
+            final = group.groupby(COLUMN_KEY)[metric].agg(["mean", "std"]).reindex(regimes).fillna({"std": 0.0})
             ax.errorbar(positions, final["mean"], yerr=final["std"], marker="o", capsize=3, label=name, color=colours[name])
-        ax.set_xticks(list(positions), [eps_label(e).removeprefix("ε=") for e in eps_values])
+        ax.set_xticks(list(positions), [r.removeprefix("ε=").replace(" (", "\n(") for r in regimes])
         ax.set_title(f"{task} · final {readable}", fontsize=10)
-        ax.set_xlabel("privacy budget ε")
+        ax.set_xlabel("privacy budget ε, or regime")
         ax.set_ylabel(readable)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
