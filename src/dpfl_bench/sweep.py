@@ -14,6 +14,11 @@ A suite is a TOML file:
     eps = [1, inf]
     seed = [0, 1, 2]
 
+    regime = [                         # an axis of tables: options that change together; a list inside
+      {dp-level = "authors", lr = [1e-3, 3e-3]},   # a table is a grid of its own (lr per regime here)
+      {eps = 1, lr = [3e-3, 1e-2]},
+    ]
+
     [grid.method-options.la-lora]      # a method's own option as an axis: only that method's runs vary
     smooth_sigma = [0.0, 1.0]
 
@@ -80,18 +85,18 @@ def load_suite(path: Path, out: Path | None = None) -> Suite:
         options = {**base, "out": str(out)}
         for axis, value in zip(axes, values):
             if axis.method is None:
-                options[axis.option] = value
+                options.update(value if isinstance(value, dict) else {axis.option: value})
         method = options.get("method", RunConfig.method)
         method_options = {**options.get("method_options", {}), **fixed_method_options.get(method, {})}
         method_options |= {a.option: v for a, v in zip(axes, values) if a.method == method}
         options["method_options"] = method_options
-        point = ", ".join(f"{a.name}={v}" for a, v in zip(axes, values)) or "the base"
+        point = ", ".join(f"{a.name}={_text(v)}" for a, v in zip(axes, values)) or "the base"
         try:
             config = build_config(options, TASKS.get(options.get("task", RunConfig.task)).defaults)
         except UserError as e:
             raise UserError(f"suite {path}, grid point {point}: {e}") from None
         points.setdefault(run_id(config), config)  # e.g. a la-lora option's values leave dp-lora's runs alike
-    varying = [a.option.replace("-", "_") if a.method is None else f"method_options.{a.option}" for a in axes]
+    varying = [name for axis in axes for name in axis.varying]
     return Suite(path, str(data.get("description", "")), out, list(points.values()), varying)
 
 
@@ -100,7 +105,31 @@ class _Axis:
     name: str  # as written in the suite
     option: str
     method: str | None  # set for a method's own option: it applies only to runs of that method
-    values: list[Any]
+    values: list[Any]  # option values, or tables of options set together
+
+    @property
+    def varying(self) -> list[str]:
+        """The options this axis varies, as the results name them (underscored)."""
+        if self.method is not None:
+            return [f"method_options.{self.option}"]
+        keys = [self.option] if not isinstance(self.values[0], dict) else list(dict.fromkeys(k for v in self.values for k in v))
+        return [k.replace("-", "_") for k in keys]
+
+
+def _expand_tables(values: list[Any]) -> list[Any]:
+    """An axis of tables: each table whose entries hold lists stands for every combination of them."""
+    expanded = []
+    for value in values:
+        if not isinstance(value, dict):
+            expanded.append(value)
+            continue
+        lists = {k: v if isinstance(v, list) else [v] for k, v in value.items()}
+        expanded += [dict(zip(lists, combination)) for combination in itertools.product(*lists.values())]
+    return expanded
+
+
+def _text(value: Any) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
 
 
 def _grid_axes(grid: Mapping[str, Any], path: Path) -> list[_Axis]:
@@ -111,7 +140,9 @@ def _grid_axes(grid: Mapping[str, Any], path: Path) -> list[_Axis]:
     for axis in axes:
         if not isinstance(axis.values, list) or not axis.values:
             raise UserError(f"suite {path}: grid option {axis.name!r} must be a non-empty list, e.g. {axis.option} = [1, 2]")
-    return axes
+        if len({isinstance(v, dict) for v in axis.values}) > 1:
+            raise UserError(f"suite {path}: grid option {axis.name!r} mixes tables and plain values; use one kind")
+    return [_Axis(a.name, a.option, a.method, _expand_tables(a.values)) for a in axes]
 
 
 def _per_method(table: Any, path: Path, where: str) -> dict[str, dict[str, Any]]:
