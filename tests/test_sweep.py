@@ -71,6 +71,31 @@ def test_a_methods_own_options_can_be_a_grid_axis(tmp_path):
     assert "la-lora · ε=1 · seed 0 · smooth-sigma 0.0" in result.output, result.output
 
 
+def test_an_axis_of_tables_sets_options_together_and_expands_lists_inside_a_table(tmp_path):
+    """Regimes that take different options in one suite: the authors' level (no --eps) beside ε values,
+    each with its own learning rates."""
+    text = TINY.replace(
+        "eps = [1, inf]",
+        'regime = [{dp-level = "authors", lr = [0.001, 0.003]}, {eps = [1, 3], lr = 0.01}]',
+    )
+    suite = load_suite(suite_file(tmp_path, text))
+    points = [(c.method, c.privacy.dp_level, str(c.privacy.eps), c.training.lr) for c in suite.points]  # str: nan == nan
+    assert points == [
+        (m, *rest) for m in ("dp-lora", "la-lora")
+        for rest in (("authors", "nan", 0.001), ("authors", "nan", 0.003), ("sample", "1.0", 0.01), ("sample", "3.0", 0.01))
+    ]
+    assert suite.varying == ["method", "dp_level", "lr", "eps"]
+    result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
+    assert "dp-lora · authors σ=0.2 (no guarantee) · seed 0 · dp-level authors · lr 0.003" in result.output, result.output
+
+
+def test_an_axis_mixing_tables_and_values_or_a_bad_table_is_one_line(tmp_path):
+    mixed = TINY.replace("eps = [1, inf]", 'regime = [{eps = 1}, 3]')
+    assert_user_error(invoke("sweep", suite_file(tmp_path, mixed), "--dry-run"), "mixes tables and plain values")
+    authors_with_eps = TINY.replace("eps = [1, inf]", 'regime = [{dp-level = "authors", eps = 1}]')
+    assert_user_error(invoke("sweep", suite_file(tmp_path, authors_with_eps), "--dry-run"), "--eps does not apply to --dp-level authors")
+
+
 def test_identical_points_run_once(tmp_path):
     # rounds 2 is already the base's value: the grid's two values give one configuration
     suite = load_suite(suite_file(tmp_path, TINY.replace("[grid]", "[grid]\nrounds = [2, 2]")))
