@@ -144,6 +144,13 @@ def test_a_non_private_run_audits_at_3_or_more(tmp_path):
     assert row["audit_eps_lower"] >= 3, row["audit_eps_lower"]
 
 
+def test_the_authors_regime_is_audited_and_reveals_as_much_as_a_non_private_run(tmp_path):
+    """Their noise is about a thousandth of a per-example sensitivity: the canaries find it out."""
+    row = audited(tmp_path, rank=32, **{"dp-level": "authors"})
+    assert math.isnan(row["eps_spent"]) and not row["guarantee"]
+    assert row["audit_eps_lower"] >= 3, row["audit_eps_lower"]
+
+
 def test_a_run_at_eps_1_audits_at_most_1_in_19_of_20_seeds(tmp_path):
     bounds = [audited(tmp_path, eps=1.0, seed=seed, **{"local-steps": 4}) for seed in range(20)]
     assert all(row["eps_spent"] <= 1.0 for row in bounds)
@@ -158,7 +165,7 @@ class TenthOfTheNoise(SampleDP):
 
     def privatize(self, summed, count, client, stream):
         expected = min(self.config.training.batch_size, self.client_sizes[client])
-        noise = noise_like(summed, 0.1 * self.noise_multiplier * self.clip, stream)
+        noise = noise_like(summed, 0.1 * self.noise_multipliers[client] * self.clip, stream)
         return {name: (g + noise[name]) / expected for name, g in summed.items()}
 
 
