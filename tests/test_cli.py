@@ -239,6 +239,28 @@ def test_privacy_prints_the_sigma_that_run_uses(tmp_path):
     assert pd.read_parquet(parquet)["noise_multiplier"].iloc[0] == pytest.approx(sigma, abs=1e-4)
 
 
+def test_privacy_prints_the_per_client_sigmas_that_run_records_and_shared_is_their_largest(tmp_path):
+    """Unequal Dirichlet shards: each client gets its own σ_k; the run records the range and each σ_k."""
+    options = ["--task", "synthetic", "--eps", "2", "--rounds", "3", "--clients", "4", "--participation", "0.5",
+               "--local-steps", "1", "--partition", "dirichlet", "--dirichlet-alpha", "0.3", "--min-partition-size", "20"]
+    calculated = invoke("privacy", *options)
+    assert calculated.exit_code == 0, calculated.output
+    low, high = map(float, re.search(r"σ = ([0-9.]+)–([0-9.]+) across clients \(per-client", calculated.stdout).groups())
+    assert low < high
+    run = invoke("run", *options, "--method", "dp-lora", "--out", str(tmp_path))
+    assert run.exit_code == 0, run.output
+    row = pd.read_parquet(next(tmp_path.glob("*.parquet"))).iloc[-1]
+    assert row["noise_multiplier_min"] == pytest.approx(low, abs=1e-4) and row["noise_multiplier"] == pytest.approx(high, abs=1e-4)
+    sigmas = [c["noise_multiplier"] for c in json.loads(row["client_data_json"])]
+    assert max(sigmas) == row["noise_multiplier"] and min(s for s in sigmas if s > 0) == row["noise_multiplier_min"]
+    shared = invoke("privacy", *options, "--calibration", "shared")
+    assert float(re.search(r"σ = ([0-9.]+) for", shared.stdout).group(1)) == pytest.approx(high, abs=1e-4)
+
+
+def test_privacy_refuses_a_level_without_an_accountant():
+    assert_one_line_error(invoke("privacy", "--noise-multiplier", "1", "--dp-level", "authors"), "has no accountant")
+
+
 # ------------------------------------------------------------------------------ missing offline assets
 
 

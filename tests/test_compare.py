@@ -171,7 +171,8 @@ def test_an_empty_or_missing_folder_says_so(tmp_path):
     assert_user_error(invoke("compare", tmp_path / "nowhere"), "does not exist")
 
 
-def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_path, monkeypatch):
+def saved_figure(monkeypatch) -> dict:
+    """Filled with the visible axes of the next figure saved (the plot is drawn, then read back here)."""
     import matplotlib.figure
 
     saved = {}
@@ -182,6 +183,11 @@ def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_
         return original(figure, path, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return saved
+
+
+def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_path, monkeypatch):
+    saved = saved_figure(monkeypatch)
     path = tmp_path / "plots" / "comparison.png"
     result = invoke("compare", folder, "--plot", path)
     assert result.exit_code == 0, result.output
@@ -404,16 +410,7 @@ def test_runs_without_a_guarantee_are_never_averaged_with_accounted_ones(regimes
 
 
 def test_the_plot_labels_regimes_without_a_guarantee(regimes, tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    saved = {}
-    original = matplotlib.figure.Figure.savefig
-
-    def spy(figure, path, **kwargs):
-        saved["axes"] = [ax for ax in figure.axes if ax.get_visible()]
-        return original(figure, path, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    saved = saved_figure(monkeypatch)
     assert invoke("compare", regimes, "--plot", tmp_path / "regimes.png").exit_code == 0
     assert [ax.get_title() for ax in saved["axes"]][2] == "synthetic · authors σ=0.2 (no guarantee)"
     ticks = [t.get_text() for t in saved["axes"][-1].get_xticklabels()]

@@ -24,7 +24,8 @@ from dpfl_bench.errors import UserError
 def test_defaults_when_nothing_is_given():
     config = build_config({})
     # the method's options are resolved to its defaults, so they are saved with the run
-    assert config == dataclasses.replace(RunConfig(), method_options={"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 1.0, "filter": "gaussian"})
+    la_lora = {"first_factor": "B", "lr_b_multiplier": 2.0, "smooth_sigma": 1.0, "filter": "gaussian"}
+    assert config == dataclasses.replace(RunConfig(), method_options=la_lora)
     assert config.federated == FederatedConfig()
     assert config.training == TrainingConfig()
     assert config.privacy == PrivacyConfig()

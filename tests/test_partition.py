@@ -125,17 +125,21 @@ def _skew(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> tuple[fl
     return float(np.mean(max_shares)), float(np.mean(entropies))
 
 
+def skew_by_alpha(split_with, labels: np.ndarray, alphas: tuple[float, ...], classes: int) -> list[tuple[float, float]]:
+    """(mean largest class share, mean entropy) of `split_with(labels, alpha, rng)` per alpha, over 5 seeds."""
+    return [
+        tuple(np.mean([_skew(labels, split_with(labels, alpha, split(seed)), classes) for seed in range(5)], axis=0))
+        for alpha in alphas
+    ]
+
+
 def test_dirichlet_label_skew_grows_as_alpha_shrinks():
     classes = 10
     labels = balanced_labels(per_class=200, classes=classes)
-    results = {}
-    for alpha in (100.0, 1.0, 0.1):
-        stats = [
-            _skew(labels, dirichlet_partition(labels, 10, alpha=alpha, min_size=1, rng=split(seed)), classes)
-            for seed in range(5)
-        ]
-        results[alpha] = tuple(np.mean(stats, axis=0))
-    (share_100, ent_100), (share_1, ent_1), (share_01, ent_01) = results[100.0], results[1.0], results[0.1]
+    results = skew_by_alpha(
+        lambda labels, alpha, rng: dirichlet_partition(labels, 10, alpha=alpha, min_size=1, rng=rng), labels, (100.0, 1.0, 0.1), classes
+    )
+    (share_100, ent_100), (share_1, ent_1), (share_01, ent_01) = results
     # the largest class share grows and the entropy falls, with clear margins
     assert share_100 < share_1 - 0.1 < share_01 - 0.2, results
     assert ent_100 > ent_1 + 0.2 > ent_01 + 0.4, results
@@ -186,14 +190,10 @@ def test_dirichlet_mix_is_reproducible_by_seed():
 def test_dirichlet_mix_label_skew_grows_as_alpha_shrinks():
     classes = 10
     labels = balanced_labels(per_class=500, classes=classes)  # pools far larger than the 10 x 100 drawn
-    results = {}
-    for alpha in (100.0, 1.0, 0.05):
-        stats = [
-            _skew(labels, dirichlet_mix_partition(labels, 10, alpha=alpha, size=100, rng=split(seed)), classes)
-            for seed in range(5)
-        ]
-        results[alpha] = tuple(np.mean(stats, axis=0))
-    (share_100, ent_100), (share_1, ent_1), (share_005, ent_005) = results[100.0], results[1.0], results[0.05]
+    results = skew_by_alpha(
+        lambda labels, alpha, rng: dirichlet_mix_partition(labels, 10, alpha=alpha, size=100, rng=rng), labels, (100.0, 1.0, 0.05), classes
+    )
+    (share_100, ent_100), (share_1, ent_1), (share_005, ent_005) = results
     assert share_100 < share_1 - 0.1 < share_005 - 0.3, results
     assert ent_100 > ent_1 + 0.2 > ent_005 + 0.6, results
     assert share_100 < 0.2 and ent_100 > 0.95 * math.log(classes), results  # near iid

@@ -190,7 +190,7 @@ def privacy(
         from dpfl_bench.config import RunConfig, build_config
         from dpfl_bench.federated import partition as split
         from dpfl_bench.privacy.accounting import worst_epsilon
-        from dpfl_bench.privacy.mechanism import create_mechanism
+        from dpfl_bench.privacy.mechanism import create_mechanism, load_mechanisms
         from dpfl_bench.privacy.randomness import Purpose, Randomness
         from dpfl_bench.tasks import TASKS
 
@@ -198,6 +198,10 @@ def privacy(
             raise UserError("give exactly one of --eps (to get σ) or --noise-multiplier (to get ε)")
         if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
             raise UserError(f"--noise-multiplier must be a number > 0, got {noise_multiplier}")
+        mechanisms = load_mechanisms()
+        level = flags.get("dp_level", RunConfig().privacy.dp_level)
+        if level in mechanisms.names() and not mechanisms.get(level).accounted:
+            raise UserError(f"--dp-level {level} has no accountant, so there is no σ or ε to compute; use sample or client")
         chosen = TASKS.get(flags.get("task", RunConfig.task))
         config = build_config({**flags, "eps": eps if eps is not None else 1.0}, chosen.defaults)
         fed, priv = config.federated, config.privacy

@@ -264,7 +264,7 @@ def _unaccounted_level(flat: dict[str, Any]) -> None:
 
     level = flat.get("dp_level", PrivacyConfig.dp_level)
     if level not in load_mechanisms().names() or load_mechanisms().get(level).accounted:
-        _require("dp_sigma" not in flat, f"--dp-sigma applies only to --dp-level authors (noise without a guarantee), not to {level}; drop it")
+        _require("dp_sigma" not in flat, f"--dp-sigma applies only to --dp-level authors (noise without a guarantee), not {level}; drop it")
         return
     _require("eps" not in flat, _no_eps(level))
     flat["eps"] = math.nan
