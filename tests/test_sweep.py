@@ -128,7 +128,7 @@ def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path):
     result = invoke("sweep", suite_file(tmp_path, TINY), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "4 runs, 0 finished, 4 to run" in result.output
-    assert result.output.count("to run") == 5 and "synthetic · la-lora · ε=∞ · seed 0" in result.output
+    assert result.output.count("to run") == 5 and "synthetic · la-lora · ε=∞ (no DP) · seed 0" in result.output
     assert not (tmp_path / "results").exists()
 
 
