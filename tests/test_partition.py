@@ -104,11 +104,17 @@ def test_dirichlet_is_disjoint_covering_and_respects_min_size(alpha, seed):
     assert min(len(p) for p in parts) >= min_size
 
 
-def test_dirichlet_is_reproducible_by_seed():
+@pytest.mark.parametrize(
+    "split_with",
+    [
+        lambda labels, rng: dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=rng),
+        lambda labels, rng: dirichlet_mix_partition(labels, 5, alpha=0.5, size=100, rng=rng),
+    ],
+    ids=["dirichlet", "dirichlet-mix"],
+)
+def test_dirichlet_splits_are_reproducible_by_seed(split_with):
     labels = balanced_labels()
-    a = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(4))
-    b = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(4))
-    c = dirichlet_partition(labels, 5, alpha=0.5, min_size=10, rng=split(5))
+    a, b, c = split_with(labels, split(4)), split_with(labels, split(4)), split_with(labels, split(5))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
 
@@ -176,15 +182,6 @@ def test_dirichlet_mix_without_a_client_size_splits_the_whole_set_into_equal_cli
     labels = balanced_labels(per_class=101, classes=10)  # 1,010 examples over 4 clients: 252 each, 2 unused
     parts = dirichlet_mix_partition(labels, 4, alpha=alpha, size=0, rng=split(0))
     assert_disjoint_of_size(parts, len(labels), 252)
-
-
-def test_dirichlet_mix_is_reproducible_by_seed():
-    labels = balanced_labels()
-    a = dirichlet_mix_partition(labels, 5, alpha=0.5, size=100, rng=split(4))
-    b = dirichlet_mix_partition(labels, 5, alpha=0.5, size=100, rng=split(4))
-    c = dirichlet_mix_partition(labels, 5, alpha=0.5, size=100, rng=split(5))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
 def test_dirichlet_mix_label_skew_grows_as_alpha_shrinks():
