@@ -13,6 +13,7 @@ tensors (the weakest one).
 """
 
 import math
+import statistics
 
 from dpfl_bench.privacy.mechanism import Mechanism, noise_like, register_mechanism
 from dpfl_bench.privacy.randomness import Stream
@@ -26,16 +27,10 @@ def authors_privatize(summed: State, count: int, batch: int, dp_sigma: float, st
     norm, 0.4), noise of std dp_sigma·C/batch on every coordinate."""
     mean = {name: g / max(count, 1) for name, g in summed.items()}
     norms = {name: float(g.norm()) for name, g in mean.items()}
-    clip = min(_median(list(norms.values())), CLIP_CAP)
+    clip = min(statistics.median(norms.values()), CLIP_CAP)  # as their code: the middle two's mean for an even count
     clipped = {name: g * min(1.0, clip / norms[name]) if norms[name] > 0 else g for name, g in mean.items()}
     noise = noise_like(clipped, dp_sigma * clip / batch, stream)
     return {name: g + noise[name] for name, g in clipped.items()}
-
-
-def _median(values: list[float]) -> float:
-    """Python's statistics.median, as their code uses: the mean of the middle two for an even count."""
-    ordered, middle = sorted(values), len(values) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 @register_mechanism
