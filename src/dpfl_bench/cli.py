@@ -1,7 +1,6 @@
 """The `dpfl-bench` command line: thin wrappers over the library, user errors printed as one red line."""
 
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -10,10 +9,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from dpfl_bench.errors import UserError
+from dpfl_bench.progress import SweepProgress, progress_bars, round_status, run_label
 
 app = typer.Typer(
     help="Benchmark differentially private federated fine-tuning of large models with LoRA.",
@@ -28,6 +27,8 @@ Section = "Run"
 Federated, Training, Privacy, Adapter = "Federated learning", "Local training", "Privacy", "LoRA"
 Sources = "Model and data (hub tasks)"
 Audit = "Privacy audit"
+Resuming = "Checkpoints"
+Execution = "Execution"
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
@@ -57,6 +58,8 @@ Workers = Annotated[Optional[int], _opt("Processes that decode or tokenize the d
 Partition = Annotated[Optional[str], _opt("Data split across clients: `iid`; `dirichlet`: each class split across clients in Dir(α) proportions; `dirichlet-mix`: each client's class mix drawn from Dir(α), clients of equal size.", Federated)]
 DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of dirichlet and dirichlet-mix; smaller is more skewed.", Federated)]
 MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated)]
+CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N rounds, to resume from when interrupted. \\[default: 0: after every evaluated round]", show_default=False, rich_help_panel=Resuming)]
+KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the checkpoint once the run has finished (it is removed by default).", rich_help_panel=Resuming)]
 ClientSize = Annotated[Optional[int], _opt("Training examples per client, disjoint, with iid or dirichlet-mix; the rest of the training set is unused. \\[default: 0: split the whole training set]", Federated)]
 
 
@@ -103,16 +106,23 @@ def run(
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
     out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. \\[default: results]", Section)] = None,
     config: Annotated[Optional[Path], _opt("TOML file of these options (same names); flags override it.", Section)] = None,
+    checkpoint_every: CheckpointEvery = 0,
+    keep_checkpoint: KeepCheckpoint = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Start over: ignore this configuration's checkpoint and finished results.", rich_help_panel=Resuming)] = False,
 ) -> None:
     """Train one federated LoRA configuration under (ε, δ)-DP and write its per-round metrics to Parquet.
 
-    Task defaults fill the options you leave out; `dpfl-bench tasks` shows them.
+    Task defaults fill the options you leave out; `dpfl-bench tasks` shows them. An interrupted run
+    resumes from its checkpoint when run again; a finished one is not run again (--restart).
     Example: dpfl-bench run --method la-lora --eps 1
     """
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt")}
-    with _user_errors(interrupted="the rounds evaluated so far are saved in the results folder"):
+    resuming = {"checkpoint_every": checkpoint_every, "keep_checkpoint": keep_checkpoint, "restart": restart}
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt", "resuming", *resuming)}
+    with _user_errors(interrupted="the rounds evaluated so far are saved; run the same command again to resume from its checkpoint"):
+        from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.config import RunConfig, build_config, load_toml
-        from dpfl_bench.federated import run_federated
+        from dpfl_bench.execution import quiet_libraries
+        from dpfl_bench.federated import find_resume, run_federated
         from dpfl_bench.tasks import TASKS
 
         options = load_toml(config) if config else {}
@@ -123,7 +133,12 @@ def run(
             options["out"] = str(options["out"])
         chosen = TASKS.get(options.get("task", RunConfig.task))
         resolved = build_config(options, chosen.defaults)
-        _quiet_libraries()
+        checkpointing = CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, restart=restart)
+        resume = find_resume(resolved, checkpointing)
+        if resume.finished_rows:
+            console.print(resume.note, highlight=False)
+            return
+        quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
         if priv.accounted:
             privacy_text = f"ε={priv.eps:g} δ={priv.delta:g} ({priv.dp_level} level, {priv.rng} rng)"
@@ -144,13 +159,15 @@ def run(
             )
         if chosen.synthetic:
             console.print("[yellow]synthetic task: generated data and a random-init model, for tests only[/]")
-        with _progress() as progress:
+        if resume.note:
+            console.print(resume.note, highlight=False)
+        with progress_bars(console) as progress:
             bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
             def on_round(done: int, row: dict | None) -> None:
-                progress.update(bar, completed=done, description="training", **({"status": _round_status(row)} if row else {}))
+                progress.update(bar, completed=done, description="training", **({"status": round_status(row)} if row else {}))
 
-            summary = run_federated(resolved, on_round=on_round)
+            summary = run_federated(resolved, on_round=on_round, checkpointing=checkpointing)
         _print_summary(summary)
 
 
@@ -188,6 +205,7 @@ def privacy(
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier")}
     with _user_errors():
         from dpfl_bench.config import RunConfig, build_config
+        from dpfl_bench.execution import quiet_libraries
         from dpfl_bench.federated import partition as split
         from dpfl_bench.privacy.accounting import worst_epsilon
         from dpfl_bench.privacy.mechanism import create_mechanism, load_mechanisms
@@ -209,7 +227,7 @@ def privacy(
         if fed.client_size:
             sizes = [fed.client_size] * fed.clients
         else:
-            _quiet_libraries()
+            quiet_libraries()
             sizes = [len(shard) for shard in split(chosen.load(config.sources).train, config, randomness)]
         mechanism = create_mechanism(config, sizes)
         schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
@@ -256,16 +274,30 @@ def sweep(
     suite: Annotated[Path, typer.Argument(help="Suite file: base options and a grid (see benchmarks/*.toml).", show_default=False)],
     out: Annotated[Optional[Path], _opt("Results folder; overrides the suite's `out`.", Section)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what is finished; run nothing.")] = False,
+    backend: Annotated[str, typer.Option(help="`local`: a fresh process per point on this machine; `ray`: Ray tasks on a local instance or a cluster (pip install dpfl-bench\\[ray]).", rich_help_panel=Execution)] = "local",
+    jobs: Annotated[int, typer.Option(help="Points at once. \\[default: local 1; ray: as many as the resources allow]", show_default=False, rich_help_panel=Execution)] = 0,
+    address: Annotated[str, typer.Option(help="Ray cluster to join: auto or HOST:PORT (results folder on shared storage). \\[default: a local instance]", show_default=False, rich_help_panel=Execution)] = "",
+    cpus_per_run: Annotated[int, typer.Option(help="Ray: CPUs each point reserves (and its torch threads).", rich_help_panel=Execution)] = 1,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs each point reserves; fractions share a GPU (0.25: four points per GPU).", rich_help_panel=Execution)] = 0.0,
+    retries: Annotated[int, typer.Option(help="Ray: attempts after a crash or a lost worker, each resuming from the point's checkpoint.", rich_help_panel=Execution)] = 2,
+    checkpoint_every: CheckpointEvery = 0,
+    keep_checkpoint: KeepCheckpoint = False,
 ) -> None:
-    """Run every point of a benchmark suite once, each in its own process.
+    """Run every point of a benchmark suite once, locally (a process per point) or on Ray.
 
     Resumable: after an interruption (Ctrl-C, kill, crash) run the same command again; finished runs are
-    skipped and an unfinished one starts over. Example: dpfl-bench sweep benchmarks/smoke.toml
+    skipped and an unfinished one resumes from its checkpoint. Example: dpfl-bench sweep benchmarks/smoke.toml
     """
     with _user_errors():
+        from dpfl_bench.checkpoint import CheckpointConfig
+        from dpfl_bench.execution import ExecutionConfig, create_backend
         from dpfl_bench.federated import writable_folder
-        from dpfl_bench.sweep import load_suite, rounds_done, run_point
+        from dpfl_bench.sweep import is_finished, load_suite, rounds_done
 
+        execution = ExecutionConfig(
+            backend=backend, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+            retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint),
+        )
         loaded = load_suite(suite, out)
         saved = [rounds_done(config) for config in loaded.points]
         todo = [c for c, r in zip(loaded.points, saved) if r < c.federated.rounds]
@@ -282,41 +314,25 @@ def sweep(
             console.print(f"nothing to run · compare the results: dpfl-bench compare {loaded.out}")
             return
         writable_folder(loaded.out)
-        failed: list[tuple[str, str]] = []
-        finished, started = len(loaded.points) - len(todo), time.perf_counter()
+        runner = create_backend(execution)  # before the bars: a missing Ray is one line
+        started = time.perf_counter()
         on_terminate = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the sweep as Ctrl-C does
         try:
-            with _progress() as progress:
-                grid = progress.add_task("suite", total=len(loaded.points), completed=finished, status="", unit="runs")
-                for config in todo:
-                    name = _run_label(config, loaded.varying)
-                    bar = progress.add_task(f"  {name}", total=config.federated.rounds, status="loading", unit="rounds")
-
-                    def on_event(event: tuple, bar: Any = bar) -> None:
-                        _, done, row = event
-                        progress.update(bar, completed=done, **({"status": _round_status(row)} if row else {}))
-
-                    try:
-                        run_point(config, on_event)
-                        progress.console.print(f"[green]✓[/] {name}: {_round_status(_last_row(config))}")
-                    except UserError as e:
-                        failed.append((name, str(e)))
-                        progress.console.print(f"[red]✗[/] {name}: {escape(str(e))}", highlight=False)
-                    progress.remove_task(bar)
-                    finished += 1
-                    progress.update(grid, completed=finished, status=f"{len(failed)} failed" if failed else "")
+            with progress_bars(console) as progress:
+                tracker = SweepProgress(progress, todo, loaded.varying, len(loaded.points))
+                runner.run(todo, tracker)
         except KeyboardInterrupt:
-            done = sum(rounds_done(c) >= c.federated.rounds for c in loaded.points)
+            done = sum(is_finished(c) for c in loaded.points)
             errors.print(
                 f"[yellow]interrupted[/]: {done} of {len(loaded.points)} runs finished; "
-                "run the same command again to resume (the unfinished run starts over)"
+                "run the same command again to resume (unfinished runs continue from their checkpoints)"
             )
             raise typer.Exit(130)
         finally:
             signal.signal(signal.SIGTERM, on_terminate)
-        if failed:
-            table = Table("run", "error", title=f"{len(failed)} of {len(todo)} runs failed")
-            for name, message in failed:
+        if tracker.failed:
+            table = Table("run", "error", title=f"{len(tracker.failed)} of {len(todo)} runs failed")
+            for name, message in tracker.failed:
                 table.add_row(name, escape(message))
             errors.print(table)
             raise typer.Exit(1)
@@ -455,32 +471,10 @@ def _load_results(folder: Path) -> Any:
     return loaded
 
 
-def _run_label(config: Any, varying: list[str]) -> str:
-    from dpfl_bench.compare import flat_options, regime
-
-    options, privacy = flat_options(config.to_json()), config.privacy
-    column = regime(privacy.dp_level, privacy.accounted, privacy.eps, privacy.dp_sigma).label
-    shown = [config.task, config.method, column, f"seed {config.seed}"]
-    shown += [
-        f"{k.removeprefix('method_options.').replace('_', '-')} {options[k]}"
-        for k in varying
-        if k not in ("task", "method", "eps", "dp_sigma", "seed") and k in options
-    ]
-    return " · ".join(shown)
 
 
-def _round_status(row: Optional[dict]) -> str:
-    if not row:
-        return ""
-    status = f"acc {row['test_accuracy']:.3f}"
-    return status + (f" · ε spent {row['eps_spent']:.2f}" if math.isfinite(row["eps_target"]) else "")
 
 
-def _last_row(config: Any) -> dict:
-    from dpfl_bench.results import read_run
-    from dpfl_bench.sweep import results_path
-
-    return read_run(results_path(config)).iloc[-1].to_dict()
 
 
 def _grid_table(loaded: Any, saved: list[int]) -> Table:
@@ -490,7 +484,7 @@ def _grid_table(loaded: Any, saved: list[int]) -> Table:
     for i, (config, rounds) in enumerate(zip(loaded.points, saved), 1):
         total = config.federated.rounds
         status = "[green]finished[/]" if rounds >= total else f"[yellow]round {rounds} of {total}[/]" if rounds else "to run"
-        table.add_row(str(i), _run_label(config, loaded.varying), status, run_id(config))
+        table.add_row(str(i), run_label(config, loaded.varying), status, run_id(config))
     return table
 
 
@@ -504,30 +498,8 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    # The hub client logs every retry of an unreachable hub; the task then reports it in one line.
-    huggingface_hub.utils.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]} · {task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=console,
-    )
 
 
 def _print_summary(summary: Any) -> None:

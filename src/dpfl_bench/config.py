@@ -210,6 +210,13 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(_jsonable(self.to_dict()), sort_keys=True)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run: everything but where results go and how many workers load
+        the data (neither changes a result)."""
+        identity = {k: v for k, v in json.loads(self.to_json()).items() if k != "out"}
+        identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
+        return identity
+
 
 def _jsonable(value: Any) -> Any:
     """inf and NaN are not JSON: write them as the strings "inf" and "nan", readable and reversible."""

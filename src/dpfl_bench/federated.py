@@ -21,6 +21,7 @@ from torch import nn
 
 import dpfl_bench
 from dpfl_bench.adapters import add_lora
+from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, load_checkpoint, save_checkpoint
 from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
@@ -31,7 +32,7 @@ from dpfl_bench.privacy.canaries import NoAudit, create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients, check_per_example
 from dpfl_bench.privacy.randomness import SERVER, Purpose, Randomness
-from dpfl_bench.results import write_rows
+from dpfl_bench.results import read_run, write_rows
 from dpfl_bench.tasks import TASKS, Examples, Task, TaskData
 
 EVAL_BATCH_SIZE = 64  # on 2 CPU cores, 2,000 fashion images took 6.8 s at 64 and 9.3 s at 256
@@ -41,15 +42,12 @@ EVAL_BATCH_SIZE = 64  # on 2 CPU cores, 2,000 fashion images took 6.8 s at 64 an
 class RunSummary:
     path: Path
     rows: list[dict[str, Any]]
-    mechanism: Mechanism
+    mechanism: Mechanism | None  # None when the run had finished before and was not run again
 
 
 def run_id(config: RunConfig) -> str:
-    """Readable, and the same for the same configuration wherever its results are written and however
-    many workers load its data (neither changes a result)."""
-    identity = {k: v for k, v in json.loads(config.to_json()).items() if k != "out"}
-    identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    """Readable, and the same for the same configuration wherever its results are written."""
+    digest = hashlib.sha256(json.dumps(config.identity(), sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.task}_{config.method}_{config.privacy.regime}_seed{config.seed}_{digest}"
 
 
@@ -93,6 +91,7 @@ class Experiment:
 def prepare(config: RunConfig) -> Experiment:
     """Load data and model, split the data, draw the participation schedule and calibrate the noise."""
     task = TASKS.get(config.task)
+    reset_peak_memory(resolve_device(config.device))  # a worker that runs several points measures each alone
     method = create_method(config.method, config.method_options)
     randomness = Randomness(config.seed, config.privacy.rng)
     device = resolve_device(config.device)
@@ -103,8 +102,6 @@ def prepare(config: RunConfig) -> Experiment:
     schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
     mechanism.calibrate(schedule)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(randomness.torch_seed(Purpose.INIT))  # peft's LoRA A and the head draw from torch's generator
     built = task.build_model(data.num_classes, config.sources)
     model = built.module.to(device)  # move first, then add adapters (Opacus issue 820)
@@ -124,12 +121,65 @@ def prepare(config: RunConfig) -> Experiment:
     return Experiment(config, task, method, data, built.name, clients, schedule, mechanism, randomness, audit, workspace)
 
 
+def results_path(config: RunConfig) -> Path:
+    return Path(config.out) / f"{run_id(config)}.parquet"
+
+
+def saved_rows(config: RunConfig) -> list[dict[str, Any]]:
+    """The rows of this configuration's results file; none when there is no file or it cannot be read
+    (a damaged file is redone, and replaced atomically when the rerun saves)."""
+    path = results_path(config)
+    try:
+        return read_run(path).to_dict("records") if path.exists() else []
+    except Exception:
+        return []
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run starts: finished before, from a checkpoint, or from round 0 (with why, in `note`)."""
+
+    finished_rows: list[dict[str, Any]]  # the results of a run that finished before; empty otherwise
+    checkpoint: Checkpoint | None
+    note: str  # one line for the user; empty for a plain fresh start
+
+    @property
+    def rounds_done(self) -> int:
+        return self.checkpoint.rounds_done if self.checkpoint else 0
+
+
+def find_resume(config: RunConfig, checkpointing: CheckpointConfig = CheckpointConfig()) -> Resume:
+    """How a run of `config` would start now. Raises UserError for a checkpoint that must not be used."""
+    path = results_path(config)
+    saved = checkpoint_path(path)
+    if checkpointing.restart:
+        return Resume([], None, "--restart: starting over" if path.exists() or saved.exists() else "")
+    rows = saved_rows(config)
+    if rows and rows[-1]["round"] >= config.federated.rounds:
+        return Resume(rows, None, f"finished before: results in {path} (--restart runs it again)")
+    if config.privacy.rng == "secure":
+        partial = rows or saved.exists()
+        return Resume([], None, "a --rng secure run cannot resume (its keys are never written): starting over" if partial else "")
+    if saved.exists():
+        checkpoint = load_checkpoint(saved, config)
+        return Resume([], checkpoint, f"resuming from round {checkpoint.rounds_done} of {config.federated.rounds} ({saved.name})")
+    return Resume([], None, f"no checkpoint beside the {len(rows)} saved rounds: starting over" if rows else "")
+
+
 def run_federated(
-    config: RunConfig, *, on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None
+    config: RunConfig,
+    *,
+    on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None,
+    checkpointing: CheckpointConfig = CheckpointConfig(),
 ) -> RunSummary:
-    """Run one configuration to the end, writing its results file after every evaluation."""
+    """Run one configuration to the end, writing its results file after every evaluation and a
+    checkpoint as `checkpointing` says; resume from the checkpoint of an interrupted run (see `find_resume`)."""
     started = time.perf_counter()
     out = writable_folder(Path(config.out)) / f"{run_id(config)}.parquet"  # fail before training, not after
+    resume = find_resume(config, checkpointing)
+    saved = checkpoint_path(out)
+    if resume.finished_rows:
+        return RunSummary(out, resume.finished_rows, None)
     exp = prepare(config)
     task, method, data, clients, ws = exp.task, exp.method, exp.data, exp.clients, exp.workspace
     mechanism, randomness, audit = exp.mechanism, exp.randomness, exp.audit
@@ -139,8 +189,22 @@ def run_federated(
     client_data = json.dumps(mechanism.client_records([c.labels for c in clients], data.num_classes, secret))
     rows: list[dict[str, Any]] = []
     train_seconds, bytes_uploaded = 0.0, 0.0
+    if resume.checkpoint is not None:
+        ckpt = resume.checkpoint
+        global_state = {n: t.to(ws.device) for n, t in ckpt.global_state.items()}
+        rows, train_seconds, bytes_uploaded = ckpt.rows, ckpt.train_seconds, ckpt.bytes_uploaded
+        started -= ckpt.wall_seconds
+        ws.physical_batch_size = ckpt.physical_batch_size
+        mechanism.load_state(ckpt.mechanism)
+        audit.load_state(ckpt.audit)
+        if rows:  # rounds saved after the checkpoint are redone
+            write_rows(rows, out)
+        else:
+            out.unlink(missing_ok=True)
+        on_round(ckpt.rounds_done, rows[-1] if rows else None)
 
-    for round, chosen in enumerate(exp.schedule):
+    for round in range(resume.rounds_done, fed.rounds):
+        chosen = exp.schedule[round]
         round_started = time.perf_counter()
         results: list[ClientResult] = [
             train_client(ws, global_state, clients[k], client=k, round=round, method=method, config=config,
@@ -160,7 +224,8 @@ def run_federated(
         bytes_uploaded += mechanism.expected_clients * sum(global_state[n].numel() * global_state[n].element_size() for n in names)
 
         row = None
-        if (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds:
+        evaluated = (round + 1) % config.training.eval_every == 0 or round + 1 == fed.rounds
+        if evaluated:
             params.load(global_state)
             accuracy, loss = evaluate(ws.model, data.test, ws.device, ws.precision)
             val_accuracy, val_loss = evaluate(ws.model, data.val, ws.device, ws.precision)
@@ -200,9 +265,15 @@ def run_federated(
             }
             rows.append(row)
             write_rows(rows, out)
+        if not secret and round + 1 < fed.rounds and checkpointing.due(round + 1, evaluated):
+            checkpoint = Checkpoint(round + 1, global_state, rows, mechanism.state(), audit.state(),
+                                    time.perf_counter() - started, train_seconds, bytes_uploaded, ws.physical_batch_size)
+            save_checkpoint(saved, checkpoint, config)
         on_round(round + 1, row)
     if ws.per_example is not None:
         ws.per_example.remove()
+    if not checkpointing.keep:
+        saved.unlink(missing_ok=True)
     return RunSummary(out, rows, mechanism)
 
 
@@ -243,10 +314,26 @@ def evaluate(model: nn.Module, test: Examples, device: torch.device, precision: 
     return correct / len(test), loss / len(test)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's resident high-water mark
+    (writing 5 to clear_refs resets VmHWM). Elsewhere the CPU peak stays the process's since it started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024  # in kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def versions() -> dict[str, str]:

@@ -26,26 +26,19 @@ A suite is a TOML file:
     first_factor = "A"
 
 A point's results file is named by its run id, a hash of its full configuration, so a point is finished
-exactly when its file holds its last round. Running a suite again skips finished points and redoes an
-unfinished one from the start: nothing finished is lost, nothing is run twice.
+exactly when its file holds its last round. Running a suite again skips finished points and resumes an
+unfinished one from its checkpoint: nothing finished is lost, nothing is run twice. Where and how points
+run is `dpfl_bench.execution`'s business.
 """
 
 import itertools
-import multiprocessing
-import os
-import queue
-import signal
-import threading
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from dpfl_bench.config import RunConfig, build_config, read_toml
 from dpfl_bench.errors import UserError
-from dpfl_bench.federated import run_federated, run_id
-from dpfl_bench.results import read_run
+from dpfl_bench.federated import run_id, saved_rows
 
 
 @dataclass(frozen=True)
@@ -160,94 +153,11 @@ def _per_method(table: Any, path: Path, where: str) -> dict[str, dict[str, Any]]
     return table
 
 
-def results_path(config: RunConfig) -> Path:
-    return Path(config.out) / f"{run_id(config)}.parquet"
-
-
 def rounds_done(config: RunConfig) -> int:
     """How many rounds of this point are saved (0 when none, or when the file cannot be read)."""
-    path = results_path(config)
-    try:
-        return int(read_run(path)["round"].max()) if path.exists() else 0
-    except Exception:  # a damaged file is redone, and replaced atomically when the rerun saves
-        return 0
+    rows = saved_rows(config)
+    return int(rows[-1]["round"]) if rows else 0
 
 
 def is_finished(config: RunConfig) -> bool:
     return rounds_done(config) >= config.federated.rounds
-
-
-# Messages from a point's process to the sweep: ("round", done, row) after every round; then
-# ("finished", None, None) or ("failed", message, None).
-Event = tuple[str, Any, Any]
-
-
-def run_point(config: RunConfig, on_event: Callable[[Event], None]) -> None:
-    """Run one grid point in a fresh process (its peak memory and any crash stay its own), passing its
-    events to `on_event`. Raises UserError when the run fails; KeyboardInterrupt stops it."""
-    context = multiprocessing.get_context("spawn")  # a clean interpreter: no state shared with this one
-    events = context.Queue()
-    process = context.Process(target=_point_process, args=(config, events, os.getpid()), daemon=True)
-    process.start()
-    outcome: Event | None = None
-    try:
-        while outcome is None:
-            try:
-                event = events.get(timeout=0.2)
-            except queue.Empty:
-                if process.is_alive():
-                    continue
-                try:  # the last words of a process that has just exited
-                    event = events.get(timeout=1.0)
-                except queue.Empty:
-                    break
-            if event[0] == "round":
-                on_event(event)
-            else:
-                outcome = event
-        process.join()
-    finally:
-        if process.is_alive():  # interrupted: let the point stop cleanly, then make sure it does
-            os.kill(process.pid, signal.SIGINT)
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    if outcome is None:
-        code = process.exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        raise UserError(f"the run's process {how} before finishing" + (" (out of memory?)" if code == -signal.SIGKILL else ""))
-    if outcome[0] == "failed":
-        raise UserError(outcome[1])
-
-
-def _point_process(config: RunConfig, events: Any, sweep_pid: int) -> None:
-    from dpfl_bench.cli import _quiet_libraries
-
-    threading.Thread(target=_exit_with_the_sweep, args=(sweep_pid,), daemon=True).start()
-    _quiet_libraries()
-    log = results_path(config).with_suffix(".error.log")
-    try:
-        run_federated(config, on_round=lambda done, row: events.put(("round", done, _plain(row))))
-        log.unlink(missing_ok=True)  # an earlier attempt's crash report is out of date
-        events.put(("finished", None, None))
-    except KeyboardInterrupt:
-        pass
-    except UserError as e:
-        events.put(("failed", str(e), None))
-    except Exception as e:  # a crash: one line here, the traceback beside the results
-        log.write_text(traceback.format_exc())
-        events.put(("failed", f"{type(e).__name__}: {e} (traceback in {log})", None))
-
-
-def _exit_with_the_sweep(sweep_pid: int) -> None:
-    """Stop this run when the sweep that started it is gone (killed outright), rather than run on unseen."""
-    while os.getppid() == sweep_pid:
-        time.sleep(1)
-    os._exit(1)
-
-
-def _plain(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    return None if row is None else {k: row[k] for k in ("test_accuracy", "eps_spent", "eps_target")}
-
-

@@ -53,6 +53,13 @@ class NoAudit:
     def estimates(self, delta: float) -> dict[str, float]:
         return {"audit_canaries": 0, "audit_eps_lower": math.nan, "audit_eps_estimate": math.nan}
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What the audit has accumulated so far, for a checkpoint."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
 
 class Directions:
     """`count` random sign vectors over the trainable parameters (in their fixed order), kept as bits."""
@@ -106,6 +113,12 @@ class ExampleCanaries(NoAudit):
         self.accumulated = torch.zeros(directions.size, dtype=torch.float64)  # Σ_t pad(g̃_t) / √|S_t|
         self._round, self._sampling = -1, None
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"accumulated": self.accumulated.clone()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.accumulated = state["accumulated"].clone()
+
     def insert(self, client: int, round: int, summed: State) -> tuple[State, int]:
         if client != self.client:
             return summed, 0
@@ -142,6 +155,13 @@ class ClientCanaries(NoAudit):
         self.inserted = randomness.stream(Purpose.CANARY_INCLUSION, 0, SERVER).bernoulli(count, 0.5)
         self.total_change = torch.zeros(directions.size, dtype=torch.float64)
         self.best_round_cosine = np.full(count, -np.inf)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"total_change": self.total_change.clone(), "best_round_cosine": torch.from_numpy(self.best_round_cosine.copy())}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.total_change = state["total_change"].clone()
+        self.best_round_cosine = state["best_round_cosine"].numpy().copy()
 
     def canary_updates(self, round: int, names: list[str]) -> list[State]:
         sampling = self.randomness.stream(Purpose.CANARY_SAMPLING, round, SERVER)

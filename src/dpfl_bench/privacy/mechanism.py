@@ -11,6 +11,7 @@ The federated core asks a mechanism these things and branches on nothing else:
   `count` examples;
 - `aggregate(global_state, names, deltas, weights, stream)`: the server's next global state from the
   clients' updates of the parameters `names`;
+- `state()` / `load_state(state)`: what a checkpoint keeps of the mechanism;
 - `exposures(schedule)`: what the accountant is told: how often each protected unit was touched, at
   which rate, over the rounds of `schedule` (a prefix of the run's schedule gives the ε spent so far).
 
@@ -107,6 +108,13 @@ class Mechanism:
             epsilon(noise_multiplier=sigma, sample_rate=e.sample_rate, steps=e.steps, delta=privacy.delta, accountant=privacy.accountant)
             for e, sigma in zip(exposures, self.noise_multipliers)
         ]
+
+    def state(self) -> dict[str, list[float]]:
+        """What a checkpoint keeps: σ_k (calibrated before training, or learnt while training)."""
+        return {"noise_multipliers": list(self.noise_multipliers)}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        self.noise_multipliers = list(state["noise_multipliers"])
 
     clip_examples: float | None = None
 

@@ -1,0 +1,84 @@
+"""Progress on a terminal: Rich bars for a run and a sweep, fed by the execution backends' events.
+
+The CLI hands a `SweepProgress` to a backend as its `on_event`; nothing below the CLI prints.
+"""
+
+import math
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dpfl_bench.config import RunConfig
+from dpfl_bench.execution import PointEvent
+
+
+def progress_bars(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]} · {task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def round_status(row: dict[str, Any] | None) -> str:
+    if not row:
+        return ""
+    status = f"acc {row['test_accuracy']:.3f}"
+    return status + (f" · ε spent {row['eps_spent']:.2f}" if math.isfinite(row["eps_target"]) else "")
+
+
+def run_label(config: RunConfig, varying: list[str]) -> str:
+    """A point in a few words: task, method, privacy regime, seed and whatever else the suite varies."""
+    from dpfl_bench.compare import flat_options, regime
+
+    options, privacy = flat_options(config.to_json()), config.privacy
+    column = regime(privacy.dp_level, privacy.accounted, privacy.eps, privacy.dp_sigma).label
+    shown = [config.task, config.method, column, f"seed {config.seed}"]
+    shown += [
+        f"{k.removeprefix('method_options.').replace('_', '-')} {options[k]}"
+        for k in varying
+        if k not in ("task", "method", "eps", "dp_sigma", "seed") and k in options
+    ]
+    return " · ".join(shown)
+
+
+class SweepProgress:
+    """A suite bar, a bar per running point, and a line per ended point; collects the failures."""
+
+    def __init__(self, progress: Progress, points: Sequence[RunConfig], varying: list[str], total: int) -> None:
+        self.progress, self.points, self.labels = progress, points, [run_label(c, varying) for c in points]
+        self.ended = total - len(points)  # points finished before this sweep count as done
+        self.suite = progress.add_task("suite", total=total, completed=self.ended, status="", unit="runs")
+        self.bars: dict[int, Any] = {}
+        self.failed: list[tuple[str, str]] = []
+
+    def __call__(self, event: PointEvent) -> None:
+        label, progress = self.labels[event.point], self.progress
+        if event.kind == "started":
+            if event.point in self.bars:  # a retry, on another worker
+                progress.console.print(f"[yellow]↻[/] {label}: retrying on {event.worker}; {escape(event.message)}", highlight=False)
+                progress.update(self.bars[event.point], completed=event.rounds_done)
+                return
+            status = f"resumed at round {event.rounds_done}" if event.rounds_done else "loading"
+            total = self.points[event.point].federated.rounds
+            self.bars[event.point] = progress.add_task(f"  {label}", total=total, completed=event.rounds_done, status=status, unit="rounds")
+        elif event.kind == "round" and event.point in self.bars:
+            status = {"status": round_status(event.row)} if event.row else {}
+            progress.update(self.bars[event.point], completed=event.rounds_done, **status)
+        elif event.kind in ("finished", "failed"):
+            if event.kind == "finished":
+                progress.console.print(f"[green]✓[/] {label}: {round_status(event.row)}", highlight=False)
+            else:
+                self.failed.append((label, event.message))
+                progress.console.print(f"[red]✗[/] {label}: {escape(event.message)}", highlight=False)
+            if event.point in self.bars:
+                progress.remove_task(self.bars.pop(event.point))
+            self.ended += 1
+            progress.update(self.suite, completed=self.ended, status=f"{len(self.failed)} failed" if self.failed else "")
