@@ -13,10 +13,13 @@ import math
 import statistics
 from pathlib import Path
 
-from dpfl_bench.cli import _quiet_libraries
+from dpfl_bench.checkpoint import CheckpointConfig
 from dpfl_bench.config import build_config
+from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import run_federated
 from dpfl_bench.tasks import TASKS
+
+AGAIN = CheckpointConfig(restart=True)  # a repeat trains again instead of returning the finished run
 
 
 def main() -> None:
@@ -29,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/bench_audit_cost.json"))
     args = parser.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
 
     results = []
     for eps in [float(e) for e in args.eps.split(",")]:
@@ -38,7 +41,7 @@ def main() -> None:
             for canaries in runs:
                 options = {"task": args.task, "method": args.method, "eps": eps, "dp-level": args.dp_level,
                            "audit-canaries": canaries, "out": "results/bench_audit_cost"}
-                summary = run_federated(build_config(options, TASKS.get(args.task).defaults))
+                summary = run_federated(build_config(options, TASKS.get(args.task).defaults), checkpointing=AGAIN)
                 runs[canaries].append(summary.rows[-1])
         plain, audited = runs[0], runs[args.canaries]
         seconds = {k: statistics.median(r["train_seconds"] for r in v) for k, v in runs.items()}

@@ -15,9 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from dpfl_bench.cli import _quiet_libraries
 from dpfl_bench.client import train_client
 from dpfl_bench.config import build_config
+from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import prepare
 from dpfl_bench.privacy.mechanism import noise_like
 from dpfl_bench.privacy.randomness import MODES, Purpose, Randomness
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--draw-repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("results/bench_rng_cost.json"))
     args = parser.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
 
     options = {"task": args.task, "eps": 1.0, "local-steps": args.local_steps, "out": "results/bench_rng_cost"}
     experiments = {mode: prepare(build_config({**options, "rng": mode}, TASKS.get(args.task).defaults)) for mode in MODES}

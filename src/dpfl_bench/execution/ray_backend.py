@@ -15,6 +15,7 @@
   stop, then force-cancelled; checkpoints make every point resumable.
 """
 
+import signal
 from typing import Any, Sequence
 
 from dpfl_bench.checkpoint import CheckpointConfig
@@ -44,10 +45,10 @@ class RayBackend:
         ray, config = self.ray, self.config
         started_here = not ray.is_initialized()
         if started_here:
-            if config.address:
-                ray.init(address=config.address, include_dashboard=False, logging_level="ERROR")
-            else:
-                ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            ray.init(address=config.address or None, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            for signum, handler in handlers.items():  # Ray's own would exit at once; the caller's stop cleanly
+                signal.signal(signum, handler)
         from ray.util.queue import Queue
 
         events = Queue()
