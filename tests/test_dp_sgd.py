@@ -105,6 +105,27 @@ def test_a_layer_called_twice_per_forward_is_refused():
         per_example.clipped_sum(layer(layer(x)[:, :1].expand(-1, 3)).sum(dim=1), 1.0)
 
 
+def test_the_engine_lets_each_layers_activations_go_once_it_has_used_them(monkeypatch):
+    """What it keeps per example: while layer k's gradient is formed, the recorded outputs of the layers
+    done before it are already freed (memory stays one layer's activations, not the whole network's)."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    engine = PerExampleGradients(model, dict(model.named_parameters()))
+    losses = F.cross_entropy(model(torch.randn(5, 8)), torch.tensor([0, 1, 2, 0, 1]), reduction="none")
+    outputs = [weakref.ref(record[4]) for record in engine._records]
+    alive_at_each_layer = []
+    einsum = torch.einsum
+
+    def counting_einsum(*args):
+        alive_at_each_layer.append(sum(ref() is not None for ref in outputs))
+        return einsum(*args)
+
+    monkeypatch.setattr(torch, "einsum", counting_einsum)
+    engine.compute(losses)
+    assert alive_at_each_layer == [2, 1, 0]  # three layers: the others' outputs still to be used, and no more
+
+
 def dp_config(**options):
     base = {
         "task": "synthetic",

@@ -18,7 +18,7 @@ from torch import nn
 from dpfl_bench.adapters import State, TrainableParams
 from dpfl_bench.config import RunConfig
 from dpfl_bench.method import Factor, Method
-from dpfl_bench.precision import FP16_LOSS_SCALE, autocast, to_device
+from dpfl_bench.precision import FP16_LOSS_SCALE, autocast, tensor_to_device, to_device
 from dpfl_bench.privacy.canaries import NoAudit
 from dpfl_bench.privacy.mechanism import Mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
@@ -71,7 +71,7 @@ def train_client(
     set_train_mode(ws.model)
     optimizer = make_optimizer(ws.params, method, config, round)
     lr = config.training.lr_at(round)
-    loss_sum, seen = 0.0, 0
+    loss_sum, seen = torch.zeros((), device=ws.device), 0  # on the device: read once, after the last step
     for step in range(config.federated.local_steps):
         factors = method.trains(round, step) | {Factor.HEAD}
         ws.params.set_trainable(factors)
@@ -90,14 +90,15 @@ def train_client(
         loss_sum, seen = loss_sum + batch_loss, seen + len(index)
     uploaded = method.uploads(round) | {Factor.HEAD}
     upload = {n: p.detach().clone() for n, p in ws.params.of(uploaded).items()}
-    return ClientResult(upload, len(data), loss_sum / max(seen, 1))
+    return ClientResult(upload, len(data), float(loss_sum) / max(seen, 1))
 
 
-def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, float]:
+def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, torch.Tensor]:
     """Sum over the batch of each example's gradient (clipped to `clip` per example, unless None), and the
-    summed loss. The batch is processed in physical chunks, so memory does not grow with its size. When CUDA
-    runs out of memory, the chunks are halved and the whole batch is recomputed: the batch (drawn before)
-    and its sum are the same, so the privacy accounting is too."""
+    summed loss (a tensor on the device: reading it would wait for the device). The batch is processed in
+    physical chunks, so memory does not grow with its size. When CUDA runs out of memory, the chunks are
+    halved and the whole batch is recomputed: the batch (drawn before) and its sum are the same, so the
+    privacy accounting is too."""
     # The failed attempt drew dropout masks: the retry starts from the same RNG states, so the run stays a
     # pure function of the seed whatever the memory.
     cpu_rng = torch.random.get_rng_state()
@@ -114,30 +115,34 @@ def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: f
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, ws.device)
             ws.physical_batch_size //= 2
-            torch.cuda.empty_cache()
+            if ws.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(ws.device)  # the failed attempt's peak was the whole card
             warnings.warn(f"CUDA out of memory: physical batch size lowered to {ws.physical_batch_size}", stacklevel=2)
 
 
-def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, float]:
+def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, torch.Tensor]:
+    # Nothing here reads a value back from the device: on a GPU the chunks queue up without waiting.
     trainable = {n: p for n, p in ws.params.all().items() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
     scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=ws.device)
     for chunk in index.split(ws.physical_batch_size):
         if len(chunk) == 0:  # an empty Poisson batch: the step is noise alone
             continue
         features, labels = data.batch(chunk)
         with ws.autocast():
             logits = ws.model(**ws.to_device(features))
-        losses = F.cross_entropy(logits.float(), labels.to(ws.device), reduction="none")
-        loss_sum += float(losses.detach().sum())
+        losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
+        loss_sum += losses.detach().sum()
         if clip is not None:
             clipped, _ = ws.per_example.clipped_sum(losses, clip, loss_scale=scale)
             grads = [clipped[n] for n in trainable]
         else:
             grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
-            if scale != 1.0 and not all(bool(torch.isfinite(g).all()) for g in grads):
-                grads = [torch.zeros_like(g) for g in grads]  # an fp16 overflow: the chunk contributes nothing
+            if scale != 1.0:  # an fp16 overflow anywhere: the chunk contributes nothing
+                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+                grads = [torch.where(finite, g, 0.0) for g in grads]
         for name, g in zip(trainable, grads):
             total[name] += g.float()
     return total, loss_sum

@@ -27,7 +27,7 @@ from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
 from dpfl_bench.partition import dirichlet_mix_partition, dirichlet_partition, iid_partition
-from dpfl_bench.precision import autocast, to_device
+from dpfl_bench.precision import autocast, to_device, use_tensor_cores
 from dpfl_bench.privacy.canaries import NoAudit, create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients, check_per_example
@@ -96,6 +96,7 @@ def prepare(config: RunConfig) -> Experiment:
     randomness = Randomness(config.seed, config.privacy.rng)
     device = resolve_device(config.device)
     check_precision(device, config.training.precision)
+    use_tensor_cores(device)
     data = task.load(config.sources)  # with its validation split held out of data.train
     clients = [data.train.subset(torch.from_numpy(idx)) for idx in partition(data.train, config, randomness)]
     mechanism = create_mechanism(config, [len(c) for c in clients])

@@ -18,8 +18,23 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def use_tensor_cores(device: torch.device) -> None:
+    """fp32 on a CUDA GPU: matmuls and convolutions on TF32 tensor cores (inputs rounded to 10 mantissa
+    bits, sums in fp32), several times faster than full fp32 GEMMs. The privacy arithmetic is unaffected:
+    each example's computed gradient is clipped by its own computed norm, in fp32, whatever rounding
+    produced it."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copy a batch to the device; on CUDA through pinned memory, so the copy overlaps with compute."""
+    """Copy a batch to the device (see `tensor_to_device`)."""
+    return {k: tensor_to_device(v, device) for k, v in tensors.items()}
+
+
+def tensor_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA through pinned memory, so the copy overlaps with compute instead of blocking the host."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in tensors.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -74,15 +74,22 @@ class PerExampleGradients:
             twice = sorted({n for n in names if names.count(n) > 1})
             raise RuntimeError(f"per-example clipping needs each trainable layer called once per forward: {twice}")
         outputs = [r[4] for r in records]
-        grads_out = torch.autograd.grad(losses.sum() * loss_scale, outputs, allow_unused=True) if outputs else []
+        grads_out = list(torch.autograd.grad(losses.sum() * loss_scale, outputs, allow_unused=True)) if outputs else []
+        del outputs
         grads: dict[str, torch.Tensor] = {}
-        for (module, weight_name, bias_name, x, y), g in zip(records, grads_out):
+        # Layer by layer, each layer's input, output and output gradient are let go once used, so the
+        # large activations do not all live until the last layer is done.
+        for i in range(len(records)):
+            (module, weight_name, bias_name, x, y), g = records[i], grads_out[i]
+            records[i] = grads_out[i] = None
             g = torch.zeros_like(y) if g is None else g
+            del y
             x = _tokens_last(module, x.float(), batch, weight_name)  # [batch, tokens, features]
             g = _tokens_last(module, g.float(), batch, weight_name) / loss_scale
             grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(batch, *module.weight.shape)
             if bias_name is not None and module.bias.requires_grad:
                 grads[bias_name] = g.sum(dim=1)
+            del x, g
         return grads
 
     def clipped_sum(self, losses: torch.Tensor, clip: float, loss_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -90,8 +97,8 @@ class PerExampleGradients:
         then summed over examples. Returns the sums and the per-example norms before clipping.
 
         Per-example gradients of LoRA factors are small (rank × features each), so holding them for one
-        physical batch costs little; it is the layers' output gradients that are large, and those are
-        dropped as soon as `compute` has used them."""
+        physical batch costs little; it is the layers' inputs, outputs and output gradients that are large,
+        and `compute` drops each layer's as soon as it has used them."""
         return clip_and_sum(self.compute(losses, loss_scale), clip)
 
     def remove(self) -> None:
