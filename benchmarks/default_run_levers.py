@@ -1,0 +1,78 @@
+"""What channels-last convolutions save on the default task: one DP local step and one evaluation, with
+the model in the default (NCHW) layout and channels-last, alternately in this one process.
+
+    python benchmarks/default_run_levers.py [--task fashion] [--repeats 3]
+
+Prints and saves to results/bench_default_run_levers.json the median seconds of each and their ratio,
+and the largest relative difference between the two layouts' clipped gradient sums (float rounding).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.client import Workspace, set_train_mode, summed_gradients
+from dpfl_bench.config import build_config
+from dpfl_bench.execution import quiet_libraries
+from dpfl_bench.federated import evaluate
+from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.tasks import TASKS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="fashion")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_default_run_levers.json"))
+    args = parser.parse_args()
+    quiet_libraries()
+    task = TASKS.get(args.task)
+    config = build_config({"task": args.task}, task.defaults)
+    data = task.load(config.sources)
+
+    def workspace(channels_last: bool) -> Workspace:
+        torch.manual_seed(0)
+        built = task.build_model(data.num_classes, config.sources)
+        params = add_lora(built.module, built.lora_targets, built.heads, config.adapter)
+        if channels_last:
+            built.module.to(memory_format=torch.channels_last)
+        params.set_trainable(frozenset(params.by_factor))
+        return Workspace(built.module, params, torch.device("cpu"), PerExampleGradients(built.module, params.all()),
+                         config.training.physical_batch_size)
+
+    layouts = {"nchw": workspace(False), "channels_last": workspace(True)}
+    batch = torch.arange(config.training.batch_size)
+    seconds: dict[str, dict[str, list[float]]] = {k: {"dp_step": [], "evaluation": []} for k in layouts}
+    sums = {}
+    for _ in range(args.repeats):
+        for name, ws in layouts.items():  # alternately, so drift in machine load hits both alike
+            set_train_mode(ws.model)
+            torch.manual_seed(1)  # the same dropout masks in both layouts
+            start = time.perf_counter()
+            sums[name], _ = summed_gradients(ws, data.train, batch, config.privacy.clip)
+            seconds[name]["dp_step"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            evaluate(ws.model, data.test, ws.device)
+            seconds[name]["evaluation"].append(time.perf_counter() - start)
+    medians = {k: {part: statistics.median(v) for part, v in parts.items()} for k, parts in seconds.items()}
+    a, b = sums["nchw"], sums["channels_last"]
+    norm = torch.sqrt(sum(a[n].pow(2).sum() for n in a))
+    result = {
+        "task": args.task, "batch_size": config.training.batch_size, "test_images": len(data.test),
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "seconds": medians,
+        "dp_step_ratio": medians["channels_last"]["dp_step"] / medians["nchw"]["dp_step"],
+        "evaluation_ratio": medians["channels_last"]["evaluation"] / medians["nchw"]["evaluation"],
+        "relative_difference_of_the_sums": float(torch.sqrt(sum((a[n] - b[n]).pow(2).sum() for n in a)) / norm),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
