@@ -43,7 +43,7 @@ def main() -> None:
             built.module.to(memory_format=torch.channels_last)
         params.set_trainable(frozenset(params.by_factor))
         return Workspace(built.module, params, torch.device("cpu"), PerExampleGradients(built.module, params.all()),
-                         config.training.physical_batch_size)
+                         config.training.physical_batch("cpu"))
 
     layouts = {"nchw": workspace(False), "channels_last": workspace(True)}
     batch = torch.arange(config.training.batch_size)

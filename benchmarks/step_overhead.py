@@ -33,7 +33,7 @@ def workspace(task: Task, num_classes: int, config: RunConfig, dp: bool, device:
     params.set_trainable(frozenset(params.by_factor))
     set_train_mode(model)
     engine = PerExampleGradients(model, params.all()) if dp else None
-    return Workspace(model, params, device, engine, config.training.physical_batch_size, config.training.precision)
+    return Workspace(model, params, device, engine, config.training.physical_batch(device.type), config.training.precision)
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,7 +75,7 @@ def main() -> None:
     result = {
         "task": args.task,
         "batch_size": args.batch_size,
-        "physical_batch_size": config.training.physical_batch_size,
+        "physical_batch_size": private.physical_batch_size,
         "repeats": args.repeats,
         "device": str(device),
         "precision": args.precision,

@@ -136,7 +136,7 @@ BAD_VALUES = [
     ({"min-partition-size": 0}, "--min-partition-size must be at least 1"),
     ({"weighting": "loss"}, "--weighting must be uniform or size"),
     ({"eval-every": 0}, "--eval-every must be at least 1"),
-    ({"physical-batch-size": 0}, "--physical-batch-size must be at least 1"),
+    ({"physical-batch-size": -1}, "--physical-batch-size must be 0 (automatic) or more"),
     ({"rank": 0}, "--rank must be at least 1"),
     ({"lora-alpha": 0}, "--lora-alpha must be > 0"),
 ]

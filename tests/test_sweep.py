@@ -13,8 +13,8 @@ import pytest
 from support import assert_user_error, invoke
 
 from dpfl_bench.errors import UserError
-from dpfl_bench.results import read_run, write_rows
 from dpfl_bench.federated import results_path
+from dpfl_bench.results import read_run, write_rows
 from dpfl_bench.sweep import is_finished, load_suite
 
 TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]

@@ -60,7 +60,7 @@ class TrainingConfig:
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd
     eval_every: int = 1  # evaluate the global model every this many rounds (and always after the last)
-    physical_batch_size: int = 32  # examples per forward pass; larger batches are split (same math, less memory)
+    physical_batch_size: int = 0  # examples per forward pass (0: `physical_batch`); larger batches are split, same math
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; privacy arithmetic stays fp32
     weight_decay: float = 0.0  # the optimizer's (decoupled for AdamW); the authors' code: SGD 1e-3, AdamW 1e-2
     lr_decay: float = 1.0  # the learning rate of round t is lr · lr_decay^t (the authors' vision code: 0.99)
@@ -70,10 +70,18 @@ class TrainingConfig:
         _require(0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}")
         _require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
-        _require(self.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
+        _require(self.physical_batch_size >= 0, f"--physical-batch-size must be 0 (automatic) or more, got {self.physical_batch_size}")
         _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
+
+    def physical_batch(self, device_type: str) -> int:
+        """--physical-batch-size, or by default twice the expected batch: a Poisson batch exceeds its mean
+        nearly half the time, and a pass for the few examples over would cost a second forward and backward.
+        Capped at 32 on a CPU, where bigger passes are no faster; on CUDA an out-of-memory error halves it."""
+        if self.physical_batch_size:
+            return self.physical_batch_size
+        return 2 * self.batch_size if device_type == "cuda" else min(2 * self.batch_size, 32)
 
     def lr_at(self, round: int) -> float:
         return self.lr * self.lr_decay**round

@@ -117,7 +117,7 @@ def prepare(config: RunConfig) -> Experiment:
         params=params,
         device=device,
         per_example=PerExampleGradients(model, params.all()) if clips_examples else None,
-        physical_batch_size=config.training.physical_batch_size,
+        physical_batch_size=config.training.physical_batch(device.type),
         precision=config.training.precision,
     )
     if workspace.per_example is not None:
