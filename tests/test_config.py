@@ -168,6 +168,20 @@ def test_config_is_frozen():
         config.seed = 4  # type: ignore[misc]
 
 
+def test_the_physical_batch_covers_the_poisson_tail_by_default():
+    """Twice the expected batch (a Poisson batch of mean 16 exceeds 32 with probability ~1e-4), at most 32
+    on a CPU; an explicit size always wins."""
+    from math import exp, factorial
+
+    assert 1 - sum(exp(-16) * 16**k / factorial(k) for k in range(33)) < 2e-4
+    training = build_config({"batch-size": 16}).training
+    assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (32, 32)
+    training = build_config({"batch-size": 1024}).training
+    assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (2048, 32)
+    training = build_config({"batch-size": 1024, "physical-batch-size": 100}).training
+    assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (100, 100)
+
+
 def test_clients_per_round_is_ceil_of_p_n():
     from dpfl_bench.partition import clients_per_round
 

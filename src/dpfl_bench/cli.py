@@ -3,6 +3,7 @@
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -93,6 +94,7 @@ def run(
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
     weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
     lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
+    client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (linear LoRA layers and head, no dropout), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
@@ -161,7 +163,8 @@ def run(
             console.print("[yellow]synthetic task: generated data and a random-init model, for tests only[/]")
         if resume.note:
             console.print(resume.note, highlight=False)
-        with progress_bars(console) as progress:
+        with warnings.catch_warnings(), progress_bars(console) as progress:
+            warnings.showwarning = _note  # a library's warning (an out-of-memory halving, a fallback) as one line
             bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
             def on_round(done: int, row: dict | None) -> None:
@@ -454,6 +457,10 @@ def _check_plot_path(path: Path) -> None:
     from dpfl_bench.federated import writable_folder
 
     writable_folder(path.parent, "--plot's folder")
+
+
+def _note(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    errors.print(f"[yellow]note[/]: {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -10,6 +10,7 @@ and how their gradients are post-processed, the method's.
 import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +100,21 @@ def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: f
     physical chunks, so memory does not grow with its size. When CUDA runs out of memory, the chunks are
     halved and the whole batch is recomputed: the batch (drawn before) and its sum are the same, so the
     privacy accounting is too."""
+    return with_memory_retries(ws, lambda: _summed_in_chunks(ws, data, index, clip))
+
+
+T = TypeVar("T")
+
+
+def with_memory_retries(ws: Workspace, compute: Callable[[], T]) -> T:
+    """`compute()`, again with half the physical batch each time CUDA runs out of memory."""
     # The failed attempt drew dropout masks: the retry starts from the same RNG states, so the run stays a
     # pure function of the seed whatever the memory.
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(ws.device) if ws.device.type == "cuda" else None
     while True:
         try:
-            return _summed_in_chunks(ws, data, index, clip)
+            return compute()
         except torch.cuda.OutOfMemoryError:
             if ws.physical_batch_size == 1:
                 raise

@@ -64,6 +64,7 @@ class TrainingConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; privacy arithmetic stays fp32
     weight_decay: float = 0.0  # the optimizer's (decoupled for AdamW); the authors' code: SGD 1e-3, AdamW 1e-2
     lr_decay: float = 1.0  # the learning rate of round t is lr · lr_decay^t (the authors' vision code: 0.99)
+    client_batching: str = "auto"  # on | off | auto: a round's clients in one pass when the model allows it
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -74,6 +75,7 @@ class TrainingConfig:
         _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
+        _require(self.client_batching in ("auto", "on", "off"), f"--client-batching must be auto, on or off, got {self.client_batching!r}")
 
     def physical_batch(self, device_type: str) -> int:
         """--physical-batch-size, or by default twice the expected batch: a Poisson batch exceeds its mean
@@ -219,10 +221,12 @@ class RunConfig:
         return json.dumps(_jsonable(self.to_dict()), sort_keys=True)
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run: everything but where results go and how many workers load
-        the data (neither changes a result)."""
+        """What makes two runs the same run: everything but where results go, how many workers load the
+        data and whether clients train one after another or together (none changes a result beyond float
+        rounding)."""
         identity = {k: v for k, v in json.loads(self.to_json()).items() if k != "out"}
         identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
+        identity["training"] = {k: v for k, v in identity["training"].items() if k != "client_batching"}
         return identity
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch import nn
 import dpfl_bench
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, load_checkpoint, save_checkpoint
-from dpfl_bench.client import ClientResult, Workspace, train_client
+from dpfl_bench.client import Workspace, train_client
+from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
@@ -86,6 +88,7 @@ class Experiment:
     randomness: Randomness
     audit: NoAudit
     workspace: Workspace
+    batched: bool  # a round's clients train together (`client_batch`), or one after another
 
 
 def prepare(config: RunConfig) -> Experiment:
@@ -123,7 +126,22 @@ def prepare(config: RunConfig) -> Experiment:
     if workspace.per_example is not None:
         check_per_example(workspace.per_example, model, params, device, data.train, built.name)
     audit = create_audit(config, mechanism, params, randomness)
-    return Experiment(config, task, method, data, built.name, clients, schedule, mechanism, randomness, audit, workspace)
+    batched = client_batching(config.training.client_batching, workspace, data.train)
+    return Experiment(config, task, method, data, built.name, clients, schedule, mechanism, randomness, audit, workspace, batched)
+
+
+def client_batching(mode: str, ws: Workspace, sample: Examples) -> bool:
+    """Whether a round's clients train together: `on` when the model allows it (else a one-line refusal),
+    `auto` likewise but falling back with a warning, `off` never."""
+    if mode == "off":
+        return False
+    reason = uncovered(ws, sample)
+    if reason is None:
+        return True
+    if mode == "on":
+        raise UserError(f"--client-batching on: this model has {reason}; use --client-batching auto or off")
+    warnings.warn(f"clients train one after another: the model has {reason}", stacklevel=2)
+    return False
 
 
 def results_path(config: RunConfig) -> Path:
@@ -211,11 +229,11 @@ def run_federated(
     for round in range(resume.rounds_done, fed.rounds):
         chosen = exp.schedule[round]
         round_started = time.perf_counter()
-        results: list[ClientResult] = [
-            train_client(ws, global_state, clients[k], client=k, round=round, method=method, config=config,
-                         mechanism=mechanism, randomness=randomness, audit=audit)
-            for k in chosen
-        ]
+        setup = {"round": round, "method": method, "config": config, "mechanism": mechanism, "randomness": randomness, "audit": audit}
+        if exp.batched and chosen:
+            results = train_clients(ws, global_state, [clients[k] for k in chosen], clients=chosen, **setup)
+        else:
+            results = [train_client(ws, global_state, clients[k], client=k, **setup) for k in chosen]
         names = list(params.of(method.uploads(round) | {Factor.HEAD}))
         deltas = [{n: r.upload[n] - global_state[n] for n in names} for r in results]
         weights = [1.0 if fed.weighting == "uniform" else float(r.num_examples) for r in results]

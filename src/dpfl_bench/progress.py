@@ -58,6 +58,7 @@ class SweepProgress:
         self.suite = progress.add_task("suite", total=total, completed=self.ended, status="", unit="runs")
         self.bars: dict[int, Any] = {}
         self.failed: list[tuple[str, str]] = []
+        self.notes: set[str] = set()
 
     def __call__(self, event: PointEvent) -> None:
         label, progress = self.labels[event.point], self.progress
@@ -69,6 +70,9 @@ class SweepProgress:
             status = f"resumed at round {event.rounds_done}" if event.rounds_done else "loading"
             total = self.points[event.point].federated.rounds
             self.bars[event.point] = progress.add_task(f"  {label}", total=total, completed=event.rounds_done, status=status, unit="rounds")
+        elif event.kind == "note" and event.message not in self.notes:  # each different note once
+            self.notes.add(event.message)
+            progress.console.print(f"[yellow]note[/]: {escape(event.message)}", highlight=False)
         elif event.kind == "round" and event.point in self.bars:
             status = {"status": round_status(event.row)} if event.row else {}
             progress.update(self.bars[event.point], completed=event.rounds_done, **status)

@@ -13,6 +13,7 @@ it ran.
 import os
 import socket
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -25,10 +26,10 @@ from dpfl_bench.federated import find_resume, results_path, run_federated
 @dataclass(frozen=True)
 class PointEvent:
     point: int  # index into the points handed to the backend
-    kind: str  # "started" | "round" | "finished" | "failed"
+    kind: str  # "started" | "round" | "note" | "finished" | "failed"
     rounds_done: int = 0  # started: the round it resumes from; round: the rounds finished
     row: dict[str, float] | None = None  # an evaluated round's headline numbers (see `headline`)
-    message: str = ""  # started: the resume note; failed: why, in one line
+    message: str = ""  # started: the resume note; note: a library's warning; failed: why, in one line
     worker: str = ""  # where the point runs: host:pid
 
 
@@ -86,9 +87,10 @@ def run_point(index: int, config: RunConfig, checkpointing: CheckpointConfig, em
         import torch
 
         torch.set_num_threads(threads)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker, shown = f"{socket.gethostname()}:{os.getpid()}", warnings.showwarning
     log = results_path(config).with_suffix(".error.log")
     try:
+        warnings.showwarning = lambda message, *_, **__: emit(PointEvent(index, "note", message=str(message), worker=worker))
         resume = find_resume(config, checkpointing)
         emit(PointEvent(index, "started", resume.rounds_done, message=resume.note, worker=worker))
         summary = run_federated(
@@ -104,6 +106,7 @@ def run_point(index: int, config: RunConfig, checkpointing: CheckpointConfig, em
         log.write_text(traceback.format_exc())
         raise Crash(f"{type(e).__name__}: {e} (traceback in {log})") from e
     finally:
+        warnings.showwarning = shown
         release_device_memory()
 
 

@@ -1,0 +1,231 @@
+"""A round's clients trained together: one pass of the frozen backbone over the examples of several clients,
+each example routed through its own client's LoRA factors and head.
+
+How. The clients' trainable tensors are stacked along a leading client axis ([C, rank, in] for A,
+[C, out, rank] for B, the head likewise), and every trainable layer computes y_i = W[c_i] x_i (+ b[c_i])
+for example i of client c_i: a gather of the client's weights, then one batched product. For LoRA the
+gathered copies are rank-sized, and a gather keeps the physical batch one tensor, where grouping by client
+would split every layer into C products of a few examples each. The layers keep their parameter names:
+the stacks load from and write back to the same names as `TrainableParams`, so uploads, results and
+checkpoints are unchanged.
+
+Privacy is per example and per client as in `client.train_client`: the per-example engine sees the same
+layer inputs and output gradients (an example's gradient touches only its client's factors), each example
+is clipped to the norm of its whole gradient, and the clipped sums are added per client. Then, client by
+client and in the same order as sequential training, the audit, the mechanism's noise (from that client's
+own stream), the method's extra step and post-processing. AdamW (and SGD) are element-wise, so one
+optimizer over the stacked tensors steps each client exactly as its own optimizer would.
+
+What it covers: models whose trainable layers are all `nn.Linear` (LoRA on linear layers and a linear head)
+and that are deterministic in training mode (no active dropout): a client's dropout masks could not be
+drawn from its own stream inside a shared pass. `uncovered` says why a model is not covered.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpfl_bench.adapters import State
+from dpfl_bench.client import ClientResult, Workspace, make_optimizer, set_train_mode, with_memory_retries
+from dpfl_bench.config import RunConfig
+from dpfl_bench.method import Factor, Method
+from dpfl_bench.precision import FP16_LOSS_SCALE, tensor_to_device
+from dpfl_bench.privacy.canaries import NoAudit
+from dpfl_bench.privacy.mechanism import Mechanism
+from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.tasks import Examples
+
+
+def uncovered(ws: Workspace, sample: Examples) -> str | None:
+    """Why these clients cannot train as one batch on this model, or None when they can."""
+    trainable = {id(p) for p in ws.params.all().values()}
+    for module in ws.model.modules():
+        if any(id(p) in trainable for p in module.parameters(recurse=False)) and not isinstance(module, nn.Linear):
+            return f"a trainable {type(module).__name__} layer (only linear layers are batched across clients)"
+    features, _ = sample.batch(torch.arange(min(2, len(sample))))
+    features = ws.to_device(features)
+    modes = {m: m.training for m in ws.model.modules()}
+    try:
+        set_train_mode(ws.model)
+        with torch.no_grad(), torch.random.fork_rng(devices=[ws.device] if ws.device.type == "cuda" else []):
+            torch.manual_seed(1)
+            first = ws.model(**features)
+            torch.manual_seed(2)
+            second = ws.model(**features)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not torch.equal(first, second):
+        return "dropout in training mode (a client's masks must come from its own stream)"
+    return None
+
+
+@dataclass
+class _Routing:
+    """Which client each example of the current forward pass belongs to."""
+
+    clients: torch.Tensor | None = None  # [examples], on the device
+
+
+def train_clients(
+    ws: Workspace,
+    global_state: State,
+    data: list[Examples],
+    *,
+    clients: list[int],
+    round: int,
+    method: Method,
+    config: RunConfig,
+    mechanism: Mechanism,
+    randomness: Randomness,
+    audit: NoAudit = NoAudit(),
+) -> list[ClientResult]:
+    """What `train_client` returns for each of `clients` (holding `data`), trained together."""
+    count = len(clients)
+    batches = [randomness.stream(Purpose.BATCHES, round, k) for k in clients]
+    noises = [randomness.stream(Purpose.NOISE, round, k) for k in clients]
+    merged, offsets = _merge(data)
+    params = ws.params.all()
+    stacks = {n: global_state[n].detach().unsqueeze(0).repeat(count, *[1] * global_state[n].dim()).clone() for n in params}
+    stacked = _StackedParams(ws, {n: nn.Parameter(t) for n, t in stacks.items()})
+    optimizer = make_optimizer(stacked, method, config, round)
+    lr = config.training.lr_at(round)
+    loss_sums, seen = torch.zeros(count, device=ws.device), [0] * count
+    routing = _Routing()
+    set_train_mode(ws.model)
+    with _routed(ws.model, params, stacked.tensors, routing):
+        for step in range(config.federated.local_steps):
+            factors = method.trains(round, step) | {Factor.HEAD}
+            ws.params.set_trainable(factors)  # the per-example engine records the layers whose weights train
+            stacked.set_trainable(factors)
+            indexes = [mechanism.draw_batch(k, stream) for k, stream in zip(clients, batches)]
+            summed, step_losses = with_memory_retries(
+                ws, lambda: _summed_by_client(ws, stacked, merged, offsets, indexes, mechanism.clip_examples, routing)
+            )
+            loss_sums += step_losses
+            for c, (k, index) in enumerate(zip(clients, indexes)):
+                own = {n: g[c] for n, g in summed.items()}
+                own, canaries = audit.insert(k, round, own)
+                grads = mechanism.privatize(own, len(index) + canaries, k, noises[c])
+                audit.observe(k, grads)
+                for factor in factors:
+                    for name in ws.params.by_factor[factor]:
+                        param = stacked.tensors[name]
+                        extra = method.extra_step(factor, grads[name])
+                        if extra is not None:
+                            param.data[c].sub_(lr * extra.to(param.dtype))
+                        if param.grad is None:
+                            param.grad = torch.zeros_like(param)
+                        param.grad[c] = method.postprocess(factor, grads[name]).to(param.dtype)
+                seen[c] += len(index)
+            optimizer.step()
+    uploaded = list(ws.params.of(method.uploads(round) | {Factor.HEAD}))
+    totals = loss_sums.tolist()  # the one read from the device
+    return [
+        ClientResult({n: stacked.tensors[n].detach()[c].clone() for n in uploaded}, len(data[c]), totals[c] / max(seen[c], 1))
+        for c in range(count)
+    ]
+
+
+class _StackedParams:
+    """The clients' trainable tensors, stacked, grouped by factor as `TrainableParams` groups the model's."""
+
+    def __init__(self, ws: Workspace, tensors: dict[str, nn.Parameter]) -> None:
+        self.tensors = tensors
+        self.by_factor = {f: {n: tensors[n] for n in params} for f, params in ws.params.by_factor.items()}
+
+    def set_trainable(self, factors: frozenset[Factor]) -> None:
+        for factor, params in self.by_factor.items():
+            for param in params.values():
+                param.requires_grad_(factor in factors)
+                param.grad = None
+
+
+def _merge(data: list[Examples]) -> tuple[Examples, list[int]]:
+    """All clients' examples as one set (token features share the task's padded width), and where each starts."""
+    merged = Examples(
+        {k: torch.cat([d.features[k] for d in data]) for k in data[0].features}, torch.cat([d.labels for d in data])
+    )
+    offsets, start = [], 0
+    for d in data:
+        offsets.append(start)
+        start += len(d)
+    return merged, offsets
+
+
+def _summed_by_client(
+    ws: Workspace, stacked: _StackedParams, merged: Examples, offsets: list[int], indexes: list[torch.Tensor],
+    clip: float | None, routing: _Routing,
+) -> tuple[State, torch.Tensor]:
+    """Per client, the sum over its batch of each example's gradient (clipped per example unless `clip` is
+    None) as [clients, ...] tensors, and its summed loss; in physical chunks that mix clients."""
+    count = len(indexes)
+    scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
+    trainable = {n: p for n, p in stacked.tensors.items() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
+    loss_sums = torch.zeros(count, device=ws.device)
+    positions = torch.cat([index + offset for index, offset in zip(indexes, offsets)])
+    owners = torch.cat([torch.full((len(index),), c) for c, index in enumerate(indexes)])
+    for chunk, chunk_owners in zip(positions.split(ws.physical_batch_size), owners.split(ws.physical_batch_size)):
+        if len(chunk) == 0:
+            continue
+        features, labels = merged.batch(chunk)
+        owner = tensor_to_device(chunk_owners, ws.device)
+        routing.clients = owner
+        with ws.autocast():
+            logits = ws.model(**ws.to_device(features))
+        losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
+        loss_sums.index_add_(0, owner, losses.detach())
+        if clip is not None:
+            per_example = ws.per_example.compute(losses, loss_scale=scale)
+            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_example.values()))
+            finite = torch.isfinite(norms)  # an example whose gradient overflowed (fp16) counts zero
+            factor = torch.where(finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)
+            for name, g in per_example.items():
+                shape = (-1, *[1] * (g.dim() - 1))
+                total[name].index_add_(0, owner, torch.where(finite.view(shape), g, 0.0).float() * factor.view(shape))
+        else:
+            grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
+            if scale != 1.0:  # an fp16 overflow anywhere: the chunk contributes nothing
+                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+                grads = [torch.where(finite, g, 0.0) for g in grads]
+            for name, g in zip(trainable, grads):
+                total[name] += g
+    routing.clients = None
+    return total, loss_sums
+
+
+@contextlib.contextmanager
+def _routed(model: nn.Module, params: dict[str, nn.Parameter], stacks: dict[str, nn.Parameter], routing: _Routing) -> Iterator[None]:
+    """Every trainable linear layer of `model` computes with its example's client's weights while inside."""
+    names = {id(p): n for n, p in params.items()}
+    patched = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight is not None and id(weight) in names:
+            bias = names.get(id(module.bias)) if module.bias is not None else None
+            module.forward = _routed_forward(stacks[names[id(weight)]], stacks[bias] if bias else None, routing)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's own forward
+
+
+def _routed_forward(weight: torch.Tensor, bias: torch.Tensor | None, routing: _Routing):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        owner = routing.clients
+        if x.shape[0] != len(owner):  # batch-major leading dimensions (e.g. Swin's windows)
+            owner = owner.repeat_interleave(x.shape[0] // len(owner))
+        w = weight[owner].to(x.dtype)
+        y = torch.einsum("n...i,noi->n...o", x, w)
+        if bias is not None:
+            y = y + bias[owner].to(y.dtype).view(len(owner), *[1] * (x.dim() - 2), -1)
+        return y
+
+    return forward
