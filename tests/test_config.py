@@ -178,8 +178,9 @@ def test_the_physical_batch_covers_the_poisson_tail_by_default():
     assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (32, 32)
     training = build_config({"batch-size": 1024}).training
     assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (2048, 32)
+    assert (training.physical_batch("cuda", clients=4), training.physical_batch("cpu", clients=4)) == (8192, 128)
     training = build_config({"batch-size": 1024, "physical-batch-size": 100}).training
-    assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (100, 100)
+    assert (training.physical_batch("cuda"), training.physical_batch("cpu", clients=4)) == (100, 100)
 
 
 def test_clients_per_round_is_ceil_of_p_n():

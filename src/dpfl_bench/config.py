@@ -77,13 +77,15 @@ class TrainingConfig:
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
         _require(self.client_batching in ("auto", "on", "off"), f"--client-batching must be auto, on or off, got {self.client_batching!r}")
 
-    def physical_batch(self, device_type: str) -> int:
-        """--physical-batch-size, or by default twice the expected batch: a Poisson batch exceeds its mean
-        nearly half the time, and a pass for the few examples over would cost a second forward and backward.
-        Capped at 32 on a CPU, where bigger passes are no faster; on CUDA an out-of-memory error halves it."""
+    def physical_batch(self, device_type: str, clients: int = 1) -> int:
+        """--physical-batch-size, or by default twice the expected batch of each of the `clients` trained in
+        one pass: a Poisson batch exceeds its mean nearly half the time, and a pass for the few examples over
+        would cost a second forward and backward. At most 32 per client on a CPU, where bigger passes of a
+        large model are no faster; on CUDA an out-of-memory error halves it."""
         if self.physical_batch_size:
             return self.physical_batch_size
-        return 2 * self.batch_size if device_type == "cuda" else min(2 * self.batch_size, 32)
+        per_client = 2 * self.batch_size if device_type == "cuda" else min(2 * self.batch_size, 32)
+        return per_client * clients
 
     def lr_at(self, round: int) -> float:
         return self.lr * self.lr_decay**round

@@ -28,7 +28,7 @@ from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, create_method
-from dpfl_bench.partition import dirichlet_mix_partition, dirichlet_partition, iid_partition
+from dpfl_bench.partition import clients_per_round, dirichlet_mix_partition, dirichlet_partition, iid_partition
 from dpfl_bench.precision import autocast, to_device, use_tensor_cores
 from dpfl_bench.privacy.canaries import NoAudit, create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
@@ -127,6 +127,9 @@ def prepare(config: RunConfig) -> Experiment:
         check_per_example(workspace.per_example, model, params, device, data.train, built.name)
     audit = create_audit(config, mechanism, params, randomness)
     batched = client_batching(config.training.client_batching, workspace, data.train)
+    if batched:  # one pass holds every client's batch
+        fed = config.federated
+        workspace.physical_batch_size = config.training.physical_batch(device.type, clients_per_round(fed.clients, fed.participation))
     return Experiment(config, task, method, data, built.name, clients, schedule, mechanism, randomness, audit, workspace, batched)
 
 
