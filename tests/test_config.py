@@ -66,7 +66,7 @@ def test_every_option_lands_in_the_config(tmp_path):
         "clients": 6, "participation": 0.5, "rounds": 2, "local-steps": 4, "partition": "dirichlet-mix",
         "dirichlet-alpha": 0.3, "min-partition-size": 5, "client-size": 7, "weighting": "size", "batch-size": 4, "lr": 0.2,
         "optimizer": "sgd", "eval-every": 2, "physical-batch-size": 2, "rank": 2, "lora-alpha": 4.0,
-        "weight-decay": 0.01, "lr-decay": 0.9, "calibration": "shared",
+        "weight-decay": 0.01, "lr-decay": 0.9, "calibration": "shared", "client-batching": "off",
         "eps": 2.0, "delta": 1e-4, "dp-level": "client", "clip": 0.5, "accountant": "prv",
         "precision": "bf16", "lora-targets": "query,value", "model": "hf:some/model", "model-path": str(tmp_path),
         "data-dir": str(tmp_path), "workers": 2, "rng": "secure", "audit-canaries": 100, "audit-client": 1,
