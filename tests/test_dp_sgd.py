@@ -380,7 +380,8 @@ def test_frozen_factor_is_bit_identical_and_gets_no_noise(synthetic_data):
 
 
 def run_options(tmp_path, **options):
-    base = {"task": "synthetic", "method": "dp-lora", "device": "cpu", "out": str(tmp_path), "seed": 0}
+    """One client after another: these runs record what `train_client` and its helpers see."""
+    base = {"task": "synthetic", "method": "dp-lora", "device": "cpu", "out": str(tmp_path), "seed": 0, "client-batching": "off"}
     return build_config({**base, **options}, SYNTHETIC.defaults)
 
 
