@@ -102,7 +102,7 @@ def test_a_crashing_point_is_retried_then_reported_and_the_others_go_on(ray_inst
     results_path(configs[0]).parent.mkdir(parents=True)
     results_path(configs[0]).mkdir()  # the run cannot write its results file: a crash on every attempt
     result = invoke("sweep", path, "--backend", "ray", "--retries", 1)
-    assert result.exit_code == 1
+    assert result.exit_code == 1, f"{result.exit_code}: {result.output} {result.exception!r}"
     assert "1 of 4 runs failed" in result.output and "IsADirectoryError" in result.output
     assert "↻" in result.output, "retried once before it was reported"
     assert "Traceback" in results_path(configs[0]).with_suffix(".error.log").read_text()
