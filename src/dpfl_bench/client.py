@@ -149,12 +149,17 @@ def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: 
             grads = [clipped[n] for n in trainable]
         else:
             grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
-            if scale != 1.0:  # an fp16 overflow anywhere: the chunk contributes nothing
-                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-                grads = [torch.where(finite, g, 0.0) for g in grads]
+            if scale != 1.0:
+                grads = zero_if_overflowed(grads)
         for name, g in zip(trainable, grads):
             total[name] += g.float()
     return total, loss_sum
+
+
+def zero_if_overflowed(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An fp16 overflow anywhere: the chunk contributes nothing. Decided on the device, without a sync."""
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return [torch.where(finite, g, 0.0) for g in grads]
 
 
 def make_optimizer(params: TrainableParams, method: Method, config: RunConfig, round: int) -> torch.optim.Optimizer:

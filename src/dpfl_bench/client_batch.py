@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpfl_bench.adapters import State
-from dpfl_bench.client import ClientResult, Workspace, make_optimizer, set_train_mode, with_memory_retries
+from dpfl_bench.client import ClientResult, Workspace, make_optimizer, set_train_mode, with_memory_retries, zero_if_overflowed
 from dpfl_bench.config import RunConfig
 from dpfl_bench.method import Factor, Method
 from dpfl_bench.precision import FP16_LOSS_SCALE, tensor_to_device
 from dpfl_bench.privacy.canaries import NoAudit
 from dpfl_bench.privacy.mechanism import Mechanism
+from dpfl_bench.privacy.per_example import clip_and_sum
 from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.tasks import Examples
 
@@ -181,19 +182,12 @@ def _summed_by_client(
         losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
         loss_sums.index_add_(0, owner, losses.detach())
         if clip is not None:
-            per_example = ws.per_example.compute(losses, loss_scale=scale)
-            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_example.values()))
-            finite = torch.isfinite(norms)  # an example whose gradient overflowed (fp16) counts zero
-            factor = torch.where(finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)
-            for name, g in per_example.items():
-                shape = (-1, *[1] * (g.dim() - 1))
-                total[name].index_add_(0, owner, torch.where(finite.view(shape), g, 0.0).float() * factor.view(shape))
+            clipped, _ = clip_and_sum(ws.per_example.compute(losses, loss_scale=scale), clip, owner, count)
+            for name, g in clipped.items():
+                total[name] += g
         else:
             grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
-            if scale != 1.0:  # an fp16 overflow anywhere: the chunk contributes nothing
-                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-                grads = [torch.where(finite, g, 0.0) for g in grads]
-            for name, g in zip(trainable, grads):
+            for name, g in zip(trainable, zero_if_overflowed(grads) if scale != 1.0 else grads):
                 total[name] += g
     routing.clients = None
     return total, loss_sums

@@ -106,15 +106,22 @@ class PerExampleGradients:
             handle.remove()
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Σ_i clip(g_i) over the leading (example) dimension; an example with a non-finite gradient counts 0."""
+def clip_and_sum(
+    grads: dict[str, torch.Tensor], clip: float, owners: torch.Tensor | None = None, groups: int = 1
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Σ_i clip(g_i) over the leading (example) dimension; an example with a non-finite gradient counts 0.
+    With `owners` (each example's group, e.g. its client), one sum per group: [groups, ...] tensors."""
     norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values()))
     finite = torch.isfinite(norms)
     scale = torch.where(finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)
     summed = {}
     for name, g in grads.items():  # 0 * inf is nan: zero the non-finite examples before scaling
         g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
-        summed[name] = torch.einsum("b,b...->...", scale, g)
+        if owners is None:
+            summed[name] = torch.einsum("b,b...->...", scale, g)
+        else:
+            scaled = g.float() * scale.view(-1, *[1] * (g.dim() - 1))
+            summed[name] = torch.zeros(groups, *g.shape[1:], device=g.device).index_add_(0, owners, scaled)
     return summed, norms
 
 
