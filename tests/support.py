@@ -47,7 +47,8 @@ def write_run(
             eps_target=eps, delta=1e-5, noise_multiplier=sigma, noise_multiplier_min=sigma, clip=1.0, guarantee=private,
             eps_spent=eps * r / total if private else eps, eps_spent_mean=0.0 if private else eps, round=r, rounds_total=total,
             test_accuracy=accuracy, test_loss=1.0 - accuracy, val_accuracy=val_accuracy, val_loss=1.0 - val_accuracy,
-            train_loss=1.0, wall_seconds=10.0 * r, train_seconds=2.0 * r, peak_memory_bytes=1 << 20,
+            train_loss=1.0, wall_seconds=10.0 * r, train_seconds=2.0 * r, peak_memory_bytes=1 << 20, physical_batch_size=64,
+            clients_together=False,
             bytes_uploaded_per_round=3e6, seed=seed, config_json=config.to_json(), client_data_json="[]",
         )
         rows.append(row)

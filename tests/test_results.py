@@ -128,6 +128,15 @@ def test_read_run_rejects_a_file_missing_one_column(tmp_path):
         read_run(path)
 
 
+def test_a_file_from_0_4_reads_with_the_columns_added_since_empty(tmp_path):
+    path = tmp_path / "old.parquet"
+    pq.write_table(pa.Table.from_pylist([make_row(1)], schema=SCHEMA).drop_columns(list(results.ADDED_SINCE_0_4)), path)
+    df = read_run(path)
+    assert list(df.columns) == SCHEMA.names
+    assert df[list(results.ADDED_SINCE_0_4)].isna().all().all()
+    assert df["eps_spent"].iloc[0] == make_row(1)["eps_spent"]
+
+
 def test_results_file_mode_follows_the_umask(tmp_path):
     umask = os.umask(0o022)
     try:

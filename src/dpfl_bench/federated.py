@@ -283,6 +283,8 @@ def run_federated(
                 "wall_seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
                 "peak_memory_bytes": peak_memory_bytes(ws.device),
+                "physical_batch_size": ws.physical_batch_size,
+                "clients_together": exp.batched,
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
                 "config_json": config.to_json(),

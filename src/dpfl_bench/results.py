@@ -42,6 +42,8 @@ SCHEMA = pa.schema(
         ("wall_seconds", pa.float64()),  # since the run started, evaluation included
         ("train_seconds", pa.float64()),  # local training and aggregation only, summed over rounds
         ("peak_memory_bytes", pa.int64()),  # CUDA peak allocation, or peak resident memory on CPU
+        ("physical_batch_size", pa.int64()),  # examples per forward pass now, after any CUDA out-of-memory halving
+        ("clients_together", pa.bool_()),  # a round's clients trained in one batched pass (--client-batching)
         ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
         ("seed", pa.int64()),
         ("config_json", pa.string()),  # the fully resolved configuration, method options included
@@ -53,6 +55,7 @@ SCHEMA = pa.schema(
         ("transformers_version", pa.string()),
     ]
 )
+ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together")  # read as empty from older files
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -79,9 +82,12 @@ class NotAResultsFile(ValueError):
 def read_run(path: Path) -> pd.DataFrame:
     """One run's rows; raises NotAResultsFile for a foreign Parquet file, pyarrow's errors for a damaged one."""
     table = pq.read_table(path)
+    for name in ADDED_SINCE_0_4:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(len(table), SCHEMA.field(name).type))
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
         other_version = "run_id" in table.column_names and "config_json" in table.column_names
         what = "from another version of dpfl-bench" if other_version else "not a dpfl-bench results file"
         raise NotAResultsFile(f"{path} is {what} (missing {', '.join(sorted(missing))})")
-    return table.to_pandas()
+    return table.select(SCHEMA.names).to_pandas()
