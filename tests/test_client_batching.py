@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import assert_one_line_error, invoke
 from torch import nn
 
 from dpfl_bench.client import Workspace, train_client
 from dpfl_bench.client_batch import _routed, _Routing, train_clients, uncovered
 from dpfl_bench.config import build_config
-from dpfl_bench.federated import prepare, run_federated
+from dpfl_bench.errors import UserError
+from dpfl_bench.federated import client_batching, prepare, run_federated
 from dpfl_bench.method import BOTH, Factor, Method
 from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
 
 LEVELS = {"sample": {}, "client": {"dp-level": "client"}, "none": {"eps": math.inf}}
@@ -159,20 +160,65 @@ def test_batched_and_sequential_runs_record_the_same_rows(tmp_path):
         assert on["test_accuracy"] == off["test_accuracy"] and on["val_accuracy"] == off["val_accuracy"]
         assert on["eps_spent"] == off["eps_spent"] and on["test_loss"] == pytest.approx(off["test_loss"], rel=1e-4)
     assert rows["on"][0]["run_id"] == rows["off"][0]["run_id"], "batching is not part of a run's identity"
+    assert [r["clients_together"] for r in rows["on"] + rows["off"]] == [True, True, False, False]
 
 
-def test_what_is_not_covered_is_named():
-    conv = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(8, 2))
-    ws = Workspace(conv, _params(conv, ["0.weight"]), torch.device("cpu"), None, 8)
-    assert "Conv2d" in uncovered(ws, _images())
-    dropout = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2))
-    ws = Workspace(dropout, _params(dropout, ["2.weight"]), torch.device("cpu"), None, 8)
-    assert "dropout" in uncovered(ws, _images())
+def test_a_run_records_its_physical_batch_after_an_out_of_memory_halving(tmp_path, monkeypatch):
+    compute = PerExampleGradients.compute
+
+    def small_memory(self, losses, loss_scale=1.0):
+        if len(losses) > 8:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return compute(self, losses, loss_scale)
+
+    monkeypatch.setattr(PerExampleGradients, "compute", small_memory)
+    config = configure(**{"rounds": 2, "out": str(tmp_path), "physical-batch-size": 64})
+    with pytest.warns(UserWarning, match="physical batch size lowered to 8"):
+        rows = run_federated(config).rows
+    assert [r["physical_batch_size"] for r in rows] == [8, 8]
+    assert read_run(next(tmp_path.glob("*.parquet")))["physical_batch_size"].tolist() == [8, 8]
 
 
-def test_on_is_refused_in_one_line_for_a_model_with_dropout():
-    result = invoke("run", "--task", "sentiment", "--eps", "inf", "--rounds", 1, "--client-batching", "on", "--out", "/tmp/unused")
-    assert_one_line_error(result, "--client-batching on", "dropout", "use --client-batching auto or off")
+@pytest.mark.parametrize("task", ["sentiment", "mnist"])
+def test_real_models_with_dropout_train_together_as_one_after_another(task):
+    """MiniLM (dropout in every layer, attention dropout inside SDPA) and EfficientNet-Lite0 (LoRA on 1x1
+    convolutions, dropout and drop-connect): every example's masks are its own in a shared pass."""
+    options = {"task": task, "clients": 2, "participation": 1.0, "local-steps": 2, "batch-size": 6, "device": "cpu",
+               "optimizer": "sgd", "lr": 0.5, "client-batching": "on"}
+    config = build_config(options, TASKS.get(task).defaults)
+    state, one_by_one, together = both_ways(config)
+    model = prepare(config).workspace.model
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    assert_same_uploads(one_by_one, together)
+    assert any(not torch.equal(r.upload[n], state[n]) for r in together for n in r.upload), "training moved something"
+
+
+class _MixesExamples(nn.Module):
+    def forward(self, x):
+        return x - x.mean(dim=0, keepdim=True)
+
+
+def test_what_is_covered_and_what_is_not_is_named():
+    def workspace(model, trained):
+        return Workspace(model, _params(model, trained), torch.device("cpu"), None, 8)
+
+    covered = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Dropout(0.5), nn.Flatten(), nn.Linear(32, 2))
+    assert uncovered(workspace(covered, ["0.weight", "3.weight"]), _images()) is None
+    wide = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
+    assert "a trainable Conv2d layer" in uncovered(workspace(wide, ["0.weight"]), _images())
+    shared_draws = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(32, 2))  # torch's generator
+    assert "not per example" in uncovered(workspace(shared_draws, ["3.weight"]), _images())
+    mixing = nn.Sequential(nn.Flatten(), _MixesExamples(), nn.Linear(4, 2))
+    assert "not per example" in uncovered(workspace(mixing, ["2.weight"]), _images())
+
+
+def test_on_is_refused_in_one_line_for_a_model_it_does_not_cover():
+    model = nn.Sequential(nn.Flatten(), _MixesExamples(), nn.Linear(4, 2))
+    ws = Workspace(model, _params(model, ["2.weight"]), torch.device("cpu"), None, 8)
+    with pytest.raises(UserError, match=r"^--client-batching on: .* not per example .*; use --client-batching auto or off$"):
+        client_batching("on", ws, _images())
+    with pytest.warns(UserWarning, match="clients train one after another"):
+        assert client_batching("auto", ws, _images()) is False
 
 
 def _params(model, head):

@@ -444,8 +444,8 @@ def recorded_sample_run(tmp_path_factory):
     steps: list[dict] = []
     real_sum, real_optimizer = client_module.summed_gradients, client_module.make_optimizer
 
-    def recording_sum(ws, data, index, clip):
-        summed, loss = real_sum(ws, data, index, clip)
+    def recording_sum(ws, data, index, clip, seeds):
+        summed, loss = real_sum(ws, data, index, clip, seeds)
         steps.append({"batch": len(index), "summed": {n: g.clone() for n, g in summed.items()}})
         return summed, loss
 

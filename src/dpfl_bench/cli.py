@@ -94,7 +94,7 @@ def run(
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
     weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
     lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
-    client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (linear LoRA layers and head, no dropout), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
+    client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (LoRA on linear layers or 1x1 convolutions, a linear head, a training pass that is per example), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,

@@ -18,6 +18,7 @@ from torch import nn
 
 from dpfl_bench.adapters import State, TrainableParams
 from dpfl_bench.config import RunConfig
+from dpfl_bench.example_draws import ExampleDraws
 from dpfl_bench.method import Factor, Method
 from dpfl_bench.precision import FP16_LOSS_SCALE, autocast, tensor_to_device, to_device
 from dpfl_bench.privacy.canaries import NoAudit
@@ -65,7 +66,7 @@ def train_client(
     randomness: Randomness,
     audit: NoAudit = NoAudit(),
 ) -> ClientResult:
-    torch.manual_seed(randomness.torch_seed(Purpose.DROPOUT, round, client))  # dropout draws inside the model
+    torch.manual_seed(randomness.torch_seed(Purpose.DROPOUT, round, client))  # draws not made per example (example_draws)
     batches = randomness.stream(Purpose.BATCHES, round, client)
     noise = randomness.stream(Purpose.NOISE, round, client)
     ws.params.load(global_state)
@@ -77,7 +78,8 @@ def train_client(
         factors = method.trains(round, step) | {Factor.HEAD}
         ws.params.set_trainable(factors)
         index = mechanism.draw_batch(client, batches)
-        summed, batch_loss = summed_gradients(ws, data, index, mechanism.clip_examples)
+        seeds = randomness.example_seeds(round, client, step, len(index))
+        summed, batch_loss = summed_gradients(ws, data, index, mechanism.clip_examples, seeds)
         summed, canaries = audit.insert(client, round, summed)  # inserted canaries enter the sum before the noise
         grads = mechanism.privatize(summed, len(index) + canaries, client, noise)
         audit.observe(client, grads)
@@ -94,13 +96,16 @@ def train_client(
     return ClientResult(upload, len(data), float(loss_sum) / max(seen, 1))
 
 
-def summed_gradients(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, torch.Tensor]:
+def summed_gradients(
+    ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None, seeds: list[int]
+) -> tuple[State, torch.Tensor]:
     """Sum over the batch of each example's gradient (clipped to `clip` per example, unless None), and the
-    summed loss (a tensor on the device: reading it would wait for the device). The batch is processed in
+    summed loss (a tensor on the device: reading it would wait for the device). Example i's dropout draws
+    come from `seeds[i]` (see `example_draws`). The batch is processed in
     physical chunks, so memory does not grow with its size. When CUDA runs out of memory, the chunks are
     halved and the whole batch is recomputed: the batch (drawn before) and its sum are the same, so the
     privacy accounting is too."""
-    return with_memory_retries(ws, lambda: _summed_in_chunks(ws, data, index, clip))
+    return with_memory_retries(ws, lambda: _summed_in_chunks(ws, data, index, clip, seeds))
 
 
 T = TypeVar("T")
@@ -108,8 +113,8 @@ T = TypeVar("T")
 
 def with_memory_retries(ws: Workspace, compute: Callable[[], T]) -> T:
     """`compute()`, again with half the physical batch each time CUDA runs out of memory."""
-    # The failed attempt drew dropout masks: the retry starts from the same RNG states, so the run stays a
-    # pure function of the seed whatever the memory.
+    # The failed attempt may have drawn from torch's generator (a draw `example_draws` does not make per
+    # example): the retry starts from the same RNG states, so the run stays a pure function of the seed.
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(ws.device) if ws.device.type == "cuda" else None
     while True:
@@ -130,17 +135,18 @@ def with_memory_retries(ws: Workspace, compute: Callable[[], T]) -> T:
             warnings.warn(f"CUDA out of memory: physical batch size lowered to {ws.physical_batch_size}", stacklevel=2)
 
 
-def _summed_in_chunks(ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None) -> tuple[State, torch.Tensor]:
+def _summed_in_chunks(
+    ws: Workspace, data: Examples, index: torch.Tensor, clip: float | None, seeds: list[int]
+) -> tuple[State, torch.Tensor]:
     # Nothing here reads a value back from the device: on a GPU the chunks queue up without waiting.
     trainable = {n: p for n, p in ws.params.all().items() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
     scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
     loss_sum = torch.zeros((), device=ws.device)
-    for chunk in index.split(ws.physical_batch_size):
-        if len(chunk) == 0:  # an empty Poisson batch: the step is noise alone
-            continue
+    for start in range(0, len(index), ws.physical_batch_size):  # none for an empty Poisson batch: noise alone
+        chunk = index[start : start + ws.physical_batch_size]
         features, labels = data.batch(chunk)
-        with ws.autocast():
+        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], ws.device, data.token_widths(features)):
             logits = ws.model(**ws.to_device(features))
         losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
         loss_sum += losses.detach().sum()

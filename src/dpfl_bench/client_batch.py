@@ -16,9 +16,10 @@ client and in the same order as sequential training, the audit, the mechanism's 
 own stream), the method's extra step and post-processing. AdamW (and SGD) are element-wise, so one
 optimizer over the stacked tensors steps each client exactly as its own optimizer would.
 
-What it covers: models whose trainable layers are all `nn.Linear` (LoRA on linear layers and a linear head)
-and that are deterministic in training mode (no active dropout): a client's dropout masks could not be
-drawn from its own stream inside a shared pass. `uncovered` says why a model is not covered.
+What it covers: models whose trainable layers are linear layers or 1x1 convolutions (LoRA on linear layers
+or pointwise convolutions, a linear head), and whose training pass is per example: an example's output,
+dropout included, must not depend on the other examples of its pass (`example_draws` makes dropout, drop-
+connect and stochastic depth per example). `uncovered` says why a model is not covered.
 """
 
 import contextlib
@@ -32,6 +33,7 @@ from torch import nn
 from dpfl_bench.adapters import State
 from dpfl_bench.client import ClientResult, Workspace, make_optimizer, set_train_mode, with_memory_retries, zero_if_overflowed
 from dpfl_bench.config import RunConfig
+from dpfl_bench.example_draws import ExampleDraws
 from dpfl_bench.method import Factor, Method
 from dpfl_bench.precision import FP16_LOSS_SCALE, tensor_to_device
 from dpfl_bench.privacy.canaries import NoAudit
@@ -45,24 +47,37 @@ def uncovered(ws: Workspace, sample: Examples) -> str | None:
     """Why these clients cannot train as one batch on this model, or None when they can."""
     trainable = {id(p) for p in ws.params.all().values()}
     for module in ws.model.modules():
-        if any(id(p) in trainable for p in module.parameters(recurse=False)) and not isinstance(module, nn.Linear):
-            return f"a trainable {type(module).__name__} layer (only linear layers are batched across clients)"
+        if any(id(p) in trainable for p in module.parameters(recurse=False)) and not _routable(module):
+            return f"a trainable {type(module).__name__} layer (only linear layers and 1x1 convolutions are batched)"
+    # Two examples in one training pass must give what each gives alone, with the same per-example seeds
+    # and a different torch seed: else some draw (or layer) mixes the examples of a pass.
     features, _ = sample.batch(torch.arange(min(2, len(sample))))
-    features = ws.to_device(features)
+    seeds = [11, 12]
     modes = {m: m.training for m in ws.model.modules()}
     try:
         set_train_mode(ws.model)
         with torch.no_grad(), torch.random.fork_rng(devices=[ws.device] if ws.device.type == "cuda" else []):
             torch.manual_seed(1)
-            first = ws.model(**features)
-            torch.manual_seed(2)
-            second = ws.model(**features)
+            with ExampleDraws(seeds, ws.device, sample.token_widths(features)):
+                together = ws.model(**ws.to_device(features))
+            alone = []
+            for i, seed in enumerate(seeds[: len(together)]):
+                torch.manual_seed(2 + i)
+                single, _ = sample.batch(torch.tensor([i]))
+                with ExampleDraws([seed], ws.device, sample.token_widths(single)):
+                    alone.append(ws.model(**ws.to_device(single)))
     finally:
         for module, training in modes.items():
             module.training = training
-    if not torch.equal(first, second):
-        return "dropout in training mode (a client's masks must come from its own stream)"
+    if float((together - torch.cat(alone)).abs().max()) > 1e-3 * float(together.abs().max()) + 1e-6:
+        return "a training pass that is not per example (a random draw or a layer mixes the examples of a pass)"
     return None
+
+
+def _routable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1
+    return isinstance(module, nn.Linear)
 
 
 @dataclass
@@ -104,8 +119,9 @@ def train_clients(
             ws.params.set_trainable(factors)  # the per-example engine records the layers whose weights train
             stacked.set_trainable(factors)
             indexes = [mechanism.draw_batch(k, stream) for k, stream in zip(clients, batches)]
+            seeds = [s for k, index in zip(clients, indexes) for s in randomness.example_seeds(round, k, step, len(index))]
             summed, step_losses = with_memory_retries(
-                ws, lambda: _summed_by_client(ws, stacked, merged, offsets, indexes, mechanism.clip_examples, routing)
+                ws, lambda: _summed_by_client(ws, stacked, merged, offsets, indexes, seeds, mechanism.clip_examples, routing)
             )
             loss_sums += step_losses
             for c, (k, index) in enumerate(zip(clients, indexes)):
@@ -160,10 +176,11 @@ def _merge(data: list[Examples]) -> tuple[Examples, list[int]]:
 
 def _summed_by_client(
     ws: Workspace, stacked: _StackedParams, merged: Examples, offsets: list[int], indexes: list[torch.Tensor],
-    clip: float | None, routing: _Routing,
+    seeds: list[int], clip: float | None, routing: _Routing,
 ) -> tuple[State, torch.Tensor]:
     """Per client, the sum over its batch of each example's gradient (clipped per example unless `clip` is
-    None) as [clients, ...] tensors, and its summed loss; in physical chunks that mix clients."""
+    None) as [clients, ...] tensors, and its summed loss; in physical chunks that mix clients. `seeds`: each
+    example's dropout seed, clients in order."""
     count = len(indexes)
     scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
     trainable = {n: p for n, p in stacked.tensors.items() if p.requires_grad}
@@ -171,13 +188,12 @@ def _summed_by_client(
     loss_sums = torch.zeros(count, device=ws.device)
     positions = torch.cat([index + offset for index, offset in zip(indexes, offsets)])
     owners = torch.cat([torch.full((len(index),), c) for c, index in enumerate(indexes)])
-    for chunk, chunk_owners in zip(positions.split(ws.physical_batch_size), owners.split(ws.physical_batch_size)):
-        if len(chunk) == 0:
-            continue
+    for start in range(0, len(positions), ws.physical_batch_size):
+        chunk = positions[start : start + ws.physical_batch_size]
         features, labels = merged.batch(chunk)
-        owner = tensor_to_device(chunk_owners, ws.device)
+        owner = tensor_to_device(owners[start : start + len(chunk)], ws.device)
         routing.clients = owner
-        with ws.autocast():
+        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], ws.device, merged.token_widths(features)):
             logits = ws.model(**ws.to_device(features))
         losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
         loss_sums.index_add_(0, owner, losses.detach())
@@ -195,14 +211,15 @@ def _summed_by_client(
 
 @contextlib.contextmanager
 def _routed(model: nn.Module, params: dict[str, nn.Parameter], stacks: dict[str, nn.Parameter], routing: _Routing) -> Iterator[None]:
-    """Every trainable linear layer of `model` computes with its example's client's weights while inside."""
+    """Every trainable layer of `model` computes with its example's client's weights while inside."""
     names = {id(p): n for n, p in params.items()}
     patched = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight is not None and id(weight) in names:
+        if weight is not None and id(weight) in names:
             bias = names.get(id(module.bias)) if module.bias is not None else None
-            module.forward = _routed_forward(stacks[names[id(weight)]], stacks[bias] if bias else None, routing)
+            routed = _routed_conv if isinstance(module, nn.Conv2d) else _routed_linear
+            module.forward = routed(stacks[names[id(weight)]], stacks[bias] if bias else None, routing)
             patched.append(module)
     try:
         yield
@@ -211,7 +228,7 @@ def _routed(model: nn.Module, params: dict[str, nn.Parameter], stacks: dict[str,
             del module.forward  # back to the class's own forward
 
 
-def _routed_forward(weight: torch.Tensor, bias: torch.Tensor | None, routing: _Routing):
+def _routed_linear(weight: torch.Tensor, bias: torch.Tensor | None, routing: _Routing):
     def forward(x: torch.Tensor) -> torch.Tensor:
         owner = routing.clients
         if x.shape[0] != len(owner):  # batch-major leading dimensions (e.g. Swin's windows)
@@ -220,6 +237,23 @@ def _routed_forward(weight: torch.Tensor, bias: torch.Tensor | None, routing: _R
         y = torch.einsum("n...i,noi->n...o", x, w)
         if bias is not None:
             y = y + bias[owner].to(y.dtype).view(len(owner), *[1] * (x.dim() - 2), -1)
+        return y
+
+    return forward
+
+
+def _routed_conv(weight: torch.Tensor, bias: torch.Tensor | None, routing: _Routing):
+    """A 1x1 convolution per client: one batched product over each example's pixels, [n, h*w, in] @ [n, in, out],
+    whose result is laid out channels-last as the backbone's convolutions are."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        owner = routing.clients
+        n, _, height, width = x.shape
+        w = weight[owner].to(x.dtype).flatten(2)  # [n, out, in]
+        y = torch.bmm(x.flatten(2).transpose(1, 2), w.transpose(1, 2))  # [n, h*w, out]
+        y = y.view(n, height, width, -1).permute(0, 3, 1, 2)
+        if bias is not None:
+            y = y + bias[owner].to(y.dtype).view(n, -1, 1, 1)
         return y
 
     return forward

@@ -13,7 +13,8 @@ dropout, canary directions) stay seeded: nothing in the guarantee depends on the
 
 Every draw is made on the CPU and copied to the device, so one seed gives the same noise on a CPU and on
 a GPU, whatever the physical batch size. Code that draws from torch's own generator and cannot be handed
-one (the model's dropout, peft's and timm's initializers) gets torch's generator seeded from its stream.
+one (peft's and timm's initializers) gets torch's generator seeded from its stream; dropout inside the model
+draws per example from `example_seeds` (see `example_draws`).
 """
 
 import enum
@@ -33,7 +34,7 @@ class Purpose(enum.IntEnum):
     INIT = 3  # the initial LoRA A and head
     BATCHES = 4  # a client's Poisson masks or shuffles
     NOISE = 5  # Gaussian noise: a client's (sample level) or the server's (client level)
-    DROPOUT = 6  # dropout masks inside the model
+    DROPOUT = 6  # dropout masks inside the model, per example
     CANARY_DIRECTIONS = 7  # the audit's canary directions (public: the auditor knows them)
     CANARY_INCLUSION = 8  # which canaries are inserted
     CANARY_SAMPLING = 9  # which inserted canaries a step or round samples
@@ -98,6 +99,12 @@ class Randomness:
         """A 64-bit seed for torch's generator, for library code that draws from it (never a SECRET purpose)."""
         assert purpose not in SECRET, f"{purpose.name} draws must come from stream(), not torch's generator"
         return int(self._key(purpose, round, client).generate_state(1, dtype=np.uint64)[0])
+
+    def example_seeds(self, round: int, client: int, step: int, count: int) -> list[int]:
+        """One 64-bit seed per example of a client's step (by its position in the batch), for the draws
+        inside the model (dropout): an example's masks then do not depend on what shares its pass."""
+        key = np.random.SeedSequence(self.seed, spawn_key=(int(Purpose.DROPOUT), round, client, step))
+        return key.generate_state(count, dtype=np.uint64).tolist()
 
     def _key(self, purpose: Purpose, round: int, client: int) -> np.random.SeedSequence:
         # The spawn key always has three words and the seed is padded to a whole pool (it is < 2**63), so

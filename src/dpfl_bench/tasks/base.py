@@ -48,6 +48,12 @@ class Examples:
             features = {k: v[:, :length] if v.dim() == 2 else v for k, v in features.items()}
         return features, self.labels[index]
 
+    def token_widths(self, features: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+        """(cut, padded) token widths of `features` from `batch`; None for features without tokens."""
+        if "attention_mask" not in features:
+            return None
+        return features["attention_mask"].shape[1], self.features["attention_mask"].shape[1]
+
 
 @dataclass(frozen=True)
 class TrainTestSplit:
