@@ -169,8 +169,8 @@ def test_config_is_frozen():
 
 
 def test_the_physical_batch_covers_the_poisson_tail_by_default():
-    """Twice the expected batch (a Poisson batch of mean 16 exceeds 32 with probability ~1e-4), at most 32
-    on a CPU; an explicit size always wins."""
+    """Twice the expected batch (a Poisson batch of mean 16 exceeds 32 with probability ~1e-4), on a CPU at
+    most 32 per client and 64 a pass; an explicit size always wins."""
     from math import exp, factorial
 
     assert 1 - sum(exp(-16) * 16**k / factorial(k) for k in range(33)) < 2e-4
@@ -178,7 +178,9 @@ def test_the_physical_batch_covers_the_poisson_tail_by_default():
     assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (32, 32)
     training = build_config({"batch-size": 1024}).training
     assert (training.physical_batch("cuda"), training.physical_batch("cpu")) == (2048, 32)
-    assert (training.physical_batch("cuda", clients=4), training.physical_batch("cpu", clients=4)) == (8192, 128)
+    assert (training.physical_batch("cuda", clients=4), training.physical_batch("cpu", clients=4)) == (8192, 64)
+    training = build_config({"batch-size": 4}).training
+    assert (training.physical_batch("cpu", clients=3), training.physical_batch("cpu", clients=30)) == (24, 64)
     training = build_config({"batch-size": 1024, "physical-batch-size": 100}).training
     assert (training.physical_batch("cuda"), training.physical_batch("cpu", clients=4)) == (100, 100)
 

@@ -143,6 +143,8 @@ def _summed_in_chunks(
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in trainable.items()}
     scale = FP16_LOSS_SCALE if ws.precision == "fp16" else 1.0
     loss_sum = torch.zeros((), device=ws.device)
+    order = data.shortest_first(index)  # the sum does not depend on the order; each example keeps its seed
+    index, seeds = index[order], [seeds[i] for i in order.tolist()]
     for start in range(0, len(index), ws.physical_batch_size):  # none for an empty Poisson batch: noise alone
         chunk = index[start : start + ws.physical_batch_size]
         features, labels = data.batch(chunk)

@@ -188,6 +188,8 @@ def _summed_by_client(
     loss_sums = torch.zeros(count, device=ws.device)
     positions = torch.cat([index + offset for index, offset in zip(indexes, offsets)])
     owners = torch.cat([torch.full((len(index),), c) for c, index in enumerate(indexes)])
+    order = merged.shortest_first(positions)  # passes of like lengths; each example keeps its client and seed
+    positions, owners, seeds = positions[order], owners[order], [seeds[i] for i in order.tolist()]
     for start in range(0, len(positions), ws.physical_batch_size):
         chunk = positions[start : start + ws.physical_batch_size]
         features, labels = merged.batch(chunk)

@@ -80,12 +80,14 @@ class TrainingConfig:
     def physical_batch(self, device_type: str, clients: int = 1) -> int:
         """--physical-batch-size, or by default twice the expected batch of each of the `clients` trained in
         one pass: a Poisson batch exceeds its mean nearly half the time, and a pass for the few examples over
-        would cost a second forward and backward. At most 32 per client on a CPU, where bigger passes of a
-        large model are no faster; on CUDA an out-of-memory error halves it."""
+        would cost a second forward and backward. On a CPU at most 32 per client and 64 a pass, where bigger
+        passes are slower (`benchmarks/client_batching.py`: MiniLM 2.7x slower at 256 than at 64); on CUDA
+        an out-of-memory error halves it."""
         if self.physical_batch_size:
             return self.physical_batch_size
-        per_client = 2 * self.batch_size if device_type == "cuda" else min(2 * self.batch_size, 32)
-        return per_client * clients
+        if device_type == "cuda":
+            return 2 * self.batch_size * clients
+        return min(min(2 * self.batch_size, 32) * clients, 64)
 
     def lr_at(self, round: int) -> float:
         return self.lr * self.lr_decay**round

@@ -332,7 +332,7 @@ def evaluate(model: nn.Module, test: Examples, device: torch.device, precision: 
     """Accuracy and mean cross-entropy of `model` on `test`."""
     model.eval()
     correct, loss = 0, 0.0
-    for chunk in test.by_length().split(EVAL_BATCH_SIZE):
+    for chunk in test.shortest_first(torch.arange(len(test))).split(EVAL_BATCH_SIZE):
         features, labels = test.batch(chunk)
         with autocast(device, precision):
             logits = model(**to_device(features, device))

@@ -34,11 +34,12 @@ class Examples:
     def subset(self, index: torch.Tensor) -> "Examples":
         return Examples({k: v[index] for k, v in self.features.items()}, self.labels[index])
 
-    def by_length(self) -> torch.Tensor:
-        """An order of the examples from shortest to longest (token data), so batches carry little padding."""
+    def shortest_first(self, index: torch.Tensor) -> torch.Tensor:
+        """An order of the positions of `index` from shortest to longest example (token data; else as they
+        are), so that physical passes cut to their longest example carry little padding."""
         if "attention_mask" not in self.features:
-            return torch.arange(len(self))
-        return torch.argsort(self.features["attention_mask"].sum(dim=1), stable=True)
+            return torch.arange(len(index))
+        return torch.argsort(self.features["attention_mask"][index].sum(dim=1), stable=True)
 
     def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Features and labels of `index`; padded token sequences are cut to the batch's longest."""
