@@ -1,7 +1,7 @@
 """What two levers save on the default task: one DP local step and one evaluation, alternately in this one
-process, with the model (a) in the default NCHW layout, (b) channels-last (what runs use), and (c)
-channels-last with the frozen BatchNorms that LoRA's placement allows folded into the convolution before
-them (the stem's and every depthwise one; those after the LoRA'd pointwise convolutions would rescale B).
+process, with the model (a) in the default NCHW layout, (b) channels-last, and (c) channels-last with the
+frozen BatchNorms that LoRA's placement allows folded into the convolution before them (what runs use:
+`tasks.images.fold_frozen_batchnorm`; skipped for (a) and (b)).
 
     python benchmarks/default_run_levers.py [--task fashion] [--repeats 3]
 
@@ -13,10 +13,10 @@ import argparse
 import json
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import Workspace, set_train_mode, summed_gradients
@@ -24,7 +24,7 @@ from dpfl_bench.config import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import evaluate
 from dpfl_bench.privacy.per_example import PerExampleGradients
-from dpfl_bench.tasks import TASKS
+from dpfl_bench.tasks import TASKS, images
 
 
 def main() -> None:
@@ -40,9 +40,8 @@ def main() -> None:
 
     def workspace(channels_last: bool, folded: bool = False) -> Workspace:
         torch.manual_seed(0)
-        built = task.build_model(data.num_classes, config.sources)
-        if folded:
-            fold_batchnorm(built.module.network)
+        with unittest.mock.patch.object(images, "fold_frozen_batchnorm", images.fold_frozen_batchnorm if folded else lambda _: None):
+            built = task.build_model(data.num_classes, config.sources)
         params = add_lora(built.module, built.lora_targets, built.heads, config.adapter)
         if channels_last:
             built.module.to(memory_format=torch.channels_last)
@@ -82,17 +81,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
-
-def fold_batchnorm(network: torch.nn.Module) -> None:
-    """EfficientNet-Lite0 (efficientnet_lite_pytorch): the stem's BatchNorm and each block's depthwise one,
-    frozen in eval mode, folded into the convolution before them."""
-    network.eval()
-    network._conv_stem = fuse_conv_bn_eval(network._conv_stem, network._bn0)
-    network._bn0 = torch.nn.Identity()
-    for block in network._blocks:
-        block._depthwise_conv = fuse_conv_bn_eval(block._depthwise_conv, block._bn1)
-        block._bn1 = torch.nn.Identity()
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from torch import nn
 from dpfl_bench.example_draws import ExampleDraws
 from dpfl_bench.privacy.randomness import Randomness
 
-CPU = torch.device("cpu")
-
 
 def per_example(draw, x, seeds, **widths):
-    with ExampleDraws(seeds, CPU, **widths):
+    with ExampleDraws(seeds, **widths):
         return draw(x)
 
 
@@ -40,6 +38,24 @@ def test_a_token_dimension_cut_to_the_longest_example_keeps_each_positions_mask(
     assert torch.equal(wide[:, :, :5, :5], narrow)
 
 
+def test_an_inner_dimension_as_small_as_the_cut_width_keeps_each_positions_mask_too():
+    x = torch.ones(2, 8, 5)  # features (5) no wider than the padded width: the canonical shape widens them too
+    wide = per_example(lambda t: F.dropout(t, 0.5), x[:, :6], [1, 2], token_widths=(6, 8))
+    narrow = per_example(lambda t: F.dropout(t, 0.5), x[:, :5], [1, 2], token_widths=(5, 8))
+    assert torch.equal(wide[:, :5], narrow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_uniforms_lie_in_0_1_at_every_precision_and_look_uniform(dtype):
+    u = per_example(lambda t: torch.rand(t.shape, dtype=dtype), torch.empty(4, 50_000), [7, 8, 9, 10])
+    assert u.dtype == dtype and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.double().mean()) - 0.5) < 0.01 and abs(float(u.double().var()) - 1 / 12) < 0.005
+    if dtype == torch.float64:  # finer than float32's 24 bits
+        assert bool(((u * 2**24) % 1 != 0).any())
+    rows = u.double() - 0.5
+    assert abs(float((rows[0] * rows[1]).mean())) < 0.003, "examples' draws are not correlated"
+
+
 def test_drop_connect_and_stochastic_depth_draws_are_per_example():
     def drop_connect(t):  # efficientnet_lite_pytorch's draw
         return torch.floor(0.8 + torch.rand([t.shape[0], 1, 1, 1], dtype=t.dtype, device=t.device))
@@ -58,26 +74,28 @@ def test_draws_not_split_by_example_come_from_torchs_generator():
     torch.manual_seed(3)
     expected = torch.rand(3, 2)
     torch.manual_seed(3)
-    with ExampleDraws([1, 2], CPU):
+    with ExampleDraws([1, 2]):
         assert torch.equal(torch.rand(3, 2), expected)  # 3 rows cannot be split between 2 examples
         assert torch.equal(F.dropout(expected, 0.5, training=False), expected)
 
 
-@pytest.mark.parametrize("mask", ["none", "bool", "float", "causal"])
+@pytest.mark.parametrize("mask", ["none", "bool", "bool-a-row-sees-nothing", "float", "causal"])
 def test_attention_with_dropout_is_attention_with_per_example_masks(mask):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
-    masks = {"none": {}, "bool": {"attn_mask": torch.rand(3, 1, 5, 5) > 0.3}, "float": {"attn_mask": torch.randn(3, 1, 5, 5)},
-             "causal": {"is_causal": True}}[mask]
-    if mask == "bool":
+    q, k, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)  # 4 queries, 6 keys
+    masks = {"none": {}, "bool": {"attn_mask": torch.rand(3, 1, 4, 6) > 0.3}, "float": {"attn_mask": torch.randn(3, 1, 4, 6)},
+             "causal": {"is_causal": True}, "bool-a-row-sees-nothing": {"attn_mask": torch.rand(3, 1, 4, 6) > 0.3}}[mask]
+    if mask.startswith("bool"):
         masks["attn_mask"][..., 0] = True  # every query sees a key
+    if mask == "bool-a-row-sees-nothing":
+        masks["attn_mask"][1, :, 2] = False  # torch gives such a query 0
     exact = F.scaled_dot_product_attention(q, k, v, **masks)
-    with ExampleDraws([1, 2, 3], CPU):
+    with ExampleDraws([1, 2, 3]):
         nearly_no_dropout = F.scaled_dot_product_attention(q, k, v, dropout_p=1e-9, **masks)
-    with ExampleDraws([1, 2, 3], CPU):
+    with ExampleDraws([1, 2, 3]):
         with_dropout = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, **masks)
     torch.testing.assert_close(nearly_no_dropout, exact)
-    with ExampleDraws([2], CPU):
+    with ExampleDraws([2]):
         second_alone = F.scaled_dot_product_attention(q[1:2], k[1:2], v[1:2], dropout_p=0.5,
                                                       **{n: t[1:2] if torch.is_tensor(t) else t for n, t in masks.items()})
     torch.testing.assert_close(with_dropout[1:2], second_alone)

@@ -148,7 +148,7 @@ def _summed_in_chunks(
     for start in range(0, len(index), ws.physical_batch_size):  # none for an empty Poisson batch: noise alone
         chunk = index[start : start + ws.physical_batch_size]
         features, labels = data.batch(chunk)
-        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], ws.device, data.token_widths(features)):
+        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], data.token_widths(features)):
             logits = ws.model(**ws.to_device(features))
         losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
         loss_sum += losses.detach().sum()

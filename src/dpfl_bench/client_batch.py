@@ -49,35 +49,45 @@ def uncovered(ws: Workspace, sample: Examples) -> str | None:
     for module in ws.model.modules():
         if any(id(p) in trainable for p in module.parameters(recurse=False)) and not _routable(module):
             return f"a trainable {type(module).__name__} layer (only linear layers and 1x1 convolutions are batched)"
-    # Two examples in one training pass must give what each gives alone, with the same per-example seeds
-    # and a different torch seed: else some draw (or layer) mixes the examples of a pass.
-    features, _ = sample.batch(torch.arange(min(2, len(sample))))
-    seeds = [11, 12]
+    # The shortest and the longest example in one training pass must give what each gives alone (a layer that
+    # mixes examples would not), and the pass must leave torch's generator untouched (a draw that
+    # `ExampleDraws` does not make per example would not).
+    order = sample.shortest_first(torch.arange(len(sample)))
+    index = order[[0, -1]] if len(order) > 1 else order
+    seeds = [11, 12][: len(index)]  # any fixed per-example seeds
+    features, _ = sample.batch(index)
     modes = {m: m.training for m in ws.model.modules()}
+    cuda = [ws.device] if ws.device.type == "cuda" else []
     try:
         set_train_mode(ws.model)
-        with torch.no_grad(), torch.random.fork_rng(devices=[ws.device] if ws.device.type == "cuda" else []):
-            torch.manual_seed(1)
-            with ExampleDraws(seeds, ws.device, sample.token_widths(features)):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            before = _generator_states(cuda)
+            with ExampleDraws(seeds, sample.token_widths(features)):
                 together = ws.model(**ws.to_device(features))
+            drew_elsewhere = not all(map(torch.equal, _generator_states(cuda), before))
             alone = []
-            for i, seed in enumerate(seeds[: len(together)]):
-                torch.manual_seed(2 + i)
-                single, _ = sample.batch(torch.tensor([i]))
-                with ExampleDraws([seed], ws.device, sample.token_widths(single)):
+            for i, seed in enumerate(seeds):
+                single, _ = sample.batch(index[i : i + 1])
+                with ExampleDraws([seed], sample.token_widths(single)):
                     alone.append(ws.model(**ws.to_device(single)))
     finally:
         for module, training in modes.items():
             module.training = training
-    if float((together - torch.cat(alone)).abs().max()) > 1e-3 * float(together.abs().max()) + 1e-6:
+    difference = float((together - torch.cat(alone)).abs().max())
+    if drew_elsewhere or not difference <= 1e-3 * float(together.abs().max()) + 1e-6:  # float rounding passes, NaN not
         return "a training pass that is not per example (a random draw or a layer mixes the examples of a pass)"
     return None
 
 
+def _generator_states(cuda: list[torch.device]) -> list[torch.Tensor]:
+    return [torch.random.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda)]
+
+
 def _routable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
+    """A layer `_routed` can replace: a plain linear layer or 1x1 convolution (a subclass may compute otherwise)."""
+    if type(module) is nn.Conv2d:
         return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1
-    return isinstance(module, nn.Linear)
+    return type(module) is nn.Linear
 
 
 @dataclass
@@ -195,7 +205,7 @@ def _summed_by_client(
         features, labels = merged.batch(chunk)
         owner = tensor_to_device(owners[start : start + len(chunk)], ws.device)
         routing.clients = owner
-        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], ws.device, merged.token_widths(features)):
+        with ws.autocast(), ExampleDraws(seeds[start : start + len(chunk)], merged.token_widths(features)):
             logits = ws.model(**ws.to_device(features))
         losses = F.cross_entropy(logits.float(), tensor_to_device(labels, ws.device), reduction="none")
         loss_sums.index_add_(0, owner, losses.detach())
@@ -219,6 +229,7 @@ def _routed(model: nn.Module, params: dict[str, nn.Parameter], stacks: dict[str,
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is not None and id(weight) in names:
+            assert _routable(module), f"{module} cannot be routed (see uncovered)"
             bias = names.get(id(module.bias)) if module.bias is not None else None
             routed = _routed_conv if isinstance(module, nn.Conv2d) else _routed_linear
             module.forward = routed(stacks[names[id(weight)]], stacks[bias] if bias else None, routing)

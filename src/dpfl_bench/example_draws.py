@@ -1,20 +1,24 @@
-"""Random draws inside the model made per example, each example from a generator of its own.
+"""Random draws inside the model made per example, from the example's own seed.
 
 Why. Dropout, drop-connect and stochastic depth draw from torch's generator one mask for a whole forward
 pass, so an example's mask depends on which examples share its pass. Clients trained together in one pass
 (`client_batch`) could then not draw the masks each draws when trained alone. Here each example of a
-client's step has its own generator, keyed by (seed, round, client, step, its position in the step's
-batch): its masks are the same whichever pass, physical chunk or mix of clients it is part of. Token
-batches are cut to their longest example, so a mask is drawn at the task's padded width and cut likewise:
-the value at a token position does not depend on how long the other examples of the pass are.
+client's step has its own seed, keyed by (seed, round, client, step, its position in the step's batch), and
+its masks are the same whichever pass, physical chunk or mix of clients it is part of.
 
 How. While a training forward pass runs inside `ExampleDraws`, a TorchFunctionMode catches the draws whose
-leading dimension is the batch (or a batch-major multiple of it, such as Swin's windows) and makes each
-example's rows from its generator: `F.dropout` (and `nn.Dropout`), `torch.rand` / `torch.rand_like`
-(drop-connect), `Tensor.bernoulli_` (timm's stochastic depth) and `F.scaled_dot_product_attention` with
-dropout, which is computed in plain operations so that its attention dropout is per example too. Any
-other draw goes to torch's generator as before; `client_batch.uncovered` then finds the model's training
-pass not per example, and clients train one after another.
+leading dimension is the batch (or a batch-major multiple of it, such as Swin's windows): `F.dropout` (and
+`nn.Dropout`), `torch.rand` / `torch.rand_like` (drop-connect), `Tensor.bernoulli_` (timm's stochastic
+depth) and `F.scaled_dot_product_attention` with dropout, which is computed in plain operations so that its
+attention dropout is per example too. Any other draw goes to torch's generator as before; then
+`client_batch.uncovered` sees torch's generator move, and clients train one after another.
+
+The draws are counter-based: element e of an example's k-th draw is splitmix64 of (the example's seed,
+k, e), in vectorized integer arithmetic: no generator per example, one set of kernels per draw, and the
+same bits on a CPU and a GPU. The counter e is the element's index in a canonical shape of the example's
+draw in which every dimension but the outermost that is at most the task's padded token width counts as
+that width: token batches are cut to their longest example, and an element keeps its counter (so its
+value) however long the other examples of its pass are.
 """
 
 import math
@@ -24,17 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+_GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))  # splitmix64
+_DRAW_STRIDE = 2**40  # counters of one draw: at most 2**40 elements per example and draw
+_MANTISSA_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+
 
 class ExampleDraws(TorchFunctionMode):
-    """Inside: the model's random draws for example i come from a generator seeded with `seeds[i]`."""
+    """Inside: the model's random draws for example i come from `seeds[i]` (64-bit)."""
 
-    def __init__(self, seeds: Sequence[int], device: torch.device, token_widths: tuple[int, int] | None = None) -> None:
-        """`token_widths`: (cut, padded) width of a token batch (`Examples.token_widths`): a draw's dimension
-        of the cut width is drawn at the padded one, then cut."""
+    def __init__(self, seeds: Sequence[int], token_widths: tuple[int, int] | None = None) -> None:
+        """`token_widths`: (cut, padded) width of a token batch (`Examples.token_widths`)."""
         super().__init__()
-        self._cut, self._padded = token_widths or (0, 0)
-        self._generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-        self._device = torch.device(device)
+        self._seeds = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64)
+        self._padded = token_widths[1] if token_widths else 0
+        self._draws = 0  # draws made so far: the k of the next one
         self._handlers: dict[Callable, Callable] = {
             F.dropout: self._dropout,
             torch.rand: self._rand,
@@ -52,20 +59,31 @@ class ExampleDraws(TorchFunctionMode):
                 return result
         return func(*args, **kwargs)
 
-    def _uniform(self, shape: Sequence[int], device: torch.device | str | None) -> torch.Tensor | None:
-        """U[0, 1) in float32 of `shape`, each example's rows from its own generator; None when the
-        leading dimension cannot be split into the examples' rows (then torch's generator draws)."""
-        count = len(self._generators)
-        same_device = torch.device(device or "cpu").type == self._device.type
-        if not shape or count == 0 or shape[0] % count or not same_device:
+    def _uniform(self, shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """U[0, 1) of `shape` and `dtype`, each example's rows from its own seed; None when the leading
+        dimension cannot be split into the examples' rows (then torch's generator draws)."""
+        count = len(self._seeds)
+        if not shape or count == 0 or shape[0] % count or dtype not in _MANTISSA_BITS:
             return None
-        rows = (shape[0] // count, *shape[1:])
-        drawn = [self._padded if size == self._cut else size for size in rows]
-        cut = tuple(slice(0, size) for size in rows)
-        return torch.cat([torch.rand(drawn, generator=g, device=self._device)[cut] for g in self._generators])
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        example = (shape[0] // count, *shape[1:])
+        canonical = [example[0]] + [self._padded if 0 < size <= self._padded else size for size in example[1:]]
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+        stride = 1
+        for dim in reversed(range(len(example))):
+            position = torch.arange(example[dim], dtype=torch.int64, device=device) * stride
+            counter = counter + position.view(-1, *[1] * (len(example) - 1 - dim))
+            stride *= canonical[dim]
+        counter = counter + (self._draws * _DRAW_STRIDE + 1)
+        self._draws += 1
+        seeds = self._seeds.to(device).view(count, *[1] * len(example))
+        bits = _MANTISSA_BITS[dtype]
+        z = _splitmix(seeds + counter * _GOLDEN)  # [count, *example]
+        uniform = _shift_right(z, 64 - bits).to(torch.float64 if bits > 24 else torch.float32) * 2.0**-bits
+        return uniform.to(dtype).reshape(shape)
 
     def _dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
-        if not training or p == 0.0:
+        if not training or not 0.0 < p <= 1.0:  # off, or a p torch itself refuses
             return NotImplemented
         uniform = self._uniform(input.shape, input.device)
         if uniform is None:
@@ -74,21 +92,19 @@ class ExampleDraws(TorchFunctionMode):
         return input.mul_(scale) if inplace else input * scale
 
     def _rand(self, *size: Any, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None, **rest: Any) -> Any:
+              device: torch.device | str | None = None, requires_grad: bool = False, **rest: Any) -> Any:
+        size = rest.pop("size", size)
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
             size = tuple(size[0])
         if generator is not None or rest.get("out") is not None:
             return NotImplemented
-        uniform = self._uniform(size, device)
-        if uniform is None:
-            return NotImplemented
-        return uniform.to(dtype or torch.get_default_dtype()).requires_grad_(bool(rest.get("requires_grad")))
+        uniform = self._uniform(size, device, dtype or torch.get_default_dtype())
+        return NotImplemented if uniform is None else uniform.requires_grad_(requires_grad)
 
-    def _rand_like(self, input: torch.Tensor, *, dtype: torch.dtype | None = None, **rest: Any) -> Any:
-        if rest.get("device") is not None:
-            return NotImplemented
-        uniform = self._uniform(input.shape, input.device)
-        return NotImplemented if uniform is None else uniform.to(dtype or input.dtype)
+    def _rand_like(self, input: torch.Tensor, *, dtype: torch.dtype | None = None, device: Any = None,
+                   requires_grad: bool = False, **rest: Any) -> Any:
+        uniform = self._uniform(input.shape, input.device if device is None else device, dtype or input.dtype)
+        return NotImplemented if uniform is None else uniform.requires_grad_(requires_grad)
 
     def _bernoulli_(self, input: torch.Tensor, p: float = 0.5, *, generator: torch.Generator | None = None) -> Any:
         if generator is not None or not isinstance(p, float):
@@ -98,7 +114,7 @@ class ExampleDraws(TorchFunctionMode):
 
     def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
-        if dropout_p == 0.0:
+        if dropout_p == 0.0 or (is_causal and attn_mask is not None):  # no draw, or what torch refuses
             return NotImplemented
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
@@ -109,5 +125,18 @@ class ExampleDraws(TorchFunctionMode):
             scores = scores.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        weights = self._dropout(torch.softmax(scores, dim=-1), dropout_p)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no key gets 0, as in torch
+        weights = self._dropout(weights, dropout_p)
         return NotImplemented if weights is NotImplemented else weights @ value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 (multiplication wraps as on uint64)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)

@@ -197,12 +197,14 @@ def run_federated(
     *,
     on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None,
     checkpointing: CheckpointConfig = CheckpointConfig(),
+    resume: Resume | None = None,
 ) -> RunSummary:
     """Run one configuration to the end, writing its results file after every evaluation and a
-    checkpoint as `checkpointing` says; resume from the checkpoint of an interrupted run (see `find_resume`)."""
+    checkpoint as `checkpointing` says; resume from the checkpoint of an interrupted run (`resume`, from
+    `find_resume`: a caller that has told the user how the run starts passes what it found)."""
     started = time.perf_counter()
     out = writable_folder(Path(config.out)) / f"{run_id(config)}.parquet"  # fail before training, not after
-    resume = find_resume(config, checkpointing)
+    resume = resume if resume is not None else find_resume(config, checkpointing)
     saved = checkpoint_path(out)
     if resume.finished_rows:
         return RunSummary(out, resume.finished_rows, None)

@@ -97,6 +97,7 @@ def run_point(index: int, config: RunConfig, checkpointing: CheckpointConfig, em
             config,
             on_round=lambda done, row: emit(PointEvent(index, "round", done, headline(row), worker=worker)),
             checkpointing=checkpointing,
+            resume=resume,
         )
         log.unlink(missing_ok=True)  # an earlier attempt's crash report is out of date
         emit(PointEvent(index, "finished", config.federated.rounds, headline(summary.rows[-1]), worker=worker))
