@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpfl_bench.client import Workspace, train_client
+from dpfl_bench.client import Workspace, train_client, zero_if_overflowed
 from dpfl_bench.client_batch import _routed, _Routing, train_clients, uncovered
 from dpfl_bench.config import build_config
 from dpfl_bench.errors import UserError
@@ -243,3 +243,12 @@ def _images():
     from dpfl_bench.tasks import Examples
 
     return Examples({"input": torch.randn(2, 1, 2, 2)}, torch.tensor([0, 1]))
+
+
+def test_an_fp16_overflow_in_a_batched_pass_zeroes_only_the_clients_it_overflowed_for():
+    a, b = torch.ones(3, 2, 4), torch.ones(3, 5)
+    b[1, 2] = math.inf
+    kept_a, kept_b = zero_if_overflowed([a, b], per_client=True)
+    assert torch.equal(kept_a[[0, 2]], a[[0, 2]]) and torch.equal(kept_b[[0, 2]], b[[0, 2]])
+    assert not kept_a[1].any() and not kept_b[1].any()
+    assert not any(g.any() for g in zero_if_overflowed([a, b])), "a client's chunk: all of it"

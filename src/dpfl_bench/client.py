@@ -164,8 +164,13 @@ def _summed_in_chunks(
     return total, loss_sum
 
 
-def zero_if_overflowed(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """An fp16 overflow anywhere: the chunk contributes nothing. Decided on the device, without a sync."""
+def zero_if_overflowed(grads: list[torch.Tensor], per_client: bool = False) -> list[torch.Tensor]:
+    """An fp16 overflow anywhere: the chunk contributes nothing; with `per_client` (the leading dimension is
+    the clients of a batched pass), nothing for the clients it overflowed for. Decided on the device,
+    without a sync."""
+    if per_client:
+        finite = torch.stack([torch.isfinite(g).flatten(1).all(dim=1) for g in grads]).all(dim=0)
+        return [torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for g in grads]
     finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
     return [torch.where(finite, g, 0.0) for g in grads]
 

@@ -215,7 +215,7 @@ def _summed_by_client(
                 total[name] += g
         else:
             grads = [g.float() / scale for g in torch.autograd.grad(losses.sum() * scale, list(trainable.values()))]
-            for name, g in zip(trainable, zero_if_overflowed(grads) if scale != 1.0 else grads):
+            for name, g in zip(trainable, zero_if_overflowed(grads, per_client=True) if scale != 1.0 else grads):
                 total[name] += g
     routing.clients = None
     return total, loss_sums
