@@ -130,14 +130,19 @@ def test_halving_on_out_of_memory_keeps_the_uploads(monkeypatch):
     assert_same_uploads(reference, halved)
 
 
-def test_per_example_gradients_of_a_batched_pass_equal_one_example_at_a_time():
+@pytest.mark.parametrize("layers", ["linear", "1x1-conv"])
+def test_per_example_gradients_of_a_batched_pass_equal_one_example_at_a_time(layers):
     """Three clients with different weights in one pass: each example's gradient is its own client's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    if layers == "linear":
+        model, x = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(7, 5)
+    else:  # channels-last input, as the backbone's convolutions run
+        model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.Tanh(), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(18, 3))
+        x = torch.randn(7, 2, 3, 3).to(memory_format=torch.channels_last)
     params = dict(model.named_parameters())
     stacks = {n: nn.Parameter(torch.randn(3, *p.shape)) for n, p in params.items()}
     engine, routing = PerExampleGradients(model, params), _Routing()
-    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    y = torch.randint(0, 3, (7,))
     owners = torch.tensor([0, 2, 1, 1, 0, 2, 2])
     with _routed(model, params, stacks, routing):
         routing.clients = owners
