@@ -40,6 +40,7 @@ class ExampleDraws(TorchFunctionMode):
         """`token_widths`: (cut, padded) width of a token batch (`Examples.token_widths`)."""
         super().__init__()
         self._seeds = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64)
+        self._seeds_on: dict[torch.device, torch.Tensor] = {}
         self._padded = token_widths[1] if token_widths else 0
         self._draws = 0  # draws made so far: the k of the next one
         self._handlers: dict[Callable, Callable] = {
@@ -76,7 +77,9 @@ class ExampleDraws(TorchFunctionMode):
             stride *= canonical[dim]
         counter = counter + (self._draws * _DRAW_STRIDE + 1)
         self._draws += 1
-        seeds = self._seeds.to(device).view(count, *[1] * len(example))
+        if device not in self._seeds_on:  # copied once per pass, not once per draw
+            self._seeds_on[device] = self._seeds.to(device)
+        seeds = self._seeds_on[device].view(count, *[1] * len(example))
         bits = _MANTISSA_BITS[dtype]
         z = _splitmix(seeds + counter * _GOLDEN)  # [count, *example]
         uniform = _shift_right(z, 64 - bits).to(torch.float64 if bits > 24 else torch.float32) * 2.0**-bits

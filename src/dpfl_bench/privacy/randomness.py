@@ -34,7 +34,7 @@ class Purpose(enum.IntEnum):
     INIT = 3  # the initial LoRA A and head
     BATCHES = 4  # a client's Poisson masks or shuffles
     NOISE = 5  # Gaussian noise: a client's (sample level) or the server's (client level)
-    DROPOUT = 6  # dropout masks inside the model, per example
+    DROPOUT = 6  # dropout masks inside the model (per example), and torch's generator for other draws there
     CANARY_DIRECTIONS = 7  # the audit's canary directions (public: the auditor knows them)
     CANARY_INCLUSION = 8  # which canaries are inserted
     CANARY_SAMPLING = 9  # which inserted canaries a step or round samples
