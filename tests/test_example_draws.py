@@ -109,3 +109,30 @@ def test_example_seeds_are_distinct_per_client_step_and_position():
     assert len(set(flat)) == len(flat)
     assert randomness.example_seeds(1, 1, 1, 6)[:4] == randomness.example_seeds(1, 1, 1, 4)
     assert Randomness(1).example_seeds(0, 0, 0, 4) != seeds[0]
+
+
+def test_splitmix_gives_the_reference_bits():
+    """The int64 version against plain uint64 arithmetic: the same bits on any device that wraps."""
+    from dpfl_bench.example_draws import _splitmix
+
+    def reference(z):
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        return z ^ (z >> 31)
+
+    values = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15, 123456789123456789]
+    signed = torch.tensor([v - 2**64 if v >= 2**63 else v for v in values], dtype=torch.int64)
+    assert [v % 2**64 for v in _splitmix(signed).tolist()] == [reference(v) for v in values]
+
+
+def test_batch_major_draws_and_draws_after_a_fallback_are_per_example():
+    def draws(t):  # Swin-like windows: [examples * 4 windows, tokens, features]; then a draw that falls back
+        first = F.dropout(t, 0.5)
+        torch.rand(5)  # 5 rows cannot be split between the examples of a pass
+        return first, F.dropout(t, 0.5)
+
+    x = torch.ones(3 * 4, 6, 2)
+    together = per_example(draws, x, [4, 5, 6])
+    alone = [per_example(draws, x[4 * i : 4 * i + 4], [4 + i]) for i in range(3)]
+    for k in range(2):
+        assert torch.equal(together[k], torch.cat([a[k] for a in alone]))

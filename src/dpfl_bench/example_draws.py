@@ -10,7 +10,8 @@ How. While a training forward pass runs inside `ExampleDraws`, a TorchFunctionMo
 leading dimension is the batch (or a batch-major multiple of it, such as Swin's windows): `F.dropout` (and
 `nn.Dropout`), `torch.rand` / `torch.rand_like` (drop-connect), `Tensor.bernoulli_` (timm's stochastic
 depth) and `F.scaled_dot_product_attention` with dropout, which is computed in plain operations so that its
-attention dropout is per example too. Any other draw goes to torch's generator as before; then
+attention dropout is per example too. Any other draw goes to torch's generator as before (so does one
+inside a function the mode lets through whole, such as `nn.MultiheadAttention`'s dropout); then
 `client_batch.uncovered` sees torch's generator move, and clients train one after another.
 
 The draws are counter-based: element e of an example's k-th draw is splitmix64 of (the example's seed,
@@ -27,6 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from dpfl_bench.precision import tensor_to_device
 
 _GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))  # splitmix64
 _DRAW_STRIDE = 2**40  # counters of one draw: at most 2**40 elements per example and draw
@@ -63,26 +66,29 @@ class ExampleDraws(TorchFunctionMode):
     def _uniform(self, shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """U[0, 1) of `shape` and `dtype`, each example's rows from its own seed; None when the leading
         dimension cannot be split into the examples' rows (then torch's generator draws)."""
+        draw = self._draws  # counted whether or not this one falls back, so later draws keep their k
+        self._draws += 1
         count = len(self._seeds)
         if not shape or count == 0 or shape[0] % count or dtype not in _MANTISSA_BITS:
             return None
         device = torch.device(device) if device is not None else torch.get_default_device()
         example = (shape[0] // count, *shape[1:])
         canonical = [example[0]] + [self._padded if 0 < size <= self._padded else size for size in example[1:]]
+        if math.prod(canonical) >= _DRAW_STRIDE:  # its counters would run into the next draw's
+            return None
         counter = torch.zeros((), dtype=torch.int64, device=device)
         stride = 1
         for dim in reversed(range(len(example))):
             position = torch.arange(example[dim], dtype=torch.int64, device=device) * stride
             counter = counter + position.view(-1, *[1] * (len(example) - 1 - dim))
             stride *= canonical[dim]
-        counter = counter + (self._draws * _DRAW_STRIDE + 1)
-        self._draws += 1
-        if device not in self._seeds_on:  # copied once per pass, not once per draw
-            self._seeds_on[device] = self._seeds.to(device)
+        counter += draw * _DRAW_STRIDE + 1
+        if device not in self._seeds_on:  # copied once per pass, without waiting for the device
+            self._seeds_on[device] = tensor_to_device(self._seeds, device)
         seeds = self._seeds_on[device].view(count, *[1] * len(example))
         bits = _MANTISSA_BITS[dtype]
-        z = _splitmix(seeds + counter * _GOLDEN)  # [count, *example]
-        uniform = _shift_right(z, 64 - bits).to(torch.float64 if bits > 24 else torch.float32) * 2.0**-bits
+        z = _splitmix(counter.mul_(_GOLDEN) + seeds)  # [count, *example]
+        uniform = _shift_right(z, 64 - bits).to(torch.float64 if bits > 24 else torch.float32).mul_(2.0**-bits)
         return uniform.to(dtype).reshape(shape)
 
     def _dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
@@ -91,8 +97,10 @@ class ExampleDraws(TorchFunctionMode):
         uniform = self._uniform(input.shape, input.device)
         if uniform is None:
             return NotImplemented
-        scale = ((uniform >= p) / (1.0 - p) if p < 1.0 else torch.zeros_like(uniform)).to(input.dtype)
-        return input.mul_(scale) if inplace else input * scale
+        dropped = uniform < p  # autograd keeps this boolean mask, as for torch's own dropout
+        if inplace:
+            return input.masked_fill_(dropped, 0.0).mul_(1.0 / (1.0 - p)) if p < 1.0 else input.zero_()
+        return input.masked_fill(dropped, 0.0) * (1.0 / (1.0 - p)) if p < 1.0 else input * 0.0
 
     def _rand(self, *size: Any, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None, requires_grad: bool = False, **rest: Any) -> Any:
@@ -122,24 +130,26 @@ class ExampleDraws(TorchFunctionMode):
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
             value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-        scores = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]) if scale is None else scale)
+        root = math.sqrt(1.0 / math.sqrt(query.shape[-1]) if scale is None else scale)
+        scores = (query * root) @ (key * root).transpose(-2, -1)  # scaled before the product, as torch: no fp16 overflow
         if is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no key gets 0, as in torch
+        sees_a_key = (scores != float("-inf")).any(dim=-1, keepdim=True)
+        weights = torch.softmax(scores, dim=-1).masked_fill(~sees_a_key, 0.0)  # a query that sees no key: 0, as torch
         weights = self._dropout(weights, dropout_p)
         return NotImplemented if weights is NotImplemented else weights @ value
 
 
 def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+    return (z >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def _splitmix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output function on int64 (multiplication wraps as on uint64)."""
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
+    """splitmix64's output function on int64, in place (multiplication wraps as on uint64)."""
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(_MIX1)
+    z.bitwise_xor_(_shift_right(z, 27)).mul_(_MIX2)
+    return z.bitwise_xor_(_shift_right(z, 31))
