@@ -19,7 +19,7 @@ optimizer over the stacked tensors steps each client exactly as its own optimize
 What it covers: models whose trainable layers are linear layers or 1x1 convolutions (LoRA on linear layers
 or pointwise convolutions, a linear head), and whose training pass is per example: an example's output,
 dropout included, must not depend on the other examples of its pass (`example_draws` makes dropout, drop-
-connect and stochastic depth per example). `uncovered` says why a model is not covered.
+connect, stochastic depth and attention dropout per example). `uncovered` says why a model is not covered.
 """
 
 import contextlib
