@@ -88,7 +88,7 @@ def run(
     client_size: ClientSize = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
     batch_size: BatchSize = None,
-    physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory). With --client-batching, counts the examples of all clients of a pass. \\[default: 0: twice the batch size (of each client trained together), at most 32 per client on a CPU]", Training)] = None,
+    physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory). With --client-batching, counts the examples of all clients of a pass. \\[default: 0: twice the batch size (of each client trained together); on a CPU at most 32 per client and 64 a pass]", Training)] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
     lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
     optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
