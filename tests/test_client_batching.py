@@ -221,6 +221,10 @@ def test_what_is_covered_and_what_is_not_is_named():
     assert uncovered(workspace(covered, ["0.weight", "3.weight"]), _images()) is None
     wide = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
     assert "a trainable Conv2d layer" in uncovered(workspace(wide, ["0.weight"]), _images())
+    padded = nn.Sequential(nn.Conv2d(1, 8, 1, padding=1), nn.Flatten(), nn.Linear(128, 2))  # 1x1, but not pointwise
+    assert "a trainable Conv2d layer" in uncovered(workspace(padded, ["0.weight"]), _images())
+    with pytest.raises(TypeError, match="per-example gradients are not implemented"):
+        PerExampleGradients(padded, {"0.weight": padded[0].weight})
     for rate in (0.5, 1e-9):  # found from torch's generator moving, however rarely the draw drops anything
         shared_draws = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Dropout2d(rate), nn.Flatten(), nn.Linear(32, 2))
         assert "not per example" in uncovered(workspace(shared_draws, ["3.weight"]), _images())

@@ -38,7 +38,7 @@ from dpfl_bench.method import Factor, Method
 from dpfl_bench.precision import FP16_LOSS_SCALE, tensor_to_device
 from dpfl_bench.privacy.canaries import NoAudit
 from dpfl_bench.privacy.mechanism import Mechanism
-from dpfl_bench.privacy.per_example import clip_and_sum
+from dpfl_bench.privacy.per_example import clip_and_sum, is_pointwise
 from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.tasks import Examples
 
@@ -84,10 +84,8 @@ def _generator_states(cuda: list[torch.device]) -> list[torch.Tensor]:
 
 
 def _routable(module: nn.Module) -> bool:
-    """A layer `_routed` can replace: a plain linear layer or 1x1 convolution (a subclass may compute otherwise)."""
-    if type(module) is nn.Conv2d:
-        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1
-    return type(module) is nn.Linear
+    """A layer `_routed` can replace: a pointwise layer of exactly nn.Linear or nn.Conv2d (a subclass may compute otherwise)."""
+    return type(module) in (nn.Linear, nn.Conv2d) and is_pointwise(module)
 
 
 @dataclass

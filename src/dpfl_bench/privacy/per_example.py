@@ -45,7 +45,7 @@ class PerExampleGradients:
             weight = getattr(module, "weight", None)
             if weight is None or id(weight) not in names:
                 continue
-            if not _supported(module):
+            if not is_pointwise(module):
                 raise TypeError(f"per-example gradients are not implemented for {module}")
             bias = getattr(module, "bias", None)
             self._layers.append((module, names[id(weight)], names.get(id(bias)) if bias is not None else None))
@@ -125,9 +125,10 @@ def clip_and_sum(
     return summed, norms
 
 
-def _supported(module: nn.Module) -> bool:
+def is_pointwise(module: nn.Module) -> bool:
+    """A layer computing y = W x (+ b) per token or pixel: linear, or a 1x1 stride-1 unpadded convolution."""
     if isinstance(module, nn.Conv2d):
-        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
+        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1
     return isinstance(module, nn.Linear)
 
 
