@@ -47,7 +47,7 @@ def measure(case: dict, repeats: int, device: str) -> dict:
     physical = {"sequential": config.training.physical_batch(ws.device.type), "batched": ws.physical_batch_size}
     ways = {
         "sequential": lambda: [train_client(ws, state, exp.clients[k], client=k, **setup) for k in chosen],
-        "batched": lambda: train_clients(ws, state, [exp.clients[k] for k in chosen], clients=chosen, **setup),
+        "batched": lambda: train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, **setup),
     }
     seconds: dict[str, list[float]] = {k: [] for k in ways}
     peaks: dict[str, int] = {}

@@ -1,12 +1,18 @@
 """LA-LoRA: A and B alternate step by step inside each client's local loop; both are sent and averaged.
 
-Two more parts from the paper and its authors' code: B trains at a higher learning rate than A, and the
-(already privatized) gradient of the factor being trained is smoothed by a Gaussian low-pass filter along
-its feature axis before the optimizer step.
+Where each part comes from (README, "LA-LoRA: what comes from where"):
+- the paper's text: the local alternation, and "a Gaussian low-pass filter" on the privatized gradient,
+  with no kernel given;
+- the authors' public code (junkangLiu0/LA-LORA, `DP_lora.py`, `update_FedAvg_AL`): B at twice A's learning
+  rate; A first (`batch_idx % 2 == 0` trains A); no Gaussian anywhere, but FFT Laplacian smoothing
+  (`LaplacianSmoothing2D`, σ = `ls_sigma` = 1) taken as an *extra* plain step of the round's learning rate
+  before the optimizer's own step on the raw gradient, the head smoothed too (flattened, 1-D);
+- dpfl-bench's decisions: B first (while B = 0, A's gradient is exactly zero, so an A step first moves A by
+  noise alone under DP); the Gaussian's kernel (normalized, radius 3σ, replicated ends, along the feature
+  axis only) and its width σ = 1; and that the filtered gradient *replaces* the raw one in the step.
 
-`filter = "laplacian"` reproduces the authors' stored code instead: FFT Laplacian smoothing over every axis
-of a LoRA factor (rank included, periodic ends) and over the flattened head, taken as an *extra* plain
-step of the round's learning rate before the optimizer's own step on the raw gradient.
+`filter = "laplacian"` with `first_factor = "A"` is the authors' code, and its results say so
+(`la-lora (authors' code)`); `smooth_sigma = 0` keeps alternation and B's learning rate only (`no filter`).
 """
 
 import math
@@ -20,14 +26,16 @@ from dpfl_bench.method import Factor, Method, alternating, register_method
 
 @dataclass(frozen=True)
 class LALoRAOptions:
-    # Factor trained on even local steps; the other trains on odd ones. B first: while B = 0 (its init),
-    # A's gradient is exactly zero, so an A step first would be wasted (or pure noise under DP).
+    # Factor trained on even local steps; the other trains on odd ones. B first (our decision; the authors'
+    # code trains A first): while B = 0 (its init), A's gradient is exactly zero, so an A step first would be
+    # wasted (or pure noise under DP).
     first_factor: str = "B"
     # B's learning rate is this times --lr; A's is 1x (the authors' code uses 2, LoRA+-style).
     lr_b_multiplier: float = 2.0
-    # Strength of the filter: the Gaussian's width in features, or the Laplacian smoothing's σ; 0: no filter.
+    # Strength of the filter: the Gaussian's width in features, or the Laplacian smoothing's σ (the authors'
+    # ls_sigma, 1); 0: no filter.
     smooth_sigma: float = 1.0
-    # gaussian: the filtered gradient replaces the raw one (the paper's newer README); laplacian: the
+    # gaussian: the paper's text, with our kernel, the filtered gradient replacing the raw one; laplacian: the
     # authors' code, an extra smoothed step before the optimizer's step, the head included.
     filter: str = "gaussian"
 
@@ -65,32 +73,52 @@ def gaussian_smooth(grad: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
 
 
 def laplacian_smooth(grad: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Solve (I − sigma·Δ) d = grad, Δ the discrete Laplacian over every axis of `grad` with periodic ends,
-    in the frequency domain: d = ifft(fft(grad) / (1 − sigma·λ)), λ = Σ_axes (2cos(2πk/n) − 2) ≤ 0.
+    """Solve (I − sigma·L) d = grad in the frequency domain, d = ifft(fft(grad) / (1 − sigma·fft(stencil))), L the
+    discrete Laplacian over every axis of `grad` with periodic ends: the authors' `LaplacianSmoothing2D` (and,
+    on a flattened tensor, `LaplacianSmoothing`). It damps high frequencies and keeps the mean.
 
-    The authors' `LaplacianSmoothing2D` (and, on a flattened tensor, `LaplacianSmoothing`). It damps high
-    frequencies and keeps the mean (λ = 0 at k = 0). Computed in float64, returned in `grad`'s dtype."""
+    Their stencil is written element by element (centre −2 per axis, 1 at ±1), so on an axis of 2 elements
+    its two 1s fall on one element, [−2, 1]: that axis then also damps its mean (eigenvalues −1, −3 where a
+    periodic Laplacian has 0, −4). Kept, since this is their filter; an axis of 1 element is left as it is
+    (theirs fails there). Computed in float64, returned in `grad`'s dtype."""
     if sigma == 0:
         return grad
     x = grad.double()
     eigenvalues = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for axis, n in enumerate(x.shape):
+        stencil = torch.zeros(n, dtype=torch.float64, device=x.device)
+        if n > 1:
+            stencil[0], stencil[1], stencil[-1] = -2.0, 1.0, 1.0  # set, not added, as theirs
         shape = [1] * x.dim()
         shape[axis] = n
-        frequencies = torch.fft.fftfreq(n, dtype=torch.float64, device=x.device)
-        eigenvalues = eigenvalues + (2 * torch.cos(2 * math.pi * frequencies) - 2).view(shape)
+        eigenvalues = eigenvalues + torch.fft.fft(stencil).real.view(shape)
     return torch.fft.ifftn(torch.fft.fftn(x) / (1 - sigma * eigenvalues)).real.to(grad.dtype)
 
 
 @register_method
 class LALoRA(Method):
     name = "la-lora"
-    summary = "A and B alternate every local step (B, A, ...), B at a higher lr; noisy gradients low-pass filtered"
+    summary = (
+        "A and B alternate every local step (B, A, ...), B at 2x the lr; noisy gradients low-pass filtered "
+        "(alternation and filter: the paper's text; B's lr, A first and the Laplacian extra step: the authors' code; "
+        "B first and the Gaussian kernel: dpfl-bench's choice)"
+    )
     citation = (
         "Liu et al., Rethinking LoRA for Privacy-Preserving Federated Learning in Large Models, "
         "ICLR 2026, arXiv 2602.19926"
     )
     Options = LALoRAOptions
+
+    @property
+    def label(self) -> str:
+        options = self.options
+        if options.first_factor == "A" and options.filter == "laplacian" and options.smooth_sigma > 0:
+            return f"{self.name} (authors' code)"
+        variant = [
+            *(["A first"] if options.first_factor == "A" else []),
+            *(["no filter"] if options.smooth_sigma == 0 else ["laplacian"] if options.filter == "laplacian" else []),
+        ]
+        return f"{self.name} ({', '.join(variant)})" if variant else self.name
 
     def trains(self, round: int, step: int) -> frozenset[Factor]:
         return alternating(self.options.first_factor, step)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from dpfl_bench.cli import app
 from dpfl_bench.config import build_config
 from dpfl_bench.federated import run_id
+from dpfl_bench.method import create_method
 from dpfl_bench.results import SCHEMA, write_rows
 
 
@@ -42,7 +43,8 @@ def write_run(
     for r, (accuracy, val_accuracy) in enumerate(zip(accuracies, val_accuracies or accuracies), 1):
         row = {column: "" for column in SCHEMA.names}
         row.update(
-            run_id=name, task="synthetic", model="tiny", method=method, dp_level=level if authors or private else "none",
+            run_id=name, task="synthetic", model="tiny", method=create_method(method, config.method_options).label,
+            dp_level=level if authors or private else "none",
             rng="seeded", audit_canaries=0, audit_eps_lower=math.nan, audit_eps_estimate=math.nan,
             eps_target=eps, delta=1e-5, noise_multiplier=sigma, noise_multiplier_min=sigma, clip=1.0, guarantee=private,
             eps_spent=eps * r / total if private else eps, eps_spent_mean=0.0 if private else eps, round=r, rounds_total=total,

@@ -39,7 +39,7 @@ def both_ways(config, method=None, **batched_setup):
     one_by_one = [train_client(ws, state, exp.clients[k], client=k, **setup) for k in chosen]
     for key, value in batched_setup.items():
         setattr(ws, key, value)
-    together = train_clients(ws, state, [exp.clients[k] for k in chosen], clients=chosen, **setup)
+    together = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, **setup)
     return state, one_by_one, together
 
 
@@ -71,14 +71,14 @@ def test_clients_with_different_poisson_batches_and_an_empty_one(monkeypatch):
     import dpfl_bench.privacy.mechanisms.sample as sample
 
     sizes = []
-    draw = sample.SampleDP.draw_batch
+    draw = sample.SampleDP.draw_batches
 
-    def recorded(self, client, stream):
-        index = draw(self, client, stream)
-        sizes.append(len(index))
-        return index
+    def recorded(self, client, steps, stream):
+        batches = draw(self, client, steps, stream)
+        sizes.extend(len(index) for index in batches)
+        return batches
 
-    monkeypatch.setattr(sample.SampleDP, "draw_batch", recorded)
+    monkeypatch.setattr(sample.SampleDP, "draw_batches", recorded)
     _, one_by_one, together = both_ways(configure(**{"batch-size": 1}))
     assert 0 in sizes and len(set(sizes)) > 1
     assert_same_uploads(one_by_one, together)
@@ -124,7 +124,7 @@ def test_halving_on_out_of_memory_keeps_the_uploads(monkeypatch):
     ws, state, chosen = exp.workspace, exp.workspace.params.state(), exp.schedule[0]
     monkeypatch.setattr(ws.per_example, "compute", small_memory)
     with pytest.warns(UserWarning, match="physical batch size lowered to 8"):
-        halved = train_clients(ws, state, [exp.clients[k] for k in chosen], clients=chosen, round=0, method=exp.method,
+        halved = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, round=0, method=exp.method,
                                config=config, mechanism=exp.mechanism, randomness=exp.randomness)
     assert ws.physical_batch_size == 8
     assert_same_uploads(reference, halved)

@@ -326,7 +326,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(synthetic_data):
         assert change.numel() > 3000
         assert abs(float(change.mean())) < 4 * expected_std / math.sqrt(change.numel())
         stds.append(float(change.std()))
-        realised.append(len(mechanism.draw_batch(0, Randomness(0).stream(Purpose.BATCHES, round, 0))))  # its draw
+        realised.append(len(mechanism.draw_batches(0, 1, Randomness(0).stream(Purpose.BATCHES, round, 0))[0]))  # its draw
     for s in stds:
         assert s == pytest.approx(expected_std, rel=0.05)
     assert sum(stds) / len(stds) == pytest.approx(expected_std, rel=0.02)
@@ -627,7 +627,7 @@ def test_empty_poisson_batch_still_takes_a_noisy_step(synthetic_data):
     config = dp_config(**{"batch-size": 1})
     mechanism = sample_dp(config, data, 1.0)
     # A round whose first Poisson draw selects nobody (≈ 37% of rounds at q = 1/n).
-    round = next(r for r in range(100) if len(mechanism.draw_batch(0, Randomness(0).stream(Purpose.BATCHES, r, 0))) == 0)
+    round = next(r for r in range(100) if len(mechanism.draw_batches(0, 1, Randomness(0).stream(Purpose.BATCHES, r, 0))[0]) == 0)
     model, params = synthetic_model()
     ws = Workspace(model, params, torch.device("cpu"), PerExampleGradients(model, params.all()), 64)
     global_state = params.state()

@@ -324,13 +324,14 @@ def test_la_lora_laplacian_filter_takes_an_extra_smoothed_step_before_the_optimi
 
 
 def direct_laplacian(shape: tuple[int, ...]) -> torch.Tensor:
-    """The periodic discrete Laplacian over every axis of `shape`, as a dense matrix on the flattened tensor."""
+    """The authors' periodic discrete Laplacian over every axis of `shape`, as a dense matrix on the flattened
+    tensor: row i has −2 at i and 1 at i ± 1, each written over the last (so on 2 elements: −2 and 1)."""
     def one_axis(n: int) -> torch.Tensor:
         matrix = torch.zeros(n, n, dtype=torch.float64)
-        for i in range(n):
-            matrix[i, i] -= 2
-            matrix[i, (i + 1) % n] += 1
-            matrix[i, (i - 1) % n] += 1
+        for i in range(n if n > 1 else 0):
+            matrix[i, i] = -2
+            matrix[i, (i + 1) % n] = 1
+            matrix[i, (i - 1) % n] = 1
         return matrix
 
     total = torch.zeros(math.prod(shape), math.prod(shape), dtype=torch.float64)
@@ -350,7 +351,16 @@ def test_fft_laplacian_smoothing_equals_a_direct_solve(shape: tuple[int, ...]) -
     expected = torch.linalg.solve(system, grad.flatten()).reshape(shape)
     torch.testing.assert_close(laplacian_smooth(grad, sigma), expected, rtol=1e-10, atol=1e-12)
     assert laplacian_smooth(grad, 0.0) is grad
-    torch.testing.assert_close(laplacian_smooth(grad, sigma).mean(), grad.mean())  # keeps the mean
+    if 2 not in shape:  # their stencil on an axis of 2 elements damps its mean too
+        torch.testing.assert_close(laplacian_smooth(grad, sigma).mean(), grad.mean())
+
+
+def test_laplacian_smoothing_on_two_elements_is_the_authors_stencil() -> None:
+    """Their 1-D kernel on a binary head's bias: c = [−2, 1], so coefficients 1/(1 + σ) and 1/(1 + 3σ)."""
+    grad = torch.tensor([3.0, 1.0], dtype=torch.float64)  # frequencies: sum 4, difference 2
+    expected = torch.fft.ifft(torch.fft.fft(grad) * torch.tensor([1 / 2, 1 / 4], dtype=torch.float64)).real
+    torch.testing.assert_close(laplacian_smooth(grad, 1.0), expected)
+    torch.testing.assert_close(laplacian_smooth(torch.tensor([5.0]), 1.0), torch.tensor([5.0]))  # one element: as it is
 
 
 def test_learning_rate_decays_per_round_and_weight_decay_reaches_the_optimizer() -> None:

@@ -19,12 +19,14 @@ from dpfl_bench.tasks import TASKS
 
 TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
 BASE = {"task": "synthetic", "rounds": 5, "clients": 2, "participation": 1.0, "local-steps": 2}
-KINDS = {  # each state a checkpoint must carry: audit sums, server noise, alternation, the authors' σ record
+KINDS = {  # each state a checkpoint must carry: audit sums, server noise, alternation, the authors' σ record,
+    # the clients' own heads
     "sample-level-audited": {"audit-canaries": 50},
     "client-level-audited": {"dp-level": "client", "clients": 6, "participation": 0.5, "audit-canaries": 20},
     "non-private": {"eps": "inf"},
     "alternating-method": {"method": "rolora"},
     "authors-regime": {"dp-level": "authors"},
+    "local-heads": {"head": "local", "clients": 3, "participation": 0.6},
 }
 KILL_AFTER_ROUND_2 = """
 import json, os, signal, sys

@@ -63,7 +63,7 @@ def add_lora(model: nn.Module, targets: tuple[str, ...], heads: tuple[str, ...],
     missing = [h for h in heads if h not in dict(model.named_modules())]
     if missing:
         raise UserError(f"the model has no head module {', '.join(missing)}; check the task's names")
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=chosen)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=chosen)
     inject_adapter_in_model(lora, model)
     by_factor: dict[Factor, dict[str, nn.Parameter]] = {f: {} for f in Factor}
     for name, param in model.named_parameters():

@@ -1,7 +1,7 @@
 """Resumable runs: what a run needs to go on after its last checkpointed round as if never stopped.
 
 A checkpoint sits beside its results file (`<run id>.ckpt`) and holds the global adapters and head, the
-mechanism's and the audit's running state, the rows so far and the run's counters. Nothing else is
+clients' own heads (`--head local`), the mechanism's and the audit's running state, the rows so far and the run's counters. Nothing else is
 needed: every random draw of round t comes from a stream derived afresh from (seed, purpose, t, client),
 and torch's own generator is reseeded per client-round (see `privacy/randomness.py`), so a resumed run's
 rows equal an uninterrupted run's in every column but the timings.
@@ -25,7 +25,7 @@ from dpfl_bench.adapters import State
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 
-FORMAT = 1  # bumped when the checkpoint's layout changes
+FORMAT = 2  # bumped when the checkpoint's layout changes
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Checkpoint:
     train_seconds: float
     bytes_uploaded: float
     physical_batch_size: int  # after any out-of-memory halving
+    client_states: dict[int, State]  # what each client keeps between rounds (its own head with --head local)
 
 
 def checkpoint_path(results: Path) -> Path:
@@ -74,6 +75,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, config: RunConfig) -> No
         "audit": checkpoint.audit,
         "counters": [checkpoint.wall_seconds, checkpoint.train_seconds, checkpoint.bytes_uploaded],
         "physical_batch_size": checkpoint.physical_batch_size,
+        "client_states": {str(k): {n: t.detach().cpu() for n, t in state.items()} for k, state in checkpoint.client_states.items()},
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -108,4 +110,5 @@ def load_checkpoint(path: Path, config: RunConfig) -> Checkpoint:
         train_seconds=train,
         bytes_uploaded=uploaded,
         physical_batch_size=payload["physical_batch_size"],
+        client_states={int(k): state for k, state in payload["client_states"].items()},
     )

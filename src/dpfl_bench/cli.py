@@ -87,6 +87,8 @@ def run(
     min_partition_size: MinPartitionSize = None,
     client_size: ClientSize = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
+    client_selection: Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)] = None,
+    head: Annotated[Optional[str], _opt("The classification head: `shared`, sent and averaged with the adapters; `local`, never sent, each client keeps its own from round to round; `reset`, never sent nor kept, each client starts every round from the server's, which stays as initialized (the authors' GLUE code). \\[default: shared]", Federated)] = None,
     batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory). With --client-batching, counts the examples of all clients of a pass. \\[default: 0: twice the batch size (of each client trained together); on a CPU at most 32 per client and 64 a pass]", Training)] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
@@ -95,14 +97,18 @@ def run(
     weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
     lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
     client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (LoRA on linear layers or 1x1 convolutions, a linear head, a training pass that is per example), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
+    batch_order: Annotated[Optional[str], _opt("`fresh`: each local step draws its batch anew (a Poisson sample under sample-level DP); `epoch`: a round's steps walk shuffled epochs of the client's data, a short last batch included (the authors' code; no sample-level guarantee). \\[default: fresh]", Training)] = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
     lora_targets: Annotated[Optional[str], _opt("Module-name suffixes that get LoRA, comma-separated, e.g. query,value. \\[default: per architecture]", Adapter)] = None,
+    lora_dropout: Annotated[Optional[float], _opt("Dropout on the adapters' input, drawn per example (the authors' code: 0.05). \\[default: 0]", Adapter)] = None,
     model: Model = None,
     model_path: ModelPath = None,
     data_dir: DataDir = None,
     workers: Workers = None,
+    center_crop: Annotated[Optional[float], _opt("Image tasks: resize to the model's input / this fraction, then center-crop (the authors' 256 → 224: 0.875). \\[default: 1: resize straight to the input]", Sources)] = None,
+    preset: Annotated[Optional[str], _opt("A paper's setting by name: authors-vision or authors-glue (see `dpfl-bench presets`); it prints what it sets, and your options override it.", Section)] = None,
     method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
     seed: Seed = None,
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
@@ -135,6 +141,7 @@ def run(
             options["out"] = str(options["out"])
         chosen = TASKS.get(options.get("task", RunConfig.task))
         resolved = build_config(options, chosen.defaults)
+        _print_preset(options, resolved.method)
         checkpointing = CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, restart=restart)
         resume = find_resume(resolved, checkpointing)
         if resume.finished_rows:
@@ -269,6 +276,17 @@ def tasks() -> None:
     for name, task in TASKS:
         defaults = ", ".join(f"{k}={v}" for k, v in task.defaults.items()) or "—"
         table.add_row(f"[bold]{name}[/]", task.description, ", ".join(task.lora_targets), defaults)
+    console.print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the presets (`--preset NAME`): a paper's setting by name, and every value each one sets."""
+    from dpfl_bench.presets import PRESETS
+
+    table = Table("preset", "what it reproduces", "options it sets", show_lines=True)
+    for name, preset in PRESETS:
+        table.add_row(f"[bold]{name}[/]", preset.summary, preset.describe().removeprefix(f"preset {name} sets "))
     console.print(table)
 
 
@@ -457,6 +475,15 @@ def _check_plot_path(path: Path) -> None:
     from dpfl_bench.federated import writable_folder
 
     writable_folder(path.parent, "--plot's folder")
+
+
+def _print_preset(options: dict[str, Any], method: str) -> None:
+    """What a preset among `options` set, and which of its values the other options replaced."""
+    if "preset" in options:
+        from dpfl_bench.presets import PRESETS
+
+        given = {k.replace("_", "-") for k in options if k != "preset"}
+        console.print(PRESETS.get(options["preset"]).describe(given, method), highlight=False)
 
 
 def _note(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

@@ -1,6 +1,6 @@
 """One client's local training for one round.
 
-`train_client` is a pure function of (global state, client id, round) and the run's fixed setup: its
+`train_client` is a pure function of (the state it starts from, client id, round) and the run's fixed setup: its
 batches, noise and dropout come from the run's streams for (round, client), so a client can be run
 anywhere and in any order and still upload the same tensors (with `--rng seeded`). How batches are drawn
 and how a step's gradient sum is privatized is the privacy mechanism's business; which factors train
@@ -55,7 +55,7 @@ class ClientResult:
 
 def train_client(
     ws: Workspace,
-    global_state: State,
+    start: State,
     data: Examples,
     *,
     client: int,
@@ -67,9 +67,9 @@ def train_client(
     audit: NoAudit = NoAudit(),
 ) -> ClientResult:
     torch.manual_seed(randomness.torch_seed(Purpose.DROPOUT, round, client))  # draws not made per example (example_draws)
-    batches = randomness.stream(Purpose.BATCHES, round, client)
+    batches = mechanism.draw_batches(client, config.federated.local_steps, randomness.stream(Purpose.BATCHES, round, client))
     noise = randomness.stream(Purpose.NOISE, round, client)
-    ws.params.load(global_state)
+    ws.params.load(start)
     set_train_mode(ws.model)
     optimizer = make_optimizer(ws.params, method, config, round)
     lr = config.training.lr_at(round)
@@ -77,7 +77,7 @@ def train_client(
     for step in range(config.federated.local_steps):
         factors = method.trains(round, step) | {Factor.HEAD}
         ws.params.set_trainable(factors)
-        index = mechanism.draw_batch(client, batches)
+        index = batches[step]
         seeds = randomness.example_seeds(round, client, step, len(index))
         summed, batch_loss = summed_gradients(ws, data, index, mechanism.clip_examples, seeds)
         summed, canaries = audit.insert(client, round, summed)  # inserted canaries enter the sum before the noise

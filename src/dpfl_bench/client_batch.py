@@ -97,7 +97,7 @@ class _Routing:
 
 def train_clients(
     ws: Workspace,
-    global_state: State,
+    starts: list[State],
     data: list[Examples],
     *,
     clients: list[int],
@@ -108,13 +108,14 @@ def train_clients(
     randomness: Randomness,
     audit: NoAudit = NoAudit(),
 ) -> list[ClientResult]:
-    """What `train_client` returns for each of `clients` (holding `data`), trained together."""
+    """What `train_client` returns for each of `clients` (holding `data`, starting from `starts`), trained together."""
     count = len(clients)
-    batches = [randomness.stream(Purpose.BATCHES, round, k) for k in clients]
+    steps = config.federated.local_steps
+    batches = [mechanism.draw_batches(k, steps, randomness.stream(Purpose.BATCHES, round, k)) for k in clients]
     noises = [randomness.stream(Purpose.NOISE, round, k) for k in clients]
     merged, offsets = _merge(data)
     params = ws.params.all()
-    stacks = {n: global_state[n].detach().unsqueeze(0).repeat(count, *[1] * global_state[n].dim()).clone() for n in params}
+    stacks = {n: torch.stack([start[n].detach() for start in starts]) for n in params}
     stacked = _StackedParams(ws, {n: nn.Parameter(t) for n, t in stacks.items()})
     optimizer = make_optimizer(stacked, method, config, round)
     lr = config.training.lr_at(round)
@@ -122,11 +123,11 @@ def train_clients(
     routing = _Routing()
     set_train_mode(ws.model)
     with _routed(ws.model, params, stacked.tensors, routing):
-        for step in range(config.federated.local_steps):
+        for step in range(steps):
             factors = method.trains(round, step) | {Factor.HEAD}
             ws.params.set_trainable(factors)  # the per-example engine records the layers whose weights train
             stacked.set_trainable(factors)
-            indexes = [mechanism.draw_batch(k, stream) for k, stream in zip(clients, batches)]
+            indexes = [own[step] for own in batches]
             seeds = [s for k, index in zip(clients, indexes) for s in randomness.example_seeds(round, k, step, len(index))]
             summed, step_losses = with_memory_retries(
                 ws, lambda: _summed_by_client(ws, stacked, merged, offsets, indexes, seeds, mechanism.clip_examples, routing)

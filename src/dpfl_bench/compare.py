@@ -259,7 +259,7 @@ def paired_gains(
     gains = {}
     for key, column in summary.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True):
         means = column.set_index("method")["mean"].dropna()
-        others = means.drop(HIGHLIGHTED_METHOD, errors="ignore")
+        others = means[[m.partition(" (")[0] != HIGHLIGHTED_METHOD for m in means.index]]  # nor its variants
         if HIGHLIGHTED_METHOD not in means or others.empty:
             continue
         over = baseline or (others.idxmin() if lower else others.idxmax())

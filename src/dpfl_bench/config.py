@@ -1,8 +1,8 @@
 """Run configuration: one frozen dataclass per concern, built from defaults, task defaults, TOML and flags.
 
 Every option has one flat name, the same on the command line (`--local-steps`) and in a TOML file
-(`local-steps = 10`). Precedence, lowest first: the defaults below, the task's own defaults, the TOML
-file, the flags. Validation happens once, here, and fails with a one-line `UserError`.
+(`local-steps = 10`). Precedence, lowest first: the defaults below, the task's own defaults, a `--preset`
+(`presets.py`), the TOML file, the flags. Validation happens once, here, and fails with a one-line `UserError`.
 """
 
 import dataclasses
@@ -33,6 +33,8 @@ class FederatedConfig:
     min_partition_size: int = 10
     client_size: int = 0  # training examples per client (iid, dirichlet-mix); 0: split the whole training set
     weighting: str = "uniform"  # FedAvg weights: uniform | size
+    client_selection: str = "random"  # random: a fresh draw of clients each round | first: the same first ones
+    head: str = "shared"  # shared: averaged with the adapters | local: each client keeps its own | reset: never kept
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
@@ -52,6 +54,8 @@ class FederatedConfig:
             "all clients; for equal clients with Dirichlet label skew use --partition dirichlet-mix",
         )
         _require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
+        _require(self.client_selection in ("random", "first"), f"--client-selection must be random or first, got {self.client_selection!r}")
+        _require(self.head in ("shared", "local", "reset"), f"--head must be shared, local or reset, got {self.head!r}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class TrainingConfig:
     weight_decay: float = 0.0  # the optimizer's (decoupled for AdamW); the authors' code: SGD 1e-3, AdamW 1e-2
     lr_decay: float = 1.0  # the learning rate of round t is lr · lr_decay^t (the authors' vision code: 0.99)
     client_batching: str = "auto"  # on | off | auto: a round's clients in one pass when the model allows it
+    batch_order: str = "fresh"  # fresh: each step draws its batch anew | epoch: a round's steps walk shuffled epochs
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -76,6 +81,7 @@ class TrainingConfig:
         _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
         _require(self.client_batching in ("auto", "on", "off"), f"--client-batching must be auto, on or off, got {self.client_batching!r}")
+        _require(self.batch_order in ("fresh", "epoch"), f"--batch-order must be fresh or epoch, got {self.batch_order!r}")
 
     def physical_batch(self, device_type: str, clients: int = 1) -> int:
         """--physical-batch-size, or by default twice the expected batch of each of the `clients` trained in
@@ -98,9 +104,11 @@ class AdapterConfig:
     rank: int = 8
     lora_alpha: float = 16.0  # LoRA scale is lora_alpha / rank
     lora_targets: str = ""  # comma-separated module-name suffixes; empty: chosen for the model's architecture
+    lora_dropout: float = 0.0  # dropout on the adapters' input (the authors' code: 0.05); drawn per example
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
+        _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         _require(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         _require(
             all(self.targets),
@@ -115,12 +123,16 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class SourcesConfig:
-    """Where the task's model and data come from: the Hugging Face hub by default, or local copies."""
+    """Where the task's model and data come from (the Hugging Face hub by default, or local copies), and how
+    its images reach the model."""
 
     model: str = ""  # empty: the task's default model; else hf:<id-or-path> or timm:<name>
     model_path: str = ""  # local weights: a save_pretrained folder (hf) or a checkpoint file (timm)
     data_dir: str = ""  # local mirror of the data: save_to_disk folder, imagefolder or Parquet files
     workers: int = 0  # processes that decode or tokenize the data once at load (0: this process)
+    # Image tasks: the fraction of the resized image a center crop keeps (timm's crop_pct); 1: resize straight
+    # to the model's input. The authors' code resizes to 256 and crops 224: 0.875.
+    center_crop: float = 1.0
 
     def __post_init__(self) -> None:
         kind, _, name = self.model.partition(":")
@@ -137,11 +149,16 @@ class SourcesConfig:
             f"--data-dir {self.data_dir} is not a folder; give a save_to_disk folder, an imagefolder or a folder of Parquet files",
         )
         _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
+        _require(0 < self.center_crop <= 1, f"--center-crop must be in (0, 1] (1: no crop; 256→224: 0.875), got {self.center_crop}")
 
     @property
     def given(self) -> list[str]:
-        """The options set away from their defaults, as flags (for tasks that take none of them)."""
-        return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        """The options that say where a model or data come from, set away from their defaults, as flags (for
+        tasks that bring their own)."""
+        return [
+            f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self)
+            if f.name != "center_crop" and getattr(self, f.name) != f.default
+        ]
 
 
 @dataclass(frozen=True)
@@ -231,7 +248,17 @@ class RunConfig:
         identity = {k: v for k, v in json.loads(self.to_json()).items() if k != "out"}
         identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
         identity["training"] = {k: v for k, v in identity["training"].items() if k != "client_batching"}
+        for section, name in ADDED_IN_0_6:  # at their defaults, runs of 0.5 keep their ids (and references)
+            if getattr(getattr(self, section), name) == getattr(_SECTIONS[section], name):
+                del identity[section][name]
         return identity
+
+
+# Options added in 0.6, each defaulting to what 0.5 did.
+ADDED_IN_0_6 = (
+    ("federated", "client_selection"), ("federated", "head"), ("training", "batch_order"),
+    ("adapter", "lora_dropout"), ("sources", "center_crop"),
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -254,21 +281,31 @@ _SECTIONS: dict[str, type] = {
     "audit": AuditConfig,
 }
 _TOP_LEVEL = ("task", "method", "seed", "device", "out", "method_options")
+PRESET = "preset"  # an option that stands for others (`presets.py`); not part of the resolved configuration
 
 
 def option_names() -> list[str]:
     """Every flat option name, as written in TOML and (with `--`) on the command line."""
-    names = [n for n in _TOP_LEVEL]
+    names = [*_TOP_LEVEL, PRESET]
     for section in _SECTIONS.values():
         names += [f.name for f in dataclasses.fields(section)]
     return [n.replace("_", "-") for n in names]
 
 
 def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = {}) -> RunConfig:
-    """Build a validated RunConfig from flat options (keys with dashes or underscores), over task defaults."""
+    """Build a validated RunConfig from flat options (keys with dashes or underscores), over a preset they
+    name, over task defaults."""
     from dpfl_bench.method import create_method
+    from dpfl_bench.presets import PRESETS
+    from dpfl_bench.privacy.mechanism import mechanism_of
+    from dpfl_bench.tasks import TASKS
 
-    flat = {**_normalise(task_defaults), **_normalise(options)}
+    given = _normalise(options)
+    preset = PRESETS.get(given.pop(PRESET)) if PRESET in given else None
+    flat = {**_normalise(task_defaults), **_normalise(preset.options if preset else {}), **given}
+    if preset is not None:
+        method = flat.get("method", RunConfig.method)
+        flat["method_options"] = {**preset.method_options.get(method, {}), **flat.get("method_options", {})}
     _unaccounted_level(flat)
     sections = {}
     for name, section in _SECTIONS.items():
@@ -277,7 +314,13 @@ def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = 
     # Saved and hashed with every run: the method's options after conversion, its defaults included.
     method = create_method(top.get("method", RunConfig.method), top.get("method_options", {}))
     top["method_options"] = dataclasses.asdict(method.options)
-    return RunConfig(**top, **sections)
+    config = RunConfig(**top, **sections)
+    mechanism_of(config).check_config(config)
+    _require(
+        config.sources.center_crop == 1 or TASKS.get(config.task).images,
+        f"--center-crop applies to image tasks, not to {config.task}; drop it",
+    )
+    return config
 
 
 def _unaccounted_level(flat: dict[str, Any]) -> None:

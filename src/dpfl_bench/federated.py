@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dpfl_bench
-from dpfl_bench.adapters import add_lora
+from dpfl_bench.adapters import State, add_lora
 from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, load_checkpoint, save_checkpoint
-from dpfl_bench.client import Workspace, train_client
+from dpfl_bench.client import ClientResult, Workspace, train_client
 from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
@@ -213,6 +213,7 @@ def run_federated(
     mechanism, randomness, audit = exp.mechanism, exp.randomness, exp.audit
     fed, params = config.federated, ws.params
     global_state = params.state()
+    client_states: dict[int, State] = {}  # what clients keep between rounds (`train_round`)
     secret = randomness.secure
     client_data = json.dumps(mechanism.client_records([c.labels for c in clients], data.num_classes, secret))
     rows: list[dict[str, Any]] = []
@@ -223,6 +224,7 @@ def run_federated(
         rows, train_seconds, bytes_uploaded = ckpt.rows, ckpt.train_seconds, ckpt.bytes_uploaded
         started -= ckpt.wall_seconds
         ws.physical_batch_size = ckpt.physical_batch_size
+        client_states = {k: {n: t.to(ws.device) for n, t in state.items()} for k, state in ckpt.client_states.items()}
         mechanism.load_state(ckpt.mechanism)
         audit.load_state(ckpt.audit)
         if rows:  # rounds saved after the checkpoint are redone
@@ -232,21 +234,8 @@ def run_federated(
         on_round(ckpt.rounds_done, rows[-1] if rows else None)
 
     for round in range(resume.rounds_done, fed.rounds):
-        chosen = exp.schedule[round]
         round_started = time.perf_counter()
-        setup = {"round": round, "method": method, "config": config, "mechanism": mechanism, "randomness": randomness, "audit": audit}
-        if exp.batched and chosen:
-            results = train_clients(ws, global_state, [clients[k] for k in chosen], clients=chosen, **setup)
-        else:
-            results = [train_client(ws, global_state, clients[k], client=k, **setup) for k in chosen]
-        names = list(params.of(method.uploads(round) | {Factor.HEAD}))
-        deltas = [{n: r.upload[n] - global_state[n] for n in names} for r in results]
-        weights = [1.0 if fed.weighting == "uniform" else float(r.num_examples) for r in results]
-        canaries = audit.canary_updates(round, names)  # canary clients join the round like real ones
-        new_state = mechanism.aggregate(global_state, names, deltas + canaries, weights + [1.0] * len(canaries),
-                                        randomness.stream(Purpose.NOISE, round, SERVER))
-        audit.observe_round(global_state, new_state, names)
-        global_state = new_state
+        global_state, results, names = train_round(exp, global_state, client_states, round)
         train_seconds += time.perf_counter() - round_started
         # Per client sampled on average: at client level the realised number of clients is secret.
         bytes_uploaded += mechanism.expected_clients * sum(global_state[n].numel() * global_state[n].element_size() for n in names)
@@ -263,7 +252,7 @@ def run_federated(
                 "run_id": out.stem,
                 "task": task.name,
                 "model": exp.model_name,
-                "method": method.name,
+                "method": method.label,
                 "dp_level": mechanism.name,
                 "rng": randomness.mode,
                 "eps_target": config.privacy.eps,
@@ -297,7 +286,8 @@ def run_federated(
             write_rows(rows, out)
         if not secret and round + 1 < fed.rounds and checkpointing.due(round + 1, evaluated):
             checkpoint = Checkpoint(round + 1, global_state, rows, mechanism.state(), audit.state(),
-                                    time.perf_counter() - started, train_seconds, bytes_uploaded, ws.physical_batch_size)
+                                    time.perf_counter() - started, train_seconds, bytes_uploaded, ws.physical_batch_size,
+                                    client_states)
             save_checkpoint(saved, checkpoint, config)
         on_round(round + 1, row)
     if ws.per_example is not None:
@@ -305,6 +295,36 @@ def run_federated(
     if not checkpointing.keep:
         saved.unlink(missing_ok=True)
     return RunSummary(out, rows, mechanism)
+
+
+def train_round(
+    exp: Experiment, global_state: State, client_states: dict[int, State], round: int
+) -> tuple[State, list[ClientResult], list[str]]:
+    """One round: the round's clients train from the global state (and what each kept), the server
+    aggregates what they send. Returns the new global state, the clients' results and the names sent;
+    `client_states` is updated in place.
+
+    With --head local or reset the head is never sent, so the server's stays as initialized; with local each
+    client keeps its own from round to round (starting from the server's), with reset it is thrown away."""
+    config, method, mechanism, randomness, audit, ws = exp.config, exp.method, exp.mechanism, exp.randomness, exp.audit, exp.workspace
+    fed, params, chosen = config.federated, ws.params, exp.schedule[round]
+    unsent = frozenset({Factor.HEAD}) if fed.head != "shared" else frozenset()
+    setup = {"round": round, "method": method, "config": config, "mechanism": mechanism, "randomness": randomness, "audit": audit}
+    starts = [{**global_state, **client_states.get(k, {})} for k in chosen]
+    if exp.batched and chosen:
+        results = train_clients(ws, starts, [exp.clients[k] for k in chosen], clients=chosen, **setup)
+    else:
+        results = [train_client(ws, start, exp.clients[k], client=k, **setup) for k, start in zip(chosen, starts)]
+    if fed.head == "local":
+        client_states |= {k: {n: r.upload[n] for n in params.of(unsent)} for k, r in zip(chosen, results)}
+    names = list(params.of((method.uploads(round) | {Factor.HEAD}) - unsent))
+    deltas = [{n: r.upload[n] - global_state[n] for n in names} for r in results]
+    weights = [1.0 if fed.weighting == "uniform" else float(r.num_examples) for r in results]
+    canaries = audit.canary_updates(round, names)  # canary clients join the round like real ones
+    new_state = mechanism.aggregate(global_state, names, deltas + canaries, weights + [1.0] * len(canaries),
+                                    randomness.stream(Purpose.NOISE, round, SERVER))
+    audit.observe_round(global_state, new_state, names)
+    return new_state, results, names
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:

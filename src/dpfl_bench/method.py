@@ -9,6 +9,9 @@ The federated core asks a method these things and nothing else:
   optimizer's step, or None (default: none; the authors' Laplacian-smoothing variant of LA-LoRA);
 - `uploads(round)`: which factors clients send and the server averages this round.
 
+And `label`, the name its results carry: the method's name, or with options that make it another variant
+(the LA-LoRA authors' code), a name that says so, so that no table ever averages the two into one row.
+
 The classification head always trains and is always uploaded. A method is one class in one file in
 `methods/`, decorated with `@register_method`; its options are a frozen dataclass named in `Options`.
 Third-party packages add methods through the entry-point group `dpfl_bench.methods`.
@@ -56,6 +59,10 @@ class Method:
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def trains(self, round: int, step: int) -> frozenset[Factor]:
         return BOTH

@@ -18,7 +18,7 @@ SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("task", pa.string()),
         ("model", pa.string()),
-        ("method", pa.string()),
+        ("method", pa.string()),  # its name, or its variant's (e.g. "la-lora (authors' code)"; see Method.label)
         ("dp_level", pa.string()),  # the privacy mechanism: none | sample | client
         ("rng", pa.string()),  # seeded | secure
         ("eps_target", pa.float64()),  # inf for a non-private run

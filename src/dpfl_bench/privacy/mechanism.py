@@ -5,7 +5,7 @@ The federated core asks a mechanism these things and branches on nothing else:
 - `participation(stream)`: which clients take part in each round (drawn before training);
 - `calibrate(schedule)`: the noise multipliers σ_k (one per protected unit) for the whole schedule,
   before training: each unit's own smallest σ (`--calibration per-client`) or the worst unit's for all;
-- `draw_batch(client, stream)`: which of a client's examples one local step uses;
+- `draw_batches(client, steps, stream)`: which of a client's examples each local step of a round uses;
 - `clip_examples`: the per-example clipping norm a client's gradient sum uses, or None for a plain sum;
 - `privatize(summed, count, client, stream)`: the gradient a local step applies, from the sum over its
   `count` examples;
@@ -15,9 +15,10 @@ The federated core asks a mechanism these things and branches on nothing else:
 - `exposures(schedule)`: what the accountant is told: how often each protected unit was touched, at
   which rate, over the rounds of `schedule` (a prefix of the run's schedule gives the ε spent so far).
 
-Defaults below are the non-private ones (fixed-size shuffled batches, plain gradient means, FedAvg), so
-a mechanism overrides only what it changes. A mechanism is one module in `privacy/mechanisms/`,
-registered with `@register_mechanism`; its name is a `--dp-level`.
+Defaults below are the non-private ones (the clients --client-selection names, fixed-size shuffled batches
+in --batch-order, plain gradient means, FedAvg), so a mechanism overrides only what it changes. A
+mechanism is one module in `privacy/mechanisms/`, registered with `@register_mechanism`; its name is a
+`--dp-level`.
 """
 
 import math
@@ -68,13 +69,19 @@ class Mechanism:
         fed = self.config.federated
         return float(clients_per_round(fed.clients, fed.participation))
 
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        """Refuse, in one line, options this mechanism cannot protect (before any data is loaded)."""
+
     def check(self) -> None:
-        """Refuse, in one line, a configuration this mechanism cannot protect."""
+        """Refuse, in one line, a configuration this mechanism cannot protect, given its clients' sizes."""
 
     def participation(self, stream: Stream) -> Schedule:
-        """⌈p·N⌉ clients each round, without replacement."""
+        """⌈p·N⌉ clients each round: drawn without replacement, or the first ones every round (`first`)."""
         fed = self.config.federated
         per_round = clients_per_round(fed.clients, fed.participation)
+        if fed.client_selection == "first":
+            return [list(range(per_round)) for _ in range(fed.rounds)]
         return [sorted(stream.choice(fed.clients, per_round).tolist()) for _ in range(fed.rounds)]
 
     def exposures(self, schedule: Schedule) -> list[Exposure]:
@@ -118,9 +125,17 @@ class Mechanism:
 
     clip_examples: float | None = None
 
-    def draw_batch(self, client: int, stream: Stream) -> torch.Tensor:
-        """A shuffled batch of --batch-size examples."""
-        return torch.from_numpy(stream.permutation(self.client_sizes[client])[: self.config.training.batch_size])
+    def draw_batches(self, client: int, steps: int, stream: Stream) -> list[torch.Tensor]:
+        """Batches of --batch-size examples for a round's `steps` local steps: each the head of a fresh
+        shuffle (`fresh`), or consecutive slices of one shuffle, a short last batch and then a new shuffle
+        (`epoch`, as a shuffling data loader walked from the start of each round)."""
+        size, batch = self.client_sizes[client], self.config.training.batch_size
+        if self.config.training.batch_order == "fresh":
+            return [torch.from_numpy(stream.permutation(size)[:batch]) for _ in range(steps)]
+        batches: list[torch.Tensor] = []
+        while len(batches) < steps:
+            batches += torch.from_numpy(stream.permutation(size)).split(batch)
+        return batches[:steps]
 
     def privatize(self, summed: State, count: int, client: int, stream: Stream) -> State:
         """The mean gradient over the step's `count` examples."""
@@ -159,10 +174,13 @@ def load_mechanisms() -> Registry[type[Mechanism]]:
     return MECHANISMS
 
 
-def create_mechanism(config: RunConfig, client_sizes: list[int]) -> Mechanism:
+def mechanism_of(config: RunConfig) -> type[Mechanism]:
     """The run's mechanism: its --dp-level, or `none` for a non-private run (--eps inf)."""
-    name = "none" if math.isinf(config.privacy.eps) else config.privacy.dp_level
-    return load_mechanisms().get(name)(config, client_sizes)
+    return load_mechanisms().get("none" if math.isinf(config.privacy.eps) else config.privacy.dp_level)
+
+
+def create_mechanism(config: RunConfig, client_sizes: list[int]) -> Mechanism:
+    return mechanism_of(config)(config, client_sizes)
 
 
 def protected_unit(config: RunConfig) -> str | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpfl_bench.config import SourcesConfig
@@ -94,6 +95,7 @@ class Task:
     validation_size: int  # training examples held out for validation (at most a fifth of the training split)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flat options that suit this task
     synthetic: bool = False  # generated data and random weights: for tests, not for conclusions
+    images: bool = False  # its model takes images (and --center-crop applies)
 
     def load(self, sources: SourcesConfig) -> TaskData:
         """The task's data with its validation split carved out of the training data: the same examples
@@ -101,6 +103,17 @@ class Task:
         split = self.load_data(sources)
         train_index, val_index = validation_split(len(split.train), self.validation_size, self.name)
         return TaskData(split.train.subset(train_index), split.train.subset(val_index), split.test, split.num_classes)
+
+
+def resize_and_crop(images: torch.Tensor, size: tuple[int, int], center_crop: float) -> torch.Tensor:
+    """Float images [batch, channels, H, W] resized (bilinear) to `size`, or with `center_crop` < 1 resized to
+    size / center_crop and center-cropped to `size` (the authors' 256 then 224 is 0.875, timm's crop_pct)."""
+    if center_crop == 1:
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    larger = tuple(int(s / center_crop) for s in size)  # as torchvision's Resize(int(224 / 0.875)) = 256
+    resized = F.interpolate(images, size=larger, mode="bilinear", align_corners=False)
+    top, left = (larger[0] - size[0]) // 2, (larger[1] - size[1]) // 2
+    return resized[:, :, top : top + size[0], left : left + size[1]]
 
 
 VALIDATION_SEED = 20240601  # part of every task, independent of the run's --seed

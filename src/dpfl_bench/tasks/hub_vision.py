@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task, resize_and_crop
 from dpfl_bench.tasks.hub import column_of, from_hub, load_splits, lora_targets_for, parse_model, split_of
 
 DEFAULT_MODEL = "timm:swin_base_patch4_window7_224.ms_in22k"  # the paper's Swin-B, ImageNet-22k weights
@@ -37,17 +36,18 @@ class VisionData:
 class ImageClassifier(nn.Module):
     """uint8 RGB images [batch, H, W, 3] -> resized to the backbone's input and normalized -> logits."""
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, center_crop: float = 1.0) -> None:
         super().__init__()
         cfg = network.pretrained_cfg
         self.network = network
+        self.center_crop = center_crop
         self.size = tuple(cfg["input_size"][1:])
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float().div(255)
-        x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        x = resize_and_crop(x, self.size, self.center_crop)
         return self.network((x - self.mean) / self.std)
 
 
@@ -161,11 +161,12 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
         model = timm_name(sources)
         network = build_timm(model, num_classes, sources.model_path)
         heads = head_names(network)
-        return BuiltModel(ImageClassifier(network), f"timm:{model}", lora_targets_for(network, heads), tuple(f"network.{h}" for h in heads))
+        classifier = ImageClassifier(network, sources.center_crop)
+        return BuiltModel(classifier, f"timm:{model}", lora_targets_for(network, heads), tuple(f"network.{h}" for h in heads))
 
     return Task(
         name=name, description=description, model_name=DEFAULT_MODEL, load_data=load_data, build_model=build_model,
-        lora_targets=("attn.qkv", "attn.proj"), validation_size=VALIDATION_SIZE, defaults=defaults,
+        lora_targets=("attn.qkv", "attn.proj"), validation_size=VALIDATION_SIZE, defaults=defaults, images=True,
     )
 
 

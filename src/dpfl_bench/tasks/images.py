@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task, resize_and_crop
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HINT = "Fashion-MNIST is not installed; run `sudo apt-get install -y dataset-fashion-mnist`, or use --task mnist"
@@ -33,15 +32,16 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class GrayscaleClassifier(nn.Module):
     """uint8 grayscale images [batch, 28, 28] -> normalized RGB at IMAGE_SIZE -> pretrained network."""
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, center_crop: float = 1.0) -> None:
         super().__init__()
         self.network = network
+        self.center_crop = center_crop
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.unsqueeze(1).float().div(255)
-        x = F.interpolate(x, size=IMAGE_SIZE, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        x = resize_and_crop(x, (IMAGE_SIZE, IMAGE_SIZE), self.center_crop).expand(-1, 3, -1, -1)
         return self.network((x - self.mean) / self.std)
 
 
@@ -64,7 +64,7 @@ def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
         )
     _plain_pointwise_convs(network)
     fold_frozen_batchnorm(network)
-    return BuiltModel(GrayscaleClassifier(network), MODEL_NAME, LORA_TARGETS, heads=("network._fc",))
+    return BuiltModel(GrayscaleClassifier(network, sources.center_crop), MODEL_NAME, LORA_TARGETS, heads=("network._fc",))
 
 
 def _plain_pointwise_convs(network: nn.Module) -> None:
@@ -128,7 +128,7 @@ def load_mnist(sources: SourcesConfig) -> TrainTestSplit:
     return TrainTestSplit(train=examples.subset(order[1000:]), test=examples.subset(order[:1000]), num_classes=10)
 
 
-_EFFICIENTNET = {"model_name": MODEL_NAME, "build_model": build_model, "lora_targets": LORA_TARGETS}
+_EFFICIENTNET = {"model_name": MODEL_NAME, "build_model": build_model, "lora_targets": LORA_TARGETS, "images": True}
 register_task(
     Task(
         name="fashion",

@@ -8,6 +8,7 @@ per round, on the set of N clients.
 
 import numpy as np
 
+from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.accounting import Exposure, check_delta
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, noise_like, register_mechanism
@@ -19,6 +20,14 @@ from dpfl_bench.server import State, noisy_sum_step
 class ClientDP(Mechanism):
     name = "client"
     unit = "client"
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        if config.federated.client_selection != "random":
+            raise UserError(
+                "--client-selection first cannot be accounted at client level: the accountant's amplification assumes "
+                "clients sampled at random each round; use --client-selection random"
+            )
 
     def check(self) -> None:
         if self.config.federated.weighting != "uniform":

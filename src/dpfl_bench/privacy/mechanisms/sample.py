@@ -8,6 +8,8 @@ one subsampled Gaussian mechanism at q_k per local step a client runs: K per rou
 import numpy as np
 import torch
 
+from dpfl_bench.config import RunConfig
+from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.accounting import Exposure, check_delta
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, noise_like, register_mechanism
 from dpfl_bench.privacy.randomness import Stream
@@ -18,6 +20,14 @@ from dpfl_bench.server import State
 class SampleDP(Mechanism):
     name = "sample"
     unit = "example"
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        if config.training.batch_order != "fresh":
+            raise UserError(
+                "--batch-order epoch cannot be accounted at sample level: the accountant's amplification assumes each "
+                "step's batch is a fresh Poisson sample; use --batch-order fresh (or --dp-level authors, no guarantee)"
+            )
 
     def check(self) -> None:
         check_delta(self.config.privacy.delta, min(self.client_sizes), "client dataset")
@@ -30,9 +40,10 @@ class SampleDP(Mechanism):
     def clip_examples(self) -> float:
         return self.clip
 
-    def draw_batch(self, client: int, stream: Stream) -> torch.Tensor:
-        """Poisson sampling, the amplification the accountant assumes: each example joins with rate q_k."""
-        return torch.from_numpy(np.flatnonzero(stream.bernoulli(self.client_sizes[client], self.sample_rates[client])))
+    def draw_batches(self, client: int, steps: int, stream: Stream) -> list[torch.Tensor]:
+        """Poisson sampling, the amplification the accountant assumes: at each step each example joins with rate q_k."""
+        size, rate = self.client_sizes[client], self.sample_rates[client]
+        return [torch.from_numpy(np.flatnonzero(stream.bernoulli(size, rate))) for _ in range(steps)]
 
     def privatize(self, summed: State, count: int, client: int, stream: Stream) -> State:
         # Divided by the expected batch size, never the realised one (which would depend on the data).
