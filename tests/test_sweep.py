@@ -90,6 +90,31 @@ def test_an_axis_of_tables_sets_options_together_and_expands_lists_inside_a_tabl
     assert "dp-lora · authors σ=0.2 (no guarantee) · seed 0 · dp-level authors · lr 0.003" in result.output, result.output
 
 
+def test_a_method_axis_of_tables_carries_each_variants_options_over_a_preset(tmp_path):
+    """The paper-regime rows: a preset in [base] sets LA-LoRA to the authors' variant; a table restores the
+    default, another switches the filter off; each run is labelled as its variant."""
+    text = """
+[base]
+task = "synthetic"
+preset = "authors-glue"
+dp-level = "authors"
+rounds = 1
+[grid]
+method = [{method = "dp-lora"}, {method = "la-lora"}, {method = "la-lora", method-options = {first_factor = "B", filter = "gaussian"}},
+          {method = "la-lora", method-options = {first_factor = "B", filter = "gaussian", smooth_sigma = 0.0}}]
+"""
+    suite = load_suite(suite_file(tmp_path, text))
+    assert [c.method for c in suite.points] == ["dp-lora", "la-lora", "la-lora", "la-lora"]
+    assert [c.federated.client_selection for c in suite.points] == ["first"] * 4  # the preset
+    la_lora = [dict(c.method_options) for c in suite.points[1:]]
+    assert la_lora[0]["filter"] == "laplacian" and la_lora[0]["first_factor"] == "A"
+    assert la_lora[1]["filter"] == "gaussian" and la_lora[1]["smooth_sigma"] == 1.0
+    assert la_lora[2]["smooth_sigma"] == 0.0
+    result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
+    for label in ("la-lora (authors' code) · authors", "la-lora · authors", "la-lora (no filter) · authors"):
+        assert label in result.output, result.output
+
+
 def test_an_axis_mixing_tables_and_values_or_a_bad_table_is_one_line(tmp_path):
     mixed = TINY.replace("eps = [1, inf]", 'regime = [{eps = 1}, 3]')
     assert_user_error(invoke("sweep", suite_file(tmp_path, mixed), "--dry-run"), "mixes tables and plain values")

@@ -37,10 +37,11 @@ def round_status(row: dict[str, Any] | None) -> str:
 def run_label(config: RunConfig, varying: list[str]) -> str:
     """A point in a few words: task, method, privacy regime, seed and whatever else the suite varies."""
     from dpfl_bench.compare import flat_options, regime
+    from dpfl_bench.method import create_method
 
     options, privacy = flat_options(config.to_json()), config.privacy
     column = regime(privacy.dp_level, privacy.accounted, privacy.eps, privacy.dp_sigma).label
-    shown = [config.task, config.method, column, f"seed {config.seed}"]
+    shown = [config.task, create_method(config.method, config.method_options).label, column, f"seed {config.seed}"]
     shown += [
         f"{k.removeprefix('method_options.').replace('_', '-')} {options[k]}"
         for k in varying

@@ -22,6 +22,8 @@ A suite is a TOML file:
     [grid.method-options.la-lora]      # a method's own option as an axis: only that method's runs vary
     smooth_sigma = [0.0, 1.0]
 
+    method = [{method = "dp-lora"}, {method = "la-lora", method-options = {smooth_sigma = 0.0}}]  # or per table
+
     [method-options.rolora]            # options for one method, applied whenever it runs
     first_factor = "A"
 
@@ -80,7 +82,8 @@ def load_suite(path: Path, out: Path | None = None) -> Suite:
             if axis.method is None:
                 options.update(value if isinstance(value, dict) else {axis.option: value})
         method = options.get("method", RunConfig.method)
-        method_options = {**options.get("method_options", {}), **fixed_method_options.get(method, {})}
+        in_a_table = options.pop("method-options", {})  # e.g. method = [{method = "la-lora", method-options = {...}}]
+        method_options = {**options.get("method_options", {}), **fixed_method_options.get(method, {}), **in_a_table}
         method_options |= {a.option: v for a, v in zip(axes, values) if a.method == method}
         options["method_options"] = method_options
         point = ", ".join(f"{a.name}={_text(v)}" for a, v in zip(axes, values)) or "the base"
