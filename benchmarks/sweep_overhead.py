@@ -1,5 +1,5 @@
-"""What a sweep costs beyond training: the local backend (a fresh process per point) against Ray (reused
-workers), on the same suite, side by side in this one process.
+"""What a sweep costs beyond training: the local backend against Ray, both with reused worker processes, on
+the same suite, side by side in this one process.
 
     python benchmarks/sweep_overhead.py                              # 12 tiny synthetic points
     python benchmarks/sweep_overhead.py --suite benchmarks/smoke.toml --backends local:1,ray:2

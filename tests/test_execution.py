@@ -154,3 +154,27 @@ BAD_OPTIONS = [
 def test_bad_execution_options_are_one_line_errors(args, fragment, tmp_path):
     result = invoke("sweep", suite_file(tmp_path), *args)
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_local_workers_run_points_one_after_another_and_a_killed_one_fails_only_its_point(tmp_path):
+    """One worker runs the points in turn (the same process for each); killed outright during a point, that
+    point fails with the signal named, a new worker takes the next point, and every other point finishes."""
+    text = SUITE.replace('regime = [{eps = 1}, {eps = "inf"}]', 'eps = ["inf"]\nseed = [0, 1, 2]').replace("rounds = 3", "rounds = 2")
+    points = load_suite(suite_file(tmp_path, text)).points
+    events, killed = [], []
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "started" and event.point == 2 and not killed:
+            killed.append(event.worker)
+            os.kill(int(event.worker.rpartition(":")[2]), signal.SIGKILL)
+
+    create_backend(ExecutionConfig(jobs=1)).run(points, on_event)
+    ended = {e.point: e for e in events if e.kind in ("finished", "failed")}
+    assert sorted(ended) == list(range(len(points)))
+    assert ended[2].kind == "failed" and "killed by signal 9" in ended[2].message
+    assert all(ended[i].kind == "finished" for i in range(len(points)) if i != 2)
+    workers = [e.worker for e in events if e.kind == "started"]
+    assert workers[0] == workers[1] == workers[2] == killed[0]  # reused until it was killed
+    assert all(w != killed[0] for w in workers[3:]) and len(workers) == len(points)
+    assert all(is_finished(c) for i, c in enumerate(points) if i != 2)

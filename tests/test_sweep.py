@@ -69,7 +69,7 @@ def test_a_methods_own_options_can_be_a_grid_axis(tmp_path):
         ("la-lora", 1.0),
     ]
     result = invoke("sweep", suite_file(tmp_path, text), "--dry-run")
-    assert "la-lora · ε=1 · seed 0 · smooth-sigma 0.0" in result.output, result.output
+    assert "la-lora (no filter) · ε=1 · seed 0 · smooth-sigma 0.0" in result.output, result.output
 
 
 def test_an_axis_of_tables_sets_options_together_and_expands_lists_inside_a_table(tmp_path):

@@ -295,7 +295,7 @@ def sweep(
     suite: Annotated[Path, typer.Argument(help="Suite file: base options and a grid (see benchmarks/*.toml).", show_default=False)],
     out: Annotated[Optional[Path], _opt("Results folder; overrides the suite's `out`.", Section)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what is finished; run nothing.")] = False,
-    backend: Annotated[str, typer.Option(help="`local`: a fresh process per point on this machine; `ray`: Ray tasks on a local instance or a cluster (pip install dpfl-bench\\[ray]).", rich_help_panel=Execution)] = "local",
+    backend: Annotated[str, typer.Option(help="`local`: --jobs worker processes on this machine, each running points one after another (torch, the data and the noise calibration loaded once; a crash fails only its point); `ray`: Ray tasks on a local instance or a cluster (pip install dpfl-bench\\[ray]).", rich_help_panel=Execution)] = "local",
     jobs: Annotated[int, typer.Option(help="Points at once. \\[default: local 1; ray: as many as the resources allow]", show_default=False, rich_help_panel=Execution)] = 0,
     address: Annotated[str, typer.Option(help="Ray cluster to join: auto or HOST:PORT (results folder on shared storage). \\[default: a local instance]", show_default=False, rich_help_panel=Execution)] = "",
     cpus_per_run: Annotated[int, typer.Option(help="Ray: CPUs each point reserves (and its torch threads).", rich_help_panel=Execution)] = 1,
@@ -304,7 +304,7 @@ def sweep(
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
 ) -> None:
-    """Run every point of a benchmark suite once, locally (a process per point) or on Ray.
+    """Run every point of a benchmark suite once, locally (reused worker processes) or on Ray.
 
     Resumable: after an interruption (Ctrl-C, kill, crash) run the same command again; finished runs are
     skipped and an unfinished one resumes from its checkpoint. Example: dpfl-bench sweep benchmarks/smoke.toml

@@ -1,8 +1,12 @@
-"""The local backend: each point in a fresh process on this machine, `--jobs` of them at once.
+"""The local backend: `--jobs` worker processes on this machine, each running points one after another.
 
-A fresh process per point keeps a crash, a leak or an out-of-memory kill to that point, and makes its
-peak memory its own. The processes report through one queue; the loop below, in the caller's thread,
-starts points as slots free up and turns a process that died without a word into a failure.
+A worker is a fresh interpreter (spawned: no state shared with the sweep's) that imports torch once and
+keeps what a point may reuse (the task's data, the per-example self-check of a model it has checked), so a
+point costs its training and little else. A crash or an out-of-memory kill stays with its point: the point
+is reported failed and a new worker takes the next one. Peak memory is still each point's own (`prepare`
+resets the process's high-water mark). The workers report through one queue; the loop below, in the
+caller's thread, hands each idle worker its next point and turns a worker that died without a word into
+its point's failure.
 """
 
 import multiprocessing
@@ -11,6 +15,7 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from dpfl_bench.config import RunConfig
@@ -19,6 +24,14 @@ from dpfl_bench.execution import Crash, ExecutionConfig, OnEvent, PointEvent, ru
 
 LAST_WORDS_SECONDS = 2.0  # how long a point's final event may trail the exit of its process
 STOP_SECONDS = 10.0  # how long interrupted points get to stop cleanly before they are terminated
+
+
+@dataclass
+class _Worker:
+    process: Any
+    inbox: Any  # the point indexes it is to run; None: stop
+    point: int | None = None  # the point it runs now
+    died: float | None = None  # when it was first seen dead while running `point`
 
 
 class LocalBackend:
@@ -32,15 +45,24 @@ class LocalBackend:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no state shared with this one
         events = context.Queue()
         waiting = list(range(len(points)))
-        running: dict[int, Any] = {}  # point -> its process
-        exited: dict[int, float] = {}  # point -> when its process was seen dead without a final event
+        workers: list[_Worker] = []
+
+        def start_worker() -> _Worker:
+            inbox = context.Queue()
+            args = (points, self.config.checkpointing, inbox, events, os.getpid(), self.threads)
+            worker = _Worker(context.Process(target=_worker_process, args=args, daemon=True), inbox)
+            worker.process.start()
+            return worker
+
         try:
-            while waiting or running:
-                while waiting and len(running) < self.jobs:
-                    index = waiting.pop(0)
-                    args = (index, points[index], self.config.checkpointing, events, os.getpid(), self.threads)
-                    running[index] = context.Process(target=_point_process, args=args, daemon=True)
-                    running[index].start()
+            while waiting or any(w.point is not None for w in workers):
+                workers = [w for w in workers if w.process.is_alive() or w.point is not None]
+                while len(workers) < min(self.jobs, len(waiting) + sum(w.point is not None for w in workers)):
+                    workers.append(start_worker())
+                for worker in workers:
+                    if worker.point is None and waiting and worker.process.is_alive():
+                        worker.point = waiting.pop(0)
+                        worker.inbox.put(worker.point)
                 try:
                     event: PointEvent | None = events.get(timeout=0.2)
                 except queue.Empty:
@@ -48,30 +70,38 @@ class LocalBackend:
                 if event is not None:
                     on_event(event)
                     if event.kind in ("finished", "failed"):
-                        running.pop(event.point).join()
-                        exited.pop(event.point, None)
-                for index, process in list(running.items()):
-                    if process.is_alive():
+                        for worker in workers:
+                            if worker.point == event.point:
+                                worker.point, worker.died = None, None
+                for worker in workers:
+                    if worker.point is None or worker.process.is_alive():
                         continue
-                    if time.monotonic() - exited.setdefault(index, time.monotonic()) > LAST_WORDS_SECONDS:
-                        running.pop(index)
-                        on_event(PointEvent(index, "failed", message=_death(process.exitcode)))
+                    if time.monotonic() - (worker.died or time.monotonic()) > LAST_WORDS_SECONDS:
+                        on_event(PointEvent(worker.point, "failed", message=_death(worker.process.exitcode)))
+                        worker.point = None
+                    worker.died = worker.died or time.monotonic()
+            for worker in workers:  # all done: the workers stop
+                worker.inbox.put(None)
+            for worker in workers:
+                worker.process.join(timeout=STOP_SECONDS)
         finally:
-            _stop(list(running.values()))
+            _stop([w.process for w in workers])
 
 
-def _point_process(index: int, config: RunConfig, checkpointing: Any, events: Any, sweep_pid: int, threads: int) -> None:
+def _worker_process(points: Sequence[RunConfig], checkpointing: Any, inbox: Any, events: Any, sweep_pid: int, threads: int) -> None:
     threading.Thread(target=_exit_with_the_sweep, args=(sweep_pid,), daemon=True).start()
     try:
-        run_point(index, config, checkpointing, events.put, threads)
+        while (index := inbox.get()) is not None:
+            try:
+                run_point(index, points[index], checkpointing, events.put, threads)
+            except (UserError, Crash) as e:
+                events.put(PointEvent(index, "failed", message=str(e)))
     except KeyboardInterrupt:
-        pass  # the sweep is stopping: the point keeps its checkpoint
-    except (UserError, Crash) as e:
-        events.put(PointEvent(index, "failed", message=str(e)))
+        pass  # the sweep is stopping: a point it ran keeps its checkpoint
 
 
 def _exit_with_the_sweep(sweep_pid: int) -> None:
-    """Stop this point when the sweep that started it is gone (killed outright), rather than run on unseen."""
+    """Stop this worker when the sweep that started it is gone (killed outright), rather than run on unseen."""
     while os.getppid() == sweep_pid:
         time.sleep(1)
     os._exit(1)

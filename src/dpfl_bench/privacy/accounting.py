@@ -72,8 +72,13 @@ def worst_epsilon(noise_multiplier: float, exposures: list[Exposure], *, delta: 
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, exposures: list[Exposure], accountant: str) -> float:
-    """The smallest noise multiplier (to 0.1%) whose worst ε over `exposures` is at most `target_epsilon`."""
+    """The smallest noise multiplier (to 0.1%) whose worst ε over `exposures` is at most `target_epsilon`.
+    Remembered in this process: a sweep's worker calibrates each schedule once (seconds each, per client)."""
+    return _calibrated(target_epsilon, delta, tuple(exposures), accountant)
 
+
+@lru_cache(maxsize=1024)
+def _calibrated(target_epsilon: float, delta: float, exposures: tuple[Exposure, ...], accountant: str) -> float:
     def fits(sigma: float) -> bool:
         return worst_epsilon(sigma, exposures, delta=delta, accountant=accountant) <= target_epsilon
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dpfl_bench.adapters import TrainableParams
     from dpfl_bench.tasks import Examples
 
+_PASSED: set[tuple] = set()  # the keys of the models `check_per_example` passed in this process
 PER_EXAMPLE_TOLERANCE = 1e-2  # of an example's gradient norm: how far a layer's per-example gradient may stray
 
 
@@ -150,8 +151,19 @@ def check_per_example(
     batch), and clipping would then bound nothing. Per-example gradients of `count` training examples in
     one pass must equal those computed one example at a time, in fp32, with every factor trainable and
     LoRA B made nonzero (else A's gradients are zero). Parameters, trainable flags, module modes and the
-    RNG states are restored, so the run is the same as without the check."""
+    RNG states are restored, so the run is the same as without the check.
+
+    A model that passed is not checked again in this process (a sweep's worker runs many points of one
+    model): the verdict depends only on its layers and their code, its trainable parameters, the device and
+    the examples checked, which the key holds. A model that failed is checked, and refused, every time."""
     from dpfl_bench.method import Factor
+
+    features, labels = train.batch(torch.arange(min(count, len(train))))
+    forwards = tuple(getattr(m.forward, "__func__", m.forward).__code__ for m in model.modules())  # a patched one too
+    key = (model_name, repr(model), forwards, str(device), tuple((n, tuple(p.shape)) for n, p in params.all().items()),
+           tuple((k, tuple(v.shape)) for k, v in features.items()))
+    if key in _PASSED:
+        return
 
     state, trainable = params.state(), {n: p.requires_grad for n, p in params.all().items()}
     modes = {m: m.training for m in model.modules()}
@@ -164,7 +176,6 @@ def check_per_example(
                 for p in params.by_factor[Factor.B].values():
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
             model.eval()  # no dropout: one pass and the single passes compute the same function
-            features, labels = train.batch(torch.arange(min(count, len(train))))
             features, labels = to_device(features, device), labels.to(device)
             named = params.all()
             losses = F.cross_entropy(model(**features).float(), labels, reduction="none")
@@ -188,6 +199,7 @@ def check_per_example(
                     if float((mine - g).norm()) > tolerance:
                         raise UserError(f"per-example gradients of {model_name} are not per example (layer {name}); it "
                                         "cannot be trained under sample-level DP; use --dp-level client")
+        _PASSED.add(key)
     finally:
         engine.reset()
         params.load(state)

@@ -99,10 +99,24 @@ class Task:
 
     def load(self, sources: SourcesConfig) -> TaskData:
         """The task's data with its validation split carved out of the training data: the same examples
-        for every run and seed, so validation scores compare across runs, and none of them trained on."""
+        for every run and seed, so validation scores compare across runs, and none of them trained on.
+
+        The last task loaded from its own files or the hub is kept in this process (nothing changes
+        Examples in place), so a sweep's worker loads its data once; a --data-dir is read each time, since
+        its files may change."""
+        key = (self.name, sources)
+        if key in _LOADED:
+            return _LOADED[key]
         split = self.load_data(sources)
         train_index, val_index = validation_split(len(split.train), self.validation_size, self.name)
-        return TaskData(split.train.subset(train_index), split.train.subset(val_index), split.test, split.num_classes)
+        data = TaskData(split.train.subset(train_index), split.train.subset(val_index), split.test, split.num_classes)
+        _LOADED.clear()
+        if not sources.data_dir:
+            _LOADED[key] = data
+        return data
+
+
+_LOADED: dict[tuple[str, SourcesConfig], TaskData] = {}  # see Task.load
 
 
 def resize_and_crop(images: torch.Tensor, size: tuple[int, int], center_crop: float) -> torch.Tensor:
