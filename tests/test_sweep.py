@@ -1,6 +1,7 @@
 """`dpfl-bench sweep`: suite files become the right grid of configurations, and a sweep interrupted in any
 way finishes only what is missing, losing and duplicating nothing."""
 
+import json
 import os
 import re
 import signal
@@ -261,3 +262,23 @@ def test_the_run_id_ignores_where_results_go_and_how_many_workers_load_data():
     assert run_id(base) == run_id(build_config({"task": "synthetic", "out": "elsewhere", "workers": 3}))
     assert run_id(base) != run_id(build_config({"task": "synthetic", "lr": 0.5}))
     assert run_id(base) != run_id(build_config({"task": "synthetic", "precision": "bf16"}))
+
+
+def test_the_paper_regime_confirm_suite_repeats_stage_1s_configurations_on_other_seeds(tmp_path, monkeypatch):
+    """Stage 2 of benchmarks/paper-regime.toml must run the very configurations stage 1 chose from, so each
+    written point, on seed 0, has the run id of its stage-1 run."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    monkeypatch.chdir(benchmarks.parent)
+    import paper_regime_confirm as confirm
+
+    from dpfl_bench.federated import run_id
+
+    stage_1 = load_suite(confirm.STAGE_1, tmp_path)
+    picked = stage_1.points[::7]  # every regime and method variant turns up
+    text = confirm._suite_text([confirm._point(json.loads(c.to_json())) for c in picked], tmp_path)
+    path = tmp_path / "confirm.toml"
+    path.write_text(text.replace("seed = [1, 2]", "seed = [0]"))
+    again = load_suite(path)
+    assert [run_id(c) for c in again.points] == [run_id(c) for c in picked]
+    assert len({c.method_options.get("filter") for c in picked if c.method == "la-lora"}) == 2
