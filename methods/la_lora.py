@@ -112,7 +112,8 @@ class LALoRA(Method):
     @property
     def label(self) -> str:
         options = self.options
-        if options.first_factor == "A" and options.filter == "laplacian" and options.smooth_sigma > 0:
+        authors = (options.first_factor, options.filter, options.lr_b_multiplier) == ("A", "laplacian", 2.0)
+        if authors and options.smooth_sigma > 0:
             return f"{self.name} (authors' code)"
         variant = [
             *(["A first"] if options.first_factor == "A" else []),

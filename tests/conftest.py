@@ -6,6 +6,17 @@ from dpfl_bench import cli
 
 
 @pytest.fixture(autouse=True)
+def fresh_process_caches():
+    """What a sweep's worker keeps between points (task data, passed self-checks, noise calibrations) is
+    emptied before each test, so no test depends on what another one loaded."""
+    from dpfl_bench.privacy.accounting import _calibrated
+    from dpfl_bench.privacy.per_example import _PASSED
+    from dpfl_bench.tasks.base import _LOADED
+
+    _LOADED.clear(), _PASSED.clear(), _calibrated.cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Rich wraps at the console width (80 when not a terminal); tests read whole lines."""
     monkeypatch.setattr(cli.console, "width", 1000)

@@ -18,6 +18,7 @@ from dpfl_bench.compare import load_results, paired_gains, summarize
 from dpfl_bench.config import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, create_method
+from dpfl_bench.presets import PRESETS
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.tasks import TASKS
@@ -59,6 +60,7 @@ AUTHORS_LA_LORA = {"first_factor": "A", "filter": "laplacian", "smooth_sigma": 1
 )
 def test_a_preset_sets_exactly_its_documented_values_and_explicit_options_override_it(preset, task, expected):
     defaults = TASKS.get(task).defaults
+    assert {n.replace("-", "_") for n in PRESETS.get(preset).options} == {name for _, name in expected}  # nothing else
     config = build_config({"task": task, "preset": preset, "dp-level": "authors", "method": "la-lora"}, defaults)
     for (section, name), value in expected.items():
         assert getattr(getattr(config, section), name) == value, name
@@ -151,6 +153,8 @@ def test_a_local_head_is_never_averaged_and_stays_with_its_client(monkeypatch, t
     for round, client, start, _ in calls:
         firsts.setdefault(client, start)
     assert all(torch.equal(s[n], initial[n]) for s in firsts.values() for n in initial)
+    last_start, first_start = calls[-1][2], calls[0][2]
+    assert not all(torch.equal(last_start[n], first_start[n]) for n in last_start if not n.startswith("head."))
 
 
 def test_a_reset_head_starts_every_client_round_from_the_initial_head(monkeypatch, tmp_path):
@@ -303,3 +307,33 @@ def test_one_client_round_under_the_preset_is_the_authors_step(method, round):
 def test_the_vision_preset_refuses_a_text_task():
     with pytest.raises(UserError, match="--center-crop applies to image tasks"):
         build_config({"task": "synthetic", "preset": "authors-vision", "dp-level": "authors", "device": "cpu"}, SYNTHETIC)
+
+
+def test_a_model_passes_its_self_check_once_per_process_and_another_build_is_checked_again(monkeypatch):
+    """A sweep's worker skips the per-example self-check for a model built as one it has checked (same task,
+    sources, adapters, device), and checks any other build."""
+    from dpfl_bench.privacy import per_example
+
+    checked = []
+    original = per_example.PerExampleGradients.compute
+    monkeypatch.setattr(per_example.PerExampleGradients, "compute", lambda self, *a, **k: checked.append(1) or original(self, *a, **k))
+    base = {"task": "synthetic", "device": "cpu", "eps": 1.0, "client-batching": "off"}
+    federated.prepare(build_config(base, SYNTHETIC))
+    federated.prepare(build_config({**base, "seed": 5, "method": "dp-lora"}, SYNTHETIC))  # the same model
+    assert len(checked) == 1
+    federated.prepare(build_config({**base, "lora-targets": "query"}, SYNTHETIC))  # another one
+    assert len(checked) == 2
+
+
+def test_the_smoke_references_run_ids_are_still_those_of_its_suite():
+    """Options added since 0.5 leave the run ids of 0.5's configurations as they were: CI's reference
+    (written by 0.5) is matched by run id."""
+    from pathlib import Path
+
+    from dpfl_bench.federated import run_id
+    from dpfl_bench.results import read_run
+    from dpfl_bench.sweep import load_suite
+
+    root = Path(__file__).parents[1]
+    reference = set(read_run(root / "benchmarks/reference/smoke.parquet")["run_id"])
+    assert {run_id(c) for c in load_suite(root / "benchmarks/smoke.toml").points} == reference

@@ -12,7 +12,7 @@ from dpfl_bench.errors import UserError
 from dpfl_bench.federated import partition, prepare
 from dpfl_bench.privacy.randomness import Randomness
 from dpfl_bench.tasks import TASKS, Examples
-from dpfl_bench.tasks.base import validation_split
+from dpfl_bench.tasks.base import _LOADED, validation_split
 from dpfl_bench.tasks.images import FASHION_DIR
 
 # The built-in tasks that load in seconds, and their documented validation sizes.
@@ -85,8 +85,10 @@ def test_each_cheap_task_carves_its_documented_validation_split_out_of_its_train
     assert len(data.val) == size and len(data.train) == len(original.train) - size
     assert same(data.val, original.train.subset(val_index)) and same(data.train, original.train.subset(train_index))
     assert same(data.test, original.test)
+    _LOADED.clear()  # loaded afresh, not the copy a sweep's worker keeps
     again = task.load(SourcesConfig())
-    assert same(again.val, data.val) and same(again.train, data.train)
+    assert again is not data and same(again.val, data.val) and same(again.train, data.train)
+    assert task.load(SourcesConfig()) is again  # kept for the next point of a sweep
 
 
 @pytest.mark.parametrize("name", ["synthetic", "mnist"])

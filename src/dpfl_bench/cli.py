@@ -61,6 +61,9 @@ DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of 
 MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated)]
 CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N rounds, to resume from when interrupted. \\[default: 0: after every evaluated round]", show_default=False, rich_help_panel=Resuming)]
 KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the checkpoint once the run has finished (it is removed by default).", rich_help_panel=Resuming)]
+ClientSelection = Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)]
+BatchOrder = Annotated[Optional[str], _opt("`fresh`: each local step draws its batch anew (a Poisson sample under sample-level DP); `epoch`: a round's steps walk shuffled epochs of the client's data, a short last batch included (the authors' code; no sample-level guarantee). \\[default: fresh]", Training)]
+Preset = Annotated[Optional[str], _opt("A paper's setting by name: authors-vision or authors-glue (see `dpfl-bench presets`); it prints what it sets, and your options override it.", Section)]
 ClientSize = Annotated[Optional[int], _opt("Training examples per client, disjoint, with iid or dirichlet-mix; the rest of the training set is unused. \\[default: 0: split the whole training set]", Federated)]
 
 
@@ -87,8 +90,8 @@ def run(
     min_partition_size: MinPartitionSize = None,
     client_size: ClientSize = None,
     weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
-    client_selection: Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)] = None,
-    head: Annotated[Optional[str], _opt("The classification head: `shared`, sent and averaged with the adapters; `local`, never sent, each client keeps its own from round to round; `reset`, never sent nor kept, each client starts every round from the server's, which stays as initialized (the authors' GLUE code). \\[default: shared]", Federated)] = None,
+    client_selection: ClientSelection = None,
+    head: Annotated[Optional[str], _opt("The classification head: `shared`, sent and averaged with the adapters; `local`, never sent, each client keeps its own from round to round; `reset`, never sent nor kept, each client starts every round from the server's, which stays as initialized (the authors' GLUE code). With local or reset the global model is evaluated with the server's head, as the authors' code does. \\[default: shared]", Federated)] = None,
     batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory). With --client-batching, counts the examples of all clients of a pass. \\[default: 0: twice the batch size (of each client trained together); on a CPU at most 32 per client and 64 a pass]", Training)] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
@@ -97,7 +100,7 @@ def run(
     weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
     lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
     client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (LoRA on linear layers or 1x1 convolutions, a linear head, a training pass that is per example), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
-    batch_order: Annotated[Optional[str], _opt("`fresh`: each local step draws its batch anew (a Poisson sample under sample-level DP); `epoch`: a round's steps walk shuffled epochs of the client's data, a short last batch included (the authors' code; no sample-level guarantee). \\[default: fresh]", Training)] = None,
+    batch_order: BatchOrder = None,
     eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
     rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
@@ -108,7 +111,7 @@ def run(
     data_dir: DataDir = None,
     workers: Workers = None,
     center_crop: Annotated[Optional[float], _opt("Image tasks: resize to the model's input / this fraction, then center-crop (the authors' 256 → 224: 0.875). \\[default: 1: resize straight to the input]", Sources)] = None,
-    preset: Annotated[Optional[str], _opt("A paper's setting by name: authors-vision or authors-glue (see `dpfl-bench presets`); it prints what it sets, and your options override it.", Section)] = None,
+    preset: Preset = None,
     method_opt: Annotated[Optional[list[str]], _opt("A method option KEY=VALUE (repeatable; see `dpfl-bench methods`).", Section)] = None,
     seed: Seed = None,
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
@@ -199,6 +202,9 @@ def privacy(
     dirichlet_alpha: DirichletAlpha = None,
     min_partition_size: MinPartitionSize = None,
     client_size: ClientSize = None,
+    client_selection: ClientSelection = None,
+    batch_order: BatchOrder = None,
+    preset: Preset = None,
     seed: Seed = None,
     model: Model = None,
     model_path: ModelPath = None,
@@ -482,7 +488,8 @@ def _print_preset(options: dict[str, Any], method: str) -> None:
     if "preset" in options:
         from dpfl_bench.presets import PRESETS
 
-        given = {k.replace("_", "-") for k in options if k != "preset"}
+        given = {k.replace("_", "-") for k in options if k not in ("preset", "method_options")}
+        given |= {f"{method}.{k.replace('-', '_')}" for k in options.get("method_options", {})}
         console.print(PRESETS.get(options["preset"]).describe(given, method), highlight=False)
 
 

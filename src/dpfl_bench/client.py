@@ -48,7 +48,7 @@ class Workspace:
 
 @dataclass(frozen=True)
 class ClientResult:
-    upload: State  # the uploaded factors and head after local training
+    upload: State  # the factors the method sends, and the head (sent unless --head keeps it), after local training
     num_examples: int
     train_loss: float  # mean loss over the examples seen this round
 

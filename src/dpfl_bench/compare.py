@@ -71,7 +71,20 @@ def load_results(folder: Path) -> Results:
         seen[last["run_id"]] = path
         runs.append(run)
     rows = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame(columns=SCHEMA.names)
+    rows = with_method_labels(rows)
     return Results(rows, final_rows(rows), unfinished, warnings)
+
+
+def with_method_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` with `method` as its run's configuration names it (`Method.label`), so that a variant is its
+    own row even in files written before version 0.6 recorded labels."""
+    from dpfl_bench.method import create_method
+
+    labels: dict[str, str] = {}
+    for text in rows["config_json"].unique():
+        config = json.loads(text)
+        labels[text] = create_method(config["method"], config.get("method_options", {})).label
+    return rows.assign(method=rows["config_json"].map(labels)) if len(rows) else rows
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -124,7 +124,8 @@ def prepare(config: RunConfig) -> Experiment:
         precision=config.training.precision,
     )
     if workspace.per_example is not None:
-        check_per_example(workspace.per_example, model, params, device, data.train, built.name)
+        built_from = (config.task, config.sources, config.adapter, str(device))  # the same model, once checked
+        check_per_example(workspace.per_example, model, params, device, data.train, built.name, cache_key=built_from)
     audit = create_audit(config, mechanism, params, randomness)
     batched = client_batching(config.training.client_batching, workspace, data.train)
     if batched:  # one pass holds every client's batch

@@ -12,7 +12,7 @@ The federated core asks a method these things and nothing else:
 And `label`, the name its results carry: the method's name, or with options that make it another variant
 (the LA-LoRA authors' code), a name that says so, so that no table ever averages the two into one row.
 
-The classification head always trains and is always uploaded. A method is one class in one file in
+The classification head always trains, and is sent unless `--head` keeps it at the clients. A method is one class in one file in
 `methods/`, decorated with `@register_method`; its options are a frozen dataclass named in `Options`.
 Third-party packages add methods through the entry-point group `dpfl_bench.methods`.
 """

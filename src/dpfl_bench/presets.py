@@ -21,12 +21,14 @@ class Preset:
 
     def describe(self, overridden: set[str] = set(), method: str | None = None) -> str:
         """What this preset sets, as `name value` pairs (of the methods' options, `method`'s alone when given);
-        the options given explicitly are named apart."""
+        the options given explicitly (`overridden`: flat names, and `method.option` for a method's) are named
+        apart."""
         taken = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.options.items() if k not in overridden]
-        taken += [
-            f"{m}: {', '.join(f'{k}={v}' for k, v in o.items())}" for m, o in self.method_options.items() if method in (None, m)
-        ]
-        kept = sorted(overridden & set(self.options))
+        for name, options in self.method_options.items():
+            mine = [f"{k}={v}" for k, v in options.items() if f"{name}.{k}" not in overridden]
+            if method in (None, name) and mine:
+                taken.append(f"{name}: {', '.join(mine)}")
+        kept = sorted(o for o in overridden if o in self.options or o.partition(".")[2] in self.method_options.get(o.partition(".")[0], {}))
         return f"preset {self.name} sets " + ", ".join(taken) + (f" (yours instead: {', '.join(kept)})" if kept else "")
 
 

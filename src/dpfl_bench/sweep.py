@@ -77,12 +77,15 @@ def load_suite(path: Path, out: Path | None = None) -> Suite:
 
     points: dict[str, RunConfig] = {}
     for values in itertools.product(*(axis.values for axis in axes)):
-        options = {**base, "out": str(out)}
+        options, in_a_table = {**base, "out": str(out)}, {}
         for axis, value in zip(axes, values):
-            if axis.method is None:
-                options.update(value if isinstance(value, dict) else {axis.option: value})
+            if axis.method is None and isinstance(value, dict):  # e.g. {method = "la-lora", method-options = {...}}
+                value = dict(value)
+                in_a_table |= value.pop("method-options", {}) | value.pop("method_options", {})
+                options.update(value)
+            elif axis.method is None:
+                options[axis.option] = value
         method = options.get("method", RunConfig.method)
-        in_a_table = options.pop("method-options", {})  # e.g. method = [{method = "la-lora", method-options = {...}}]
         method_options = {**options.get("method_options", {}), **fixed_method_options.get(method, {}), **in_a_table}
         method_options |= {a.option: v for a, v in zip(axes, values) if a.method == method}
         options["method_options"] = method_options

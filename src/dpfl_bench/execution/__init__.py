@@ -90,6 +90,7 @@ def run_point(index: int, config: RunConfig, checkpointing: CheckpointConfig, em
     worker, shown = f"{socket.gethostname()}:{os.getpid()}", warnings.showwarning
     log = results_path(config).with_suffix(".error.log")
     try:
+        warnings.simplefilter("default")  # each point its own notes: resets what a reused worker has shown once
         warnings.showwarning = lambda message, *_, **__: emit(PointEvent(index, "note", message=str(message), worker=worker))
         resume = find_resume(config, checkpointing)
         emit(PointEvent(index, "started", resume.rounds_done, message=resume.note, worker=worker))

@@ -1,10 +1,11 @@
 """The local backend: `--jobs` worker processes on this machine, each running points one after another.
 
 A worker is a fresh interpreter (spawned: no state shared with the sweep's) that imports torch once and
-keeps what a point may reuse (the task's data, the per-example self-check of a model it has checked), so a
-point costs its training and little else. A crash or an out-of-memory kill stays with its point: the point
-is reported failed and a new worker takes the next one. Peak memory is still each point's own (`prepare`
-resets the process's high-water mark). The workers report through one queue; the loop below, in the
+keeps what a point may reuse (the task's data, noise calibrations, the per-example self-check of a model
+it has checked), so a point costs its training and little else. A crash or an out-of-memory kill stays
+with its point: the point is reported failed and a new worker takes the next one. A point's peak memory
+is the worker's high-water mark since the point started (`prepare` resets it), so it includes what the
+worker keeps. The workers report through one queue; the loop below, in the
 caller's thread, hands each idle worker its next point and turns a worker that died without a word into
 its point's failure.
 """
@@ -94,8 +95,11 @@ def _worker_process(points: Sequence[RunConfig], checkpointing: Any, inbox: Any,
         while (index := inbox.get()) is not None:
             try:
                 run_point(index, points[index], checkpointing, events.put, threads)
-            except (UserError, Crash) as e:
+            except UserError as e:
                 events.put(PointEvent(index, "failed", message=str(e)))
+            except Crash as e:  # the process may be in a bad state (a CUDA assert, say): a new worker goes on
+                events.put(PointEvent(index, "failed", message=str(e)))
+                return
     except KeyboardInterrupt:
         pass  # the sweep is stopping: a point it ran keeps its checkpoint
 

@@ -47,6 +47,7 @@ class Mechanism:
         batch = config.training.batch_size
         self.sample_rates = [min(1.0, batch / n) for n in client_sizes]  # a step's rate on each client's data
         self.noise_multipliers: list[float] = []  # σ_k per protected unit (noise std σ_k·clip); set by `calibrate`
+        self.check_config(config)  # `build_config` asked already; a RunConfig made by hand is asked here
         self.check()
 
     @property

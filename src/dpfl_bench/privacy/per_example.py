@@ -21,7 +21,7 @@ the clipping norm, so the sensitivity and the privacy accounting are unchanged, 
 retried depending on the data.
 """
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dpfl_bench.adapters import TrainableParams
     from dpfl_bench.tasks import Examples
 
-_PASSED: set[tuple] = set()  # the keys of the models `check_per_example` passed in this process
+_PASSED: set[Hashable] = set()  # what built the models `check_per_example` passed in this process
 PER_EXAMPLE_TOLERANCE = 1e-2  # of an example's gradient norm: how far a layer's per-example gradient may stray
 
 
@@ -144,7 +144,7 @@ def _tokens_last(module: nn.Module, t: torch.Tensor, batch: int, name: str) -> t
 
 def check_per_example(
     engine: PerExampleGradients, model: nn.Module, params: "TrainableParams", device: torch.device,
-    train: "Examples", model_name: str, count: int = 3,
+    train: "Examples", model_name: str, count: int = 3, cache_key: Hashable | None = None,
 ) -> None:
     """Refuse a model whose per-example gradients mix examples: a layer may see its batch in a layout the
     engine cannot tell apart from batch-major ([tokens, batch, features] with tokens a multiple of the
@@ -153,17 +153,14 @@ def check_per_example(
     LoRA B made nonzero (else A's gradients are zero). Parameters, trainable flags, module modes and the
     RNG states are restored, so the run is the same as without the check.
 
-    A model that passed is not checked again in this process (a sweep's worker runs many points of one
-    model): the verdict depends only on its layers and their code, its trainable parameters, the device and
-    the examples checked, which the key holds. A model that failed is checked, and refused, every time."""
+    With `cache_key` (what built the model: task, sources, adapters, device), a model that passed is not
+    checked again in this process (a sweep's worker runs many points of one model). A model that failed is
+    checked, and refused, every time."""
     from dpfl_bench.method import Factor
 
-    features, labels = train.batch(torch.arange(min(count, len(train))))
-    forwards = tuple(getattr(m.forward, "__func__", m.forward).__code__ for m in model.modules())  # a patched one too
-    key = (model_name, repr(model), forwards, str(device), tuple((n, tuple(p.shape)) for n, p in params.all().items()),
-           tuple((k, tuple(v.shape)) for k, v in features.items()))
-    if key in _PASSED:
+    if cache_key is not None and cache_key in _PASSED:
         return
+    features, labels = train.batch(torch.arange(min(count, len(train))))
 
     state, trainable = params.state(), {n: p.requires_grad for n, p in params.all().items()}
     modes = {m: m.training for m in model.modules()}
@@ -199,7 +196,8 @@ def check_per_example(
                     if float((mine - g).norm()) > tolerance:
                         raise UserError(f"per-example gradients of {model_name} are not per example (layer {name}); it "
                                         "cannot be trained under sample-level DP; use --dp-level client")
-        _PASSED.add(key)
+        if cache_key is not None:
+            _PASSED.add(cache_key)
     finally:
         engine.reset()
         params.load(state)

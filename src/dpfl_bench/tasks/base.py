@@ -107,10 +107,10 @@ class Task:
         key = (self.name, sources)
         if key in _LOADED:
             return _LOADED[key]
+        _LOADED.clear()  # before loading: never two tasks' data at once
         split = self.load_data(sources)
         train_index, val_index = validation_split(len(split.train), self.validation_size, self.name)
         data = TaskData(split.train.subset(train_index), split.train.subset(val_index), split.test, split.num_classes)
-        _LOADED.clear()
         if not sources.data_dir:
             _LOADED[key] = data
         return data
