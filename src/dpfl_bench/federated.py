@@ -302,8 +302,8 @@ def train_round(
     exp: Experiment, global_state: State, client_states: dict[int, State], round: int
 ) -> tuple[State, list[ClientResult], list[str]]:
     """One round: the round's clients train from the global state (and what each kept), the server
-    aggregates what they send. Returns the new global state, the clients' results and the names sent;
-    `client_states` is updated in place.
+    aggregates what they send and the method says what to broadcast. Returns the new global state, the
+    clients' results and the names sent; `client_states` is updated in place.
 
     With --head local or reset the head is never sent, so the server's stays as initialized; with local each
     client keeps its own from round to round (starting from the server's), with reset it is thrown away."""
@@ -324,8 +324,8 @@ def train_round(
     canaries = audit.canary_updates(round, names)  # canary clients join the round like real ones
     new_state = mechanism.aggregate(global_state, names, deltas + canaries, weights + [1.0] * len(canaries),
                                     randomness.stream(Purpose.NOISE, round, SERVER))
-    audit.observe_round(global_state, new_state, names)
-    return new_state, results, names
+    audit.observe_round(global_state, new_state, names)  # what the mechanism released
+    return method.broadcast(round, new_state), results, names
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:

@@ -7,7 +7,11 @@ The federated core asks a method these things and nothing else:
 - `postprocess(factor, grad)`: what to do to a factor's (already privatized) gradient before the step;
 - `extra_step(factor, grad)`: a direction for a plain step of the round's learning rate taken before the
   optimizer's step, or None (default: none; the authors' Laplacian-smoothing variant of LA-LoRA);
-- `uploads(round)`: which factors clients send and the server averages this round.
+- `uploads(round)`: which factors clients send and the server averages this round;
+- `broadcast(round, state)`: on the server, after aggregation, the global state sent to the next round's
+  clients (default: as aggregated). Flower's `Strategy.aggregate_fit` is the model: a method may rewrite
+  both factors here (FedSVD re-factorizes B·A). It acts on the privatized aggregate only, so it is
+  post-processing and costs no privacy.
 
 And `label`, the name its results carry: the method's name, or with options that make it another variant
 (the LA-LoRA authors' code), a name that says so, so that no table ever averages the two into one row.
@@ -78,6 +82,9 @@ class Method:
 
     def uploads(self, round: int) -> frozenset[Factor]:
         return BOTH
+
+    def broadcast(self, round: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
 
 
 METHODS: Registry[type[Method]] = Registry("method")
