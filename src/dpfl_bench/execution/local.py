@@ -5,9 +5,9 @@ keeps what a point may reuse (the task's data, noise calibrations, the per-examp
 it has checked), so a point costs its training and little else. A crash or an out-of-memory kill stays
 with its point: the point is reported failed and a new worker takes the next one. A point's peak memory
 is the worker's high-water mark since the point started (`prepare` resets it), so it includes what the
-worker keeps. The workers report through one queue; the loop below, in the
-caller's thread, hands each idle worker its next point and turns a worker that died without a word into
-its point's failure.
+worker keeps. The loop below, in the caller's thread, hands each idle worker its next point, passes on
+each worker's events (from a queue of its own: a worker killed while writing to a shared queue would
+leave its lock held) and turns a worker that died without a word into its point's failure.
 """
 
 import multiprocessing
@@ -31,8 +31,14 @@ STOP_SECONDS = 10.0  # how long interrupted points get to stop cleanly before th
 class _Worker:
     process: Any
     inbox: Any  # the point indexes it is to run; None: stop
+    outbox: Any  # its events (its own queue: a worker killed while writing to a shared one holds its lock); None: it quits
     point: int | None = None  # the point it runs now
     died: float | None = None  # when it was first seen dead while running `point`
+    quitting: bool = False  # it said it takes no more points
+
+    @property
+    def available(self) -> bool:
+        return self.point is None and not self.quitting and self.process.is_alive()
 
 
 class LocalBackend:
@@ -44,36 +50,27 @@ class LocalBackend:
 
     def run(self, points: Sequence[RunConfig], on_event: OnEvent) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no state shared with this one
-        events = context.Queue()
         waiting = list(range(len(points)))
         workers: list[_Worker] = []
 
         def start_worker() -> _Worker:
-            inbox = context.Queue()
-            args = (points, self.config.checkpointing, inbox, events, os.getpid(), self.threads)
-            worker = _Worker(context.Process(target=_worker_process, args=args, daemon=True), inbox)
+            inbox, outbox = context.Queue(), context.Queue()
+            args = (points, self.config.checkpointing, inbox, outbox, os.getpid(), self.threads)
+            worker = _Worker(context.Process(target=_worker_process, args=args, daemon=True), inbox, outbox)
             worker.process.start()
             return worker
 
         try:
             while waiting or any(w.point is not None for w in workers):
-                workers = [w for w in workers if w.process.is_alive() or w.point is not None]
+                workers = [w for w in workers if w.point is not None or (w.process.is_alive() and not w.quitting)]
                 while len(workers) < min(self.jobs, len(waiting) + sum(w.point is not None for w in workers)):
                     workers.append(start_worker())
                 for worker in workers:
-                    if worker.point is None and waiting and worker.process.is_alive():
+                    if worker.available and waiting:
                         worker.point = waiting.pop(0)
                         worker.inbox.put(worker.point)
-                try:
-                    event: PointEvent | None = events.get(timeout=0.2)
-                except queue.Empty:
-                    event = None
-                if event is not None:
-                    on_event(event)
-                    if event.kind in ("finished", "failed"):
-                        for worker in workers:
-                            if worker.point == event.point:
-                                worker.point, worker.died = None, None
+                if not any([self._deliver(worker, on_event) for worker in workers]):
+                    time.sleep(0.1)
                 for worker in workers:
                     if worker.point is None or worker.process.is_alive():
                         continue
@@ -88,17 +85,35 @@ class LocalBackend:
         finally:
             _stop([w.process for w in workers])
 
+    @staticmethod
+    def _deliver(worker: _Worker, on_event: OnEvent) -> bool:
+        """Hand on the events `worker` has sent; whether there were any."""
+        delivered = False
+        while True:
+            try:
+                event: PointEvent | None = worker.outbox.get_nowait()
+            except queue.Empty:
+                return delivered
+            delivered = True
+            if event is None:
+                worker.quitting = True
+                continue
+            on_event(event)
+            if event.kind in ("finished", "failed") and event.point == worker.point:
+                worker.point, worker.died = None, None
 
-def _worker_process(points: Sequence[RunConfig], checkpointing: Any, inbox: Any, events: Any, sweep_pid: int, threads: int) -> None:
+
+def _worker_process(points: Sequence[RunConfig], checkpointing: Any, inbox: Any, outbox: Any, sweep_pid: int, threads: int) -> None:
     threading.Thread(target=_exit_with_the_sweep, args=(sweep_pid,), daemon=True).start()
     try:
         while (index := inbox.get()) is not None:
             try:
-                run_point(index, points[index], checkpointing, events.put, threads)
+                run_point(index, points[index], checkpointing, outbox.put, threads)
             except UserError as e:
-                events.put(PointEvent(index, "failed", message=str(e)))
+                outbox.put(PointEvent(index, "failed", message=str(e)))
             except Crash as e:  # the process may be in a bad state (a CUDA assert, say): a new worker goes on
-                events.put(PointEvent(index, "failed", message=str(e)))
+                outbox.put(None)  # first, so that the sweep never hands it another point
+                outbox.put(PointEvent(index, "failed", message=str(e)))
                 return
     except KeyboardInterrupt:
         pass  # the sweep is stopping: a point it ran keeps its checkpoint
