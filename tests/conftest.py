@@ -16,6 +16,17 @@ def fresh_process_caches():
     _LOADED.clear(), _PASSED.clear(), _calibrated.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds overhead (use with pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Rich wraps at the console width (80 when not a terminal); tests read whole lines."""

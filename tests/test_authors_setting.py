@@ -26,12 +26,7 @@ from dpfl_bench.tasks import TASKS
 SYNTHETIC = TASKS.get("synthetic").defaults
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # What README's preset table documents, written out here rather than read from `presets.py`.

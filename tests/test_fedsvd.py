@@ -3,7 +3,6 @@ orthonormal rows, clients never change A, a zero product keeps its A, and it run
 mechanism and with clients trained together."""
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -17,12 +16,7 @@ from dpfl_bench.tasks import TASKS
 SYNTHETIC = TASKS.get("synthetic").defaults
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def factors(state: dict, kind: str) -> dict:
