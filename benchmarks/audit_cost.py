@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from dpfl_bench.checkpoint import CheckpointConfig
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import run_federated
 from dpfl_bench.tasks import TASKS

@@ -21,7 +21,7 @@ import torch
 
 from dpfl_bench.client import train_client
 from dpfl_bench.client_batch import train_clients, uncovered
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import peak_memory_bytes, prepare, reset_peak_memory
 from dpfl_bench.tasks import TASKS
@@ -43,11 +43,10 @@ def measure(case: dict, repeats: int, device: str) -> dict:
     reason = uncovered(ws, exp.data.train)
     if reason:
         return {**figures, "not_covered": reason}
-    setup = {"round": 0, "method": exp.method, "config": config, "mechanism": exp.mechanism, "randomness": exp.randomness}
     physical = {"sequential": config.training.physical_batch(ws.device.type), "batched": ws.physical_batch_size}
     ways = {
-        "sequential": lambda: [train_client(ws, state, exp.clients[k], client=k, **setup) for k in chosen],
-        "batched": lambda: train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, **setup),
+        "sequential": lambda: [train_client(ws, state, exp.clients[k], exp.run, client=k, round=0) for k in chosen],
+        "batched": lambda: train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], exp.run, clients=chosen, round=0),
     }
     seconds: dict[str, list[float]] = {k: [] for k in ways}
     peaks: dict[str, int] = {}

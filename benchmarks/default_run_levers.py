@@ -20,7 +20,7 @@ import torch
 
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import Workspace, set_train_mode, summed_gradients
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import evaluate
 from dpfl_bench.privacy.per_example import PerExampleGradients

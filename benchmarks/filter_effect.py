@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import prepare, train_round
 from dpfl_bench.method import create_method

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from dpfl_bench.client import train_client
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.execution import quiet_libraries
 from dpfl_bench.federated import prepare
 from dpfl_bench.privacy.mechanism import noise_like
@@ -54,8 +54,7 @@ def main() -> None:
         for mode in MODES:
             exp = experiments[mode]
             start = time.perf_counter()
-            train_client(exp.workspace, exp.workspace.params.state(), exp.clients[0], client=0, round=0, method=exp.method,
-                         config=exp.config, mechanism=exp.mechanism, randomness=exp.randomness)
+            train_client(exp.workspace, exp.workspace.params.state(), exp.clients[0], exp.run, client=0, round=0)
             rounds[mode].append(time.perf_counter() - start)
 
     draw = {m: statistics.median(v) for m, v in draws.items()}

@@ -18,7 +18,8 @@ import torch
 
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.client import Workspace, set_train_mode, summed_gradients
-from dpfl_bench.config import RunConfig, build_config
+from dpfl_bench.config import RunConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import resolve_device
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.tasks import TASKS, Task

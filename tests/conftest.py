@@ -32,3 +32,27 @@ def wide_console(monkeypatch):
     """Rich wraps at the console width (80 when not a terminal); tests read whole lines."""
     monkeypatch.setattr(cli.console, "width", 1000)
     monkeypatch.setattr(cli.errors, "width", 1000)
+
+
+@pytest.fixture
+def recorded_rounds(monkeypatch):
+    """Each round of the runs in the test, as (state the clients started from, state the mechanism
+    released, state broadcast, the clients' results)."""
+    import dpfl_bench.federated as federated
+
+    rounds = []
+    train_round = federated.train_round
+
+    def recorded(exp, global_state, client_states, round):
+        released = []
+        aggregate = exp.run.mechanism.aggregate
+        exp.run.mechanism.aggregate = lambda *args: released.append(aggregate(*args)) or released[-1]
+        try:
+            broadcast, results, names = train_round(exp, global_state, client_states, round)
+        finally:
+            exp.run.mechanism.aggregate = aggregate
+        rounds.append((global_state, released[0], broadcast, results))
+        return broadcast, results, names
+
+    monkeypatch.setattr(federated, "train_round", recorded)
+    return rounds

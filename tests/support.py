@@ -6,7 +6,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from dpfl_bench.cli import app
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import run_id
 from dpfl_bench.method import create_method
 from dpfl_bench.results import SCHEMA, write_rows

@@ -13,7 +13,7 @@ import pytest
 from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.accounting import Exposure, calibrate_noise, check_delta, epsilon, worst_epsilon
 from dpfl_bench.privacy.mechanism import create_mechanism

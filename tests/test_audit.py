@@ -10,7 +10,7 @@ import torch
 from scipy import integrate, optimize, stats
 from support import assert_one_line_error, assert_user_error, invoke
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import prepare, run_federated
 from dpfl_bench.privacy.audit import (
     gaussian_delta,
@@ -202,7 +202,7 @@ def test_an_inserted_canary_enters_the_sum_with_norm_clip_in_the_trained_space_o
     config = build_config({"task": "synthetic", "device": "cpu", "eps": 1.0, "audit-canaries": 200, "clip": 0.7,
                            "out": str(tmp_path)}, SYNTHETIC.defaults)
     exp = prepare(config)
-    audit, params = exp.audit, exp.workspace.params
+    audit, params = exp.run.audit, exp.workspace.params
     trained = {n: torch.zeros_like(p) for n, p in params.of(frozenset({"B", "head"})).items()}
     audit.rate = 1.0  # every inserted canary is sampled at this step
     summed, count = audit.insert(config.audit.audit_client, 0, trained)

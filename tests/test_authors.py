@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import assert_user_error, invoke
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.mechanisms.authors import CLIP_CAP, authors_privatize

@@ -15,7 +15,7 @@ from support import assert_user_error, invoke, write_run
 import dpfl_bench.federated as federated
 from dpfl_bench.client import train_client
 from dpfl_bench.compare import load_results, paired_gains, summarize
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, create_method
 from dpfl_bench.presets import PRESETS
@@ -107,13 +107,13 @@ def record_client_rounds(monkeypatch) -> list[tuple[int, int, dict, dict]]:
     calls = []
     one, together = federated.train_client, federated.train_clients
 
-    def sequential(ws, start, data, *, client, round, **setup):
-        result = one(ws, start, data, client=client, round=round, **setup)
+    def sequential(ws, start, data, run, *, client, round):
+        result = one(ws, start, data, run, client=client, round=round)
         calls.append((round, client, start, result.upload))
         return result
 
-    def batched(ws, starts, data, *, clients, round, **setup):
-        results = together(ws, starts, data, clients=clients, round=round, **setup)
+    def batched(ws, starts, data, run, *, clients, round):
+        results = together(ws, starts, data, run, clients=clients, round=round)
         calls.extend((round, k, start, r.upload) for k, start, r in zip(clients, starts, results))
         return results
 
@@ -229,14 +229,14 @@ def their_round(exp: Any, start: dict, client: int, round: int) -> dict:
     gradient of the trained tensors, C = min(median tensor norm, 0.4), each tensor clipped to C, noise of std
     dp_sigma·C/B added; LA-LoRA then steps param -= lr·smooth(grad) first; then AdamW (weight decay 1e-2,
     LA-LoRA's B at 2× the lr, built afresh for the round) on the noisy gradient."""
-    config, ws = exp.config, exp.workspace
+    config, ws = exp.run.config, exp.workspace
     name, options = config.method, config.method_options
     ws.params.load(start)
     model, by_factor = ws.model, ws.params.by_factor
     model.train()
     lr, batch, dp_sigma = config.training.lr_at(round), config.training.batch_size, config.privacy.dp_sigma
     randomness = Randomness(config.seed)
-    batches = exp.mechanism.draw_batches(client, config.federated.local_steps, randomness.stream(Purpose.BATCHES, round, client))
+    batches = exp.run.mechanism.draw_batches(client, config.federated.local_steps, randomness.stream(Purpose.BATCHES, round, client))
     noise = randomness.stream(Purpose.NOISE, round, client)
     b_lr = 2 * lr if name == "la-lora" else lr
     groups = [{"params": list(by_factor[Factor.A].values()), "lr": lr}, {"params": list(by_factor[Factor.B].values()), "lr": b_lr},
@@ -288,10 +288,9 @@ def test_one_client_round_under_the_preset_is_the_authors_step(method, round):
     exp = federated.prepare(config)
     start = exp.workspace.params.state()
     # 75 examples in batches of 16: 4 full ones and a short one, as their loop walks one epoch (E = 1).
-    batches = exp.mechanism.draw_batches(0, 5, Randomness(0).stream(Purpose.BATCHES, round, 0))
+    batches = exp.run.mechanism.draw_batches(0, 5, Randomness(0).stream(Purpose.BATCHES, round, 0))
     assert len(exp.clients[0]) == 75 and [len(b) for b in batches] == [16, 16, 16, 16, 11]
-    ours = train_client(exp.workspace, start, exp.clients[0], client=0, round=round, method=exp.method, config=config,
-                        mechanism=exp.mechanism, randomness=exp.randomness).upload
+    ours = train_client(exp.workspace, start, exp.clients[0], exp.run, client=0, round=round).upload
     theirs = their_round(exp, start, 0, round)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=2e-7)

@@ -2,6 +2,7 @@
 rounding) and the same evaluated accuracy, for every method with and without privacy; each example's
 gradient and each client's noise stay that client's own."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from dpfl_bench.client import Workspace, train_client, zero_if_overflowed
 from dpfl_bench.client_batch import _routed, _Routing, train_clients, uncovered
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.example_draws import ExampleDraws
 from dpfl_bench.federated import client_batching, prepare, run_federated
@@ -33,13 +34,13 @@ def configure(**options):
 def both_ways(config, method=None, **batched_setup):
     """Round 0's client results, one after another and together, from the same global state."""
     exp = prepare(config)
-    method = method or exp.method
+    method = method or exp.run.method
     ws, state, chosen = exp.workspace, exp.workspace.params.state(), exp.schedule[0]
-    setup = {"round": 0, "method": method, "config": config, "mechanism": exp.mechanism, "randomness": exp.randomness}
-    one_by_one = [train_client(ws, state, exp.clients[k], client=k, **setup) for k in chosen]
+    run = dataclasses.replace(exp.run, method=method)
+    one_by_one = [train_client(ws, state, exp.clients[k], run, client=k, round=0) for k in chosen]
     for key, value in batched_setup.items():
         setattr(ws, key, value)
-    together = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, **setup)
+    together = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], run, clients=chosen, round=0)
     return state, one_by_one, together
 
 
@@ -124,8 +125,7 @@ def test_halving_on_out_of_memory_keeps_the_uploads(monkeypatch):
     ws, state, chosen = exp.workspace, exp.workspace.params.state(), exp.schedule[0]
     monkeypatch.setattr(ws.per_example, "compute", small_memory)
     with pytest.warns(UserWarning, match="physical batch size lowered to 8"):
-        halved = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], clients=chosen, round=0, method=exp.method,
-                               config=config, mechanism=exp.mechanism, randomness=exp.randomness)
+        halved = train_clients(ws, [state] * len(chosen), [exp.clients[k] for k in chosen], exp.run, clients=chosen, round=0)
     assert ws.physical_batch_size == 8
     assert_same_uploads(reference, halved)
 

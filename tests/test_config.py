@@ -12,10 +12,10 @@ from dpfl_bench.config import (
     PrivacyConfig,
     RunConfig,
     TrainingConfig,
-    build_config,
     load_toml,
     option_names,
 )
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 
 # --------------------------------------------------------------------------------------- precedence

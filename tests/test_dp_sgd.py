@@ -15,8 +15,9 @@ import dpfl_bench.client as client_module
 import dpfl_bench.federated as federated
 import dpfl_bench.server as server
 from dpfl_bench.adapters import TrainableParams, add_lora
-from dpfl_bench.client import Workspace, train_client
-from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
+from dpfl_bench.client import RunContext, Workspace, train_client
+from dpfl_bench.config import AdapterConfig, SourcesConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.method import BOTH, Factor, Method, create_method
 from dpfl_bench.privacy.mechanism import Mechanism, create_mechanism
@@ -148,8 +149,7 @@ def sample_dp(config, data, sigma: float) -> Mechanism:
 
 
 def train(ws, global_state, data, *, round=0, method, config, mechanism, seed=0):
-    return train_client(ws, global_state, data, client=0, round=round, method=method, config=config,
-                        mechanism=mechanism, randomness=Randomness(seed))
+    return train_client(ws, global_state, data, RunContext(config, method, mechanism, Randomness(seed)), client=0, round=round)
 
 
 # ---------------------------------------------------------------------------------------------- per-example
@@ -233,7 +233,7 @@ def test_the_per_example_check_accepts_the_pretrained_efficientnet_of_the_defaul
 
     config = build_config({"task": "fashion", "eps": 1.0, "clients": 2, "rounds": 1, "local-steps": 1})
     experiment = prepare(config)  # raises UserError if the check fails
-    assert experiment.mechanism.name == "sample"
+    assert experiment.run.mechanism.name == "sample"
 
 
 class PerTokenHead(nn.Module):
@@ -487,7 +487,8 @@ def test_every_trained_factor_and_the_head_get_noise_of_std_sigma_c_over_b_in_a_
     batch = summary.mechanism.config.training.batch_size
     assert sigma > 0
     params = dict(federated.prepare(summary.mechanism.config).workspace.params.by_factor)
-    for factor in Factor:
+    assert {f for f, names in params.items() if names} == {Factor.A, Factor.B, Factor.HEAD}  # dp-lora has no R
+    for factor in (Factor.A, Factor.B, Factor.HEAD):
         noise = torch.cat([(s["grads"][n] * batch - s["summed"][n]).flatten() for s in steps for n in params[factor]])
         assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.1), factor
         assert abs(float(noise.mean())) < 5 * sigma * clip / math.sqrt(noise.numel()), factor
@@ -502,8 +503,8 @@ def test_a_client_level_run_adds_server_noise_and_divides_by_the_expected_number
     transitions = []
     real_train, real_create = federated.train_client, federated.create_mechanism
 
-    def recording_train(ws, global_state, data, *, round, **kwargs):
-        result = real_train(ws, global_state, data, round=round, **kwargs)
+    def recording_train(ws, global_state, data, run, *, client, round):
+        result = real_train(ws, global_state, data, run, client=client, round=round)
         uploads.setdefault(round, []).append(result.upload)
         return result
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dpfl_bench.federated as federated
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.method import create_method
 from dpfl_bench.methods.fedsvd import refactorize
 from dpfl_bench.tasks import TASKS
@@ -52,26 +52,6 @@ def test_the_broadcast_follows_the_period_and_the_warmup():
     assert torch.equal(after["head.weight"], state["head.weight"])
 
 
-def record_rounds(monkeypatch) -> list[tuple]:
-    """Each round's (state the clients started from, state the mechanism released, state broadcast)."""
-    rounds = []
-    train_round = federated.train_round
-
-    def recorded(exp, global_state, client_states, round):
-        released = []
-        aggregate = exp.mechanism.aggregate
-        exp.mechanism.aggregate = lambda *args: released.append(aggregate(*args)) or released[-1]
-        try:
-            broadcast, results, names = train_round(exp, global_state, client_states, round)
-        finally:
-            exp.mechanism.aggregate = aggregate
-        rounds.append((global_state, released[0], broadcast, results))
-        return broadcast, results, names
-
-    monkeypatch.setattr(federated, "train_round", recorded)
-    return rounds
-
-
 LEVELS = {
     "none": {"eps": math.inf},
     "sample": {"eps": 8.0},
@@ -82,8 +62,8 @@ LEVELS = {
 
 @pytest.mark.parametrize("batching", ["off", "on"])
 @pytest.mark.parametrize("level", LEVELS)
-def test_a_fedsvd_run_broadcasts_the_refactorized_aggregate_and_clients_never_change_a(monkeypatch, tmp_path, level, batching):
-    rounds = record_rounds(monkeypatch)
+def test_a_fedsvd_run_broadcasts_the_refactorized_aggregate_and_clients_never_change_a(recorded_rounds, tmp_path, level, batching):
+    rounds = recorded_rounds
     config = build_config({"task": "synthetic", "device": "cpu", "method": "fedsvd", "rounds": 3, "local-steps": 2,
                            "client-batching": batching, "out": str(tmp_path), **LEVELS[level]}, SYNTHETIC)
     federated.run_federated(config)
@@ -113,8 +93,7 @@ def test_a_client_round_changes_b_and_the_head_and_never_a():
     config = build_config({"task": "synthetic", "device": "cpu", "method": "fedsvd", "eps": 8.0}, SYNTHETIC)
     exp = federated.prepare(config)
     start = exp.workspace.params.state()
-    train_client(exp.workspace, start, exp.clients[0], client=0, round=0, method=exp.method, config=config,
-                 mechanism=exp.mechanism, randomness=exp.randomness)
+    train_client(exp.workspace, start, exp.clients[0], exp.run, client=0, round=0)
     after = exp.workspace.params.state()
     assert all(torch.equal(after[n], start[n]) for n in factors(start, "A"))
     assert all(not torch.equal(after[n], start[n]) for n in [*factors(start, "B"), "head.weight"])

@@ -6,6 +6,7 @@ with save_pretrained. Per-example gradients of timm Swin and ViT with LoRA are c
 one example at a time; precision and out-of-memory handling are checked on CPU.
 """
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -22,7 +23,8 @@ from dpfl_bench import cli
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.cli import app
 from dpfl_bench.client import summed_gradients, train_client
-from dpfl_bench.config import AdapterConfig, SourcesConfig, build_config
+from dpfl_bench.config import AdapterConfig, SourcesConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor
 from dpfl_bench.privacy.per_example import PerExampleGradients, clip_and_sum
@@ -513,8 +515,7 @@ def test_bf16_step_changes_the_trainable_parameters_with_clipped_norms_in_fp32(m
     monkeypatch.setattr(ws.per_example, "compute", recording)
     before = {n: p.detach().clone() for n, p in ws.model.named_parameters()}
     state = ws.params.state()
-    result = train_client(ws, state, exp.clients[0], client=0, round=0, method=exp.method, config=exp.config,
-                          mechanism=mechanism, randomness=exp.randomness)
+    result = train_client(ws, state, exp.clients[0], dataclasses.replace(exp.run, mechanism=mechanism), client=0, round=0)
     assert norms_seen
     trainable = set(ws.params.all())
     for name, p in ws.model.named_parameters():

@@ -4,7 +4,7 @@ import unittest.mock
 
 import torch
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.tasks import TASKS, images
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dpfl_bench.client import train_client
-from dpfl_bench.config import build_config
+from dpfl_bench.client import RunContext, train_client
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import prepare
 from dpfl_bench.method import Factor, create_method
 from dpfl_bench.tasks import TASKS
@@ -30,10 +30,8 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def step_once(ws, config, exp, clients, global_state):
     before = snapshot(ws.model)
-    result = train_client(
-        ws, global_state, clients[0], client=0, round=0, method=create_method(config.method), config=config,
-        mechanism=exp.mechanism, randomness=exp.randomness,
-    )
+    run = RunContext(config, create_method(config.method), exp.run.mechanism, exp.run.randomness)
+    result = train_client(ws, global_state, clients[0], run, client=0, round=0)
     return before, snapshot(ws.model), result
 
 
@@ -72,7 +70,7 @@ def test_trainable_set_is_lora_factors_and_head():
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_step_from_zero_b_changes_b_and_head_only(optimizer):
     ws, config, exp, clients = make_setup(optimizer=optimizer)
-    assert exp.mechanism.name == "none"
+    assert exp.run.mechanism.name == "none"
     global_state = ws.params.state()
     before, after, result = step_once(ws, config, exp, clients, global_state)
 
@@ -112,7 +110,7 @@ def test_step_from_nonzero_b_changes_a_b_and_head_only():
 def test_sample_level_dp_step_changes_only_trainable_parameters():
     # DP-SGD path: per-example gradients through hooks, clipping and noise; the frozen model stays untouched
     ws, config, exp, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
-    assert exp.mechanism.name == "sample" and exp.mechanism.noise_multiplier > 0
+    assert exp.run.mechanism.name == "sample" and exp.run.mechanism.noise_multiplier > 0
     global_state = ws.params.state()
     before, after, _ = step_once(ws, config, exp, clients, global_state)
 
@@ -135,7 +133,7 @@ def test_local_step_is_a_pure_function_of_its_inputs():
 
 def test_sample_level_step_survives_an_empty_poisson_batch():
     ws, config, exp, clients = make_setup(eps=8.0, delta=1e-3, optimizer="sgd")
-    exp.mechanism.sample_rates = [0.0] * len(clients)  # every batch is empty
+    exp.run.mechanism.sample_rates = [0.0] * len(clients)  # every batch is empty
     global_state = ws.params.state()
     try:
         before, after, result = step_once(ws, config, exp, clients, global_state)
@@ -160,8 +158,7 @@ def test_batchnorm_stays_in_eval_mode_during_a_local_step():
     hooks = [m.register_forward_pre_hook(lambda module, inputs: modes.append(module.training)) for m in norms]
     statistics = {n: b.clone() for n, b in exp.workspace.model.named_buffers() if "running" in n}
     try:
-        train_client(exp.workspace, exp.workspace.params.state(), exp.clients[0], client=0, round=0, method=exp.method,
-                     config=config, mechanism=exp.mechanism, randomness=exp.randomness)
+        train_client(exp.workspace, exp.workspace.params.state(), exp.clients[0], exp.run, client=0, round=0)
     finally:
         for hook in hooks:
             hook.remove()

@@ -17,13 +17,12 @@ import dpfl_bench.client as client_module
 import dpfl_bench.federated as federated
 import dpfl_bench.method as method_module
 from dpfl_bench.adapters import State
-from dpfl_bench.client import Workspace, make_optimizer, train_client
-from dpfl_bench.config import RunConfig, build_config
+from dpfl_bench.client import RunContext, Workspace, make_optimizer, train_client
+from dpfl_bench.config import RunConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import BOTH, METHODS, Factor, Method, create_method, load_methods
 from dpfl_bench.methods.la_lora import gaussian_smooth, laplacian_smooth
-from dpfl_bench.privacy.mechanism import Mechanism
-from dpfl_bench.privacy.randomness import Randomness
 from dpfl_bench.tasks import TASKS, Examples
 
 INF = math.inf
@@ -190,16 +189,13 @@ class ClientSetup:
     ws: Workspace
     global_state: State
     clients: list[Examples]
-    method: Method
-    config: RunConfig
-    mechanism: Mechanism
-    randomness: Randomness
+    run: RunContext
 
 
 def client_setup(method: str, eps: float, **options: Any) -> ClientSetup:
     """The fixed parts a client trains with, exactly as `federated.run_federated` builds them."""
     exp = federated.prepare(config_for(method, eps, **options))
-    return ClientSetup(exp.workspace, exp.workspace.params.state(), exp.clients, exp.method, exp.config, exp.mechanism, exp.randomness)
+    return ClientSetup(exp.workspace, exp.workspace.params.state(), exp.clients, exp.run)
 
 
 def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 0) -> tuple[list[State], State]:
@@ -214,10 +210,7 @@ def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 
         return optimizer
 
     monkeypatch.setattr(client_module, "make_optimizer", recording_make_optimizer)
-    result = train_client(
-        setup.ws, setup.global_state, setup.clients[0],
-        client=0, round=round, method=setup.method, config=setup.config, mechanism=setup.mechanism, randomness=setup.randomness,
-    )
+    result = train_client(setup.ws, setup.global_state, setup.clients[0], setup.run, client=0, round=round)
     return snapshots, result.upload
 
 
@@ -225,7 +218,7 @@ def train_one(setup: ClientSetup, monkeypatch: pytest.MonkeyPatch, round: int = 
 def test_la_lora_alternates_inside_the_local_loop(monkeypatch: pytest.MonkeyPatch, eps: float) -> None:
     steps = 4
     setup = client_setup("la-lora", eps, local_steps=steps)
-    assert (setup.mechanism.name != "none") == (eps != INF)
+    assert (setup.run.mechanism.name != "none") == (eps != INF)
     snapshots, upload = train_one(setup, monkeypatch, round=1)
     assert len(snapshots) == steps + 1
     for step in range(steps):
@@ -291,7 +284,7 @@ def test_la_lora_b_learning_rate_multiplier() -> None:
     params = setup.ws.params
 
     def lr_of(method: Method, factor: Factor) -> float:
-        optimizer = make_optimizer(params, method, setup.config, 0)
+        optimizer = make_optimizer(params, method, setup.run.config, 0)
         first = next(iter(params.by_factor[factor].values()))
         (lr,) = [g["lr"] for g in optimizer.param_groups if any(p is first for p in g["params"])]
         return lr
@@ -365,7 +358,7 @@ def test_laplacian_smoothing_on_two_elements_is_the_authors_stencil() -> None:
 
 def test_learning_rate_decays_per_round_and_weight_decay_reaches_the_optimizer() -> None:
     setup = client_setup("la-lora", INF, lr=0.01, lr_decay=0.9, weight_decay=0.001, optimizer="sgd")
-    optimizer = make_optimizer(setup.ws.params, create_method("la-lora"), setup.config, 3)
+    optimizer = make_optimizer(setup.ws.params, create_method("la-lora"), setup.run.config, 3)
     lrs = sorted(g["lr"] for g in optimizer.param_groups)
     assert lrs == pytest.approx([0.01 * 0.9**3, 0.01 * 0.9**3, 2 * 0.01 * 0.9**3])
     assert isinstance(optimizer, torch.optim.SGD) and all(g["weight_decay"] == 0.001 for g in optimizer.param_groups)
@@ -474,6 +467,9 @@ class _ThirdPartyMethod(Method):
     def trains(self, round: int, step: int) -> frozenset[Factor]:
         return frozenset({Factor.B})
 
+    def broadcast(self, round: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: torch.zeros_like(t) if ".lora_B." in n else t for n, t in state.items()}  # forget what B learned
+
 
 class _FakeEntryPoint:
     name = "my-method"
@@ -501,6 +497,17 @@ def test_entry_point_method_is_found_and_listed(monkeypatch: pytest.MonkeyPatch)
     assert "my-method" in result.output and "a test method from a fake plugin" in result.output
     for name in ("dp-lora", "ffa-lora", "rolora", "la-lora"):
         assert name in result.output
+
+
+def test_an_entry_point_method_uses_the_server_hook(monkeypatch: pytest.MonkeyPatch, recorded_rounds: list, tmp_path: Any) -> None:
+    load_methods()
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    monkeypatch.setattr(method_module, "_loaded", False)
+    monkeypatch.setattr(method_module, "entry_points", lambda group: [_FakeEntryPoint()] if group == "dpfl_bench.methods" else [])
+    federated.run_federated(config_for("my-method", INF, out=str(tmp_path)))
+    for _, released, broadcast, _ in recorded_rounds:
+        b = [n for n in released if ".lora_B." in n]
+        assert any(torch.any(released[n]) for n in b) and not any(torch.any(broadcast[n]) for n in b)
 
 
 def test_registry_is_clean_after_the_entry_point_test() -> None:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.partition import class_counts, dirichlet_mix_partition, dirichlet_partition, iid_partition
 from dpfl_bench.privacy.mechanism import create_mechanism

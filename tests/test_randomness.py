@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from support import invoke
 
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.privacy import randomness as randomness_module
 from dpfl_bench.privacy.randomness import SECRET, SERVER, Purpose, Randomness

@@ -11,7 +11,8 @@ from support import assert_one_line_error, invoke
 
 import dpfl_bench
 from dpfl_bench.checkpoint import CheckpointConfig, checkpoint_path, load_checkpoint
-from dpfl_bench.config import RunConfig, build_config
+from dpfl_bench.config import RunConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.federated import results_path, run_federated
 from dpfl_bench.results import read_run
@@ -30,7 +31,8 @@ KINDS = {  # each state a checkpoint must carry: audit sums, server noise, alter
 }
 KILL_AFTER_ROUND_2 = """
 import json, os, signal, sys
-from dpfl_bench.config import RunConfig, build_config
+from dpfl_bench.config import RunConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.federated import run_federated
 from dpfl_bench.tasks import TASKS
 config = build_config(json.loads(sys.argv[1]), TASKS.get("synthetic").defaults)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpfl_bench import server
-from dpfl_bench.config import build_config
+from dpfl_bench.configure import build_config
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.server import clip_update, fedavg_step, noisy_sum_step

@@ -255,7 +255,7 @@ def test_the_readme_suite_example_is_a_valid_suite(tmp_path):
 
 def test_the_run_id_ignores_where_results_go_and_how_many_workers_load_data():
     """A sweep resumed with another --out or --workers must still recognise its finished runs."""
-    from dpfl_bench.config import build_config
+    from dpfl_bench.configure import build_config
     from dpfl_bench.federated import run_id
 
     base = build_config({"task": "synthetic"})

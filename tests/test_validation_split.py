@@ -7,7 +7,8 @@ import torch
 from support import assert_one_line_error, assert_user_error, invoke
 
 from dpfl_bench import cli
-from dpfl_bench.config import SourcesConfig, build_config
+from dpfl_bench.config import SourcesConfig
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.federated import partition, prepare
 from dpfl_bench.privacy.randomness import Randomness
@@ -128,7 +129,7 @@ def test_the_validation_split_is_the_same_for_every_run_seed():
 def test_a_client_size_gives_every_client_that_many_examples_and_records_them(partition_name):
     exp = experiment(partition=partition_name, **{"client-size": 120})
     assert [len(c) for c in exp.clients] == [120, 120, 120]
-    records = exp.mechanism.client_records([c.labels for c in exp.clients], exp.data.num_classes, secret=False)
+    records = exp.run.mechanism.client_records([c.labels for c in exp.clients], exp.data.num_classes, secret=False)
     assert [r["examples"] for r in records] == [120, 120, 120]
     assert all(sum(r["labels"]) == 120 for r in records)
 
@@ -173,6 +174,6 @@ def test_privacy_with_a_client_size_reports_the_sigma_run_uses():
     assert result.exit_code == 0, result.output
     assert "3 clients of 150–150 examples" in result.stdout
     sigma = float(result.stdout.split("σ = ")[1].split()[0])
-    run = prepare(build_config(options, TASKS.get("synthetic").defaults))
-    assert [len(c) for c in run.clients] == [150] * 3
-    assert run.mechanism.noise_multiplier == pytest.approx(sigma, abs=1e-4)
+    exp = prepare(build_config(options, TASKS.get("synthetic").defaults))
+    assert [len(c) for c in exp.clients] == [150] * 3
+    assert exp.run.mechanism.noise_multiplier == pytest.approx(sigma, abs=1e-4)

@@ -1,3 +1,3 @@
 """dpfl-bench: benchmark differentially private federated fine-tuning of large models with LoRA."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

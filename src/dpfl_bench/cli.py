@@ -131,7 +131,8 @@ def run(
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt", "resuming", *resuming)}
     with _user_errors(interrupted="the rounds evaluated so far are saved; run the same command again to resume from its checkpoint"):
         from dpfl_bench.checkpoint import CheckpointConfig
-        from dpfl_bench.config import RunConfig, build_config, load_toml
+        from dpfl_bench.config import RunConfig, load_toml
+        from dpfl_bench.configure import build_config
         from dpfl_bench.execution import quiet_libraries
         from dpfl_bench.federated import find_resume, run_federated
         from dpfl_bench.tasks import TASKS
@@ -220,7 +221,8 @@ def privacy(
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier")}
     with _user_errors():
-        from dpfl_bench.config import RunConfig, build_config
+        from dpfl_bench.config import RunConfig
+        from dpfl_bench.configure import build_config
         from dpfl_bench.execution import quiet_libraries
         from dpfl_bench.federated import partition as split
         from dpfl_bench.privacy.accounting import worst_epsilon

@@ -53,19 +53,21 @@ class ClientResult:
     train_loss: float  # mean loss over the examples seen this round
 
 
-def train_client(
-    ws: Workspace,
-    start: State,
-    data: Examples,
-    *,
-    client: int,
-    round: int,
-    method: Method,
-    config: RunConfig,
-    mechanism: Mechanism,
-    randomness: Randomness,
-    audit: NoAudit = NoAudit(),
-) -> ClientResult:
+@dataclass(frozen=True)
+class RunContext:
+    """What every client round of a run trains with besides the model, in one place: a new concern that
+    client training needs is added here and nowhere else on its way down from the run."""
+
+    config: RunConfig
+    method: Method
+    mechanism: Mechanism  # calibrated for the run's schedule
+    randomness: Randomness
+    audit: NoAudit = NoAudit()
+
+
+def train_client(ws: Workspace, start: State, data: Examples, run: RunContext, *, client: int, round: int) -> ClientResult:
+    """Client `client`'s local training at round `round`, from `start`, on its `data`."""
+    config, method, mechanism, randomness, audit = run.config, run.method, run.mechanism, run.randomness, run.audit
     torch.manual_seed(randomness.torch_seed(Purpose.DROPOUT, round, client))  # draws not made per example (example_draws)
     batches = mechanism.draw_batches(client, config.federated.local_steps, randomness.stream(Purpose.BATCHES, round, client))
     noise = randomness.stream(Purpose.NOISE, round, client)

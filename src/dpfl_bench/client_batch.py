@@ -31,15 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpfl_bench.adapters import State
-from dpfl_bench.client import ClientResult, Workspace, make_optimizer, set_train_mode, with_memory_retries, zero_if_overflowed
-from dpfl_bench.config import RunConfig
+from dpfl_bench.client import ClientResult, RunContext, Workspace, make_optimizer, set_train_mode, with_memory_retries, zero_if_overflowed
 from dpfl_bench.example_draws import ExampleDraws
-from dpfl_bench.method import Factor, Method
+from dpfl_bench.method import Factor
 from dpfl_bench.precision import FP16_LOSS_SCALE, tensor_to_device
-from dpfl_bench.privacy.canaries import NoAudit
-from dpfl_bench.privacy.mechanism import Mechanism
 from dpfl_bench.privacy.per_example import clip_and_sum, is_pointwise
-from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.privacy.randomness import Purpose
 from dpfl_bench.tasks import Examples
 
 
@@ -96,19 +93,10 @@ class _Routing:
 
 
 def train_clients(
-    ws: Workspace,
-    starts: list[State],
-    data: list[Examples],
-    *,
-    clients: list[int],
-    round: int,
-    method: Method,
-    config: RunConfig,
-    mechanism: Mechanism,
-    randomness: Randomness,
-    audit: NoAudit = NoAudit(),
+    ws: Workspace, starts: list[State], data: list[Examples], run: RunContext, *, clients: list[int], round: int
 ) -> list[ClientResult]:
     """What `train_client` returns for each of `clients` (holding `data`, starting from `starts`), trained together."""
+    config, method, mechanism, randomness, audit = run.config, run.method, run.mechanism, run.randomness, run.audit
     count = len(clients)
     steps = config.federated.local_steps
     batches = [mechanism.draw_batches(k, steps, randomness.stream(Purpose.BATCHES, round, k)) for k in clients]

@@ -1,8 +1,9 @@
-"""Run configuration: one frozen dataclass per concern, built from defaults, task defaults, TOML and flags.
+"""Run configuration: one frozen dataclass per concern, and the TOML files options come from.
 
 Every option has one flat name, the same on the command line (`--local-steps`) and in a TOML file
-(`local-steps = 10`). Precedence, lowest first: the defaults below, the task's own defaults, a `--preset`
-(`presets.py`), the TOML file, the flags. Validation happens once, here, and fails with a one-line `UserError`.
+(`local-steps = 10`). Each dataclass checks its own values (a one-line `UserError`); `configure.build_config`
+layers defaults, a task's defaults, a preset, TOML and flags, and checks what needs the registries (methods,
+mechanisms, tasks). This module imports none of them, so everything may import it.
 """
 
 import dataclasses
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dpfl_bench.errors import UserError
-from dpfl_bench.privacy.randomness import MODES
+
+RNG_MODES = ("seeded", "secure")  # privacy.randomness: a seeded generator, or OS-keyed ChaCha20
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
@@ -37,25 +39,25 @@ class FederatedConfig:
     head: str = "shared"  # shared: averaged with the adapters | local: each client keeps its own | reset: never kept
 
     def __post_init__(self) -> None:
-        _require(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
-        _require(0 < self.participation <= 1, f"--participation must be in (0, 1], got {self.participation}")
-        _require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
-        _require(self.local_steps >= 1, f"--local-steps must be at least 1, got {self.local_steps}")
-        _require(
+        require(self.clients >= 1, f"--clients must be at least 1, got {self.clients}")
+        require(0 < self.participation <= 1, f"--participation must be in (0, 1], got {self.participation}")
+        require(self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}")
+        require(self.local_steps >= 1, f"--local-steps must be at least 1, got {self.local_steps}")
+        require(
             self.partition in ("iid", "dirichlet", "dirichlet-mix"),
             f"--partition must be iid, dirichlet or dirichlet-mix, got {self.partition!r}",
         )
-        _require(self.dirichlet_alpha > 0, f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
-        _require(self.min_partition_size >= 1, f"--min-partition-size must be at least 1, got {self.min_partition_size}")
-        _require(self.client_size >= 0, f"--client-size must be 0 (split the whole training set) or more, got {self.client_size}")
-        _require(
+        require(self.dirichlet_alpha > 0, f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        require(self.min_partition_size >= 1, f"--min-partition-size must be at least 1, got {self.min_partition_size}")
+        require(self.client_size >= 0, f"--client-size must be 0 (split the whole training set) or more, got {self.client_size}")
+        require(
             not (self.client_size and self.partition == "dirichlet"),
             f"--client-size {self.client_size} does not apply to --partition dirichlet, which splits every class across "
             "all clients; for equal clients with Dirichlet label skew use --partition dirichlet-mix",
         )
-        _require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
-        _require(self.client_selection in ("random", "first"), f"--client-selection must be random or first, got {self.client_selection!r}")
-        _require(self.head in ("shared", "local", "reset"), f"--head must be shared, local or reset, got {self.head!r}")
+        require(self.weighting in ("uniform", "size"), f"--weighting must be uniform or size, got {self.weighting!r}")
+        require(self.client_selection in ("random", "first"), f"--client-selection must be random or first, got {self.client_selection!r}")
+        require(self.head in ("shared", "local", "reset"), f"--head must be shared, local or reset, got {self.head!r}")
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,16 @@ class TrainingConfig:
     batch_order: str = "fresh"  # fresh: each step draws its batch anew | epoch: a round's steps walk shuffled epochs
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        _require(0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}")
-        _require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
-        _require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
-        _require(self.physical_batch_size >= 0, f"--physical-batch-size must be 0 (automatic) or more, got {self.physical_batch_size}")
-        _require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        _require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
-        _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
-        _require(self.client_batching in ("auto", "on", "off"), f"--client-batching must be auto, on or off, got {self.client_batching!r}")
-        _require(self.batch_order in ("fresh", "epoch"), f"--batch-order must be fresh or epoch, got {self.batch_order!r}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}")
+        require(self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        require(self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}")
+        require(self.physical_batch_size >= 0, f"--physical-batch-size must be 0 (automatic) or more, got {self.physical_batch_size}")
+        require(self.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        require(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
+        require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (a per-round multiplier), got {self.lr_decay}")
+        require(self.client_batching in ("auto", "on", "off"), f"--client-batching must be auto, on or off, got {self.client_batching!r}")
+        require(self.batch_order in ("fresh", "epoch"), f"--batch-order must be fresh or epoch, got {self.batch_order!r}")
 
     def physical_batch(self, device_type: str, clients: int = 1) -> int:
         """--physical-batch-size, or by default twice the expected batch of each of the `clients` trained in
@@ -107,10 +109,10 @@ class AdapterConfig:
     lora_dropout: float = 0.0  # dropout on the adapters' input (the authors' code: 0.05); drawn per example
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
-        _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        _require(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        _require(
+        require(self.rank >= 1, f"--rank must be at least 1, got {self.rank}")
+        require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        require(
             all(self.targets),
             f"--lora-targets takes module-name suffixes separated by commas, e.g. query,value; got {self.lora_targets!r}",
         )
@@ -136,20 +138,20 @@ class SourcesConfig:
 
     def __post_init__(self) -> None:
         kind, _, name = self.model.partition(":")
-        _require(
+        require(
             not self.model or (kind in ("hf", "timm") and name.strip() != ""),
             f"--model must be hf:<id-or-path> or timm:<name>, e.g. timm:vit_base_patch16_224; got {self.model!r}",
         )
-        _require(
+        require(
             not self.model_path or Path(self.model_path).exists(),
             f"--model-path {self.model_path} does not exist; give a save_pretrained folder (hf) or a checkpoint file (timm)",
         )
-        _require(
+        require(
             not self.data_dir or Path(self.data_dir).is_dir(),
             f"--data-dir {self.data_dir} is not a folder; give a save_to_disk folder, an imagefolder or a folder of Parquet files",
         )
-        _require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
-        _require(0 < self.center_crop <= 1, f"--center-crop must be in (0, 1] (1: no crop; 256→224: 0.875), got {self.center_crop}")
+        require(self.workers >= 0, f"--workers must be 0 or more, got {self.workers}")
+        require(0 < self.center_crop <= 1, f"--center-crop must be in (0, 1] (1: no crop; 256→224: 0.875), got {self.center_crop}")
 
     @property
     def given(self) -> list[str]:
@@ -173,21 +175,12 @@ class PrivacyConfig:
     dp_sigma: float = 0.2  # the authors' regime only: noise std dp_sigma·C/B on the batch mean (no guarantee)
 
     def __post_init__(self) -> None:
-        from dpfl_bench.privacy.mechanism import load_mechanisms
-
-        mechanisms = load_mechanisms()
-        levels = [name for name in mechanisms.names() if name != "none"]  # none is what --eps inf runs
-        _require(self.dp_level in levels, f"--dp-level must be one of {', '.join(levels)}, got {self.dp_level!r}")
-        if mechanisms.get(self.dp_level).accounted:
-            _require(self.eps > 0, f"--eps must be > 0 (use inf for a non-private run), got {self.eps}")
-        else:
-            _require(math.isnan(self.eps), _no_eps(self.dp_level))
-        _require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
-        _require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
-        _require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
-        _require(self.rng in MODES, f"--rng must be {' or '.join(MODES)}, got {self.rng!r}")
-        _require(self.calibration in ("per-client", "shared"), f"--calibration must be per-client or shared, got {self.calibration!r}")
-        _require(0 < self.dp_sigma < math.inf, f"--dp-sigma must be a number > 0, got {self.dp_sigma}")
+        require(0 < self.delta < 1, f"--delta must be in (0, 1), got {self.delta}")
+        require(0 < self.clip < math.inf, f"--clip must be a number > 0, got {self.clip}")
+        require(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
+        require(self.rng in RNG_MODES, f"--rng must be {' or '.join(RNG_MODES)}, got {self.rng!r}")
+        require(self.calibration in ("per-client", "shared"), f"--calibration must be per-client or shared, got {self.calibration!r}")
+        require(0 < self.dp_sigma < math.inf, f"--dp-sigma must be a number > 0, got {self.dp_sigma}")
 
     @property
     def accounted(self) -> bool:
@@ -208,8 +201,8 @@ class AuditConfig:
     audit_client: int = 0  # sample level: the client whose dataset gets the canary examples
 
     def __post_init__(self) -> None:
-        _require(self.audit_canaries >= 0, f"--audit-canaries must be 0 (no audit) or more, got {self.audit_canaries}")
-        _require(self.audit_client >= 0, f"--audit-client must be a client number, 0 or more, got {self.audit_client}")
+        require(self.audit_canaries >= 0, f"--audit-canaries must be 0 (no audit) or more, got {self.audit_canaries}")
+        require(self.audit_client >= 0, f"--audit-client must be a client number, 0 or more, got {self.audit_client}")
 
 
 @dataclass(frozen=True)
@@ -228,9 +221,9 @@ class RunConfig:
     method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
-        _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
-        _require(
+        require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        require(
             self.audit.audit_client < self.federated.clients,
             f"--audit-client {self.audit.audit_client} does not exist: the run has clients 0 to {self.federated.clients - 1}",
         )
@@ -249,7 +242,7 @@ class RunConfig:
         identity["sources"] = {k: v for k, v in identity["sources"].items() if k != "workers"}
         identity["training"] = {k: v for k, v in identity["training"].items() if k != "client_batching"}
         for section, name in ADDED_IN_0_6:  # at their defaults, runs of 0.5 keep their ids (and references)
-            if getattr(getattr(self, section), name) == getattr(_SECTIONS[section], name):
+            if getattr(getattr(self, section), name) == getattr(SECTIONS[section], name):
                 del identity[section][name]
         return identity
 
@@ -272,7 +265,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "federated": FederatedConfig,
     "training": TrainingConfig,
     "adapter": AdapterConfig,
@@ -287,64 +280,16 @@ PRESET = "preset"  # an option that stands for others (`presets.py`); not part o
 def option_names() -> list[str]:
     """Every flat option name, as written in TOML and (with `--`) on the command line."""
     names = [*_TOP_LEVEL, PRESET]
-    for section in _SECTIONS.values():
+    for section in SECTIONS.values():
         names += [f.name for f in dataclasses.fields(section)]
     return [n.replace("_", "-") for n in names]
 
 
-def build_config(options: Mapping[str, Any], task_defaults: Mapping[str, Any] = {}) -> RunConfig:
-    """Build a validated RunConfig from flat options (keys with dashes or underscores), over a preset they
-    name, over task defaults."""
-    from dpfl_bench.method import create_method
-    from dpfl_bench.presets import PRESETS
-    from dpfl_bench.privacy.mechanism import mechanism_of
-    from dpfl_bench.tasks import TASKS
-
-    given = _normalise(options)
-    preset = PRESETS.get(given.pop(PRESET)) if PRESET in given else None
-    flat = {**_normalise(task_defaults), **_normalise(preset.options if preset else {}), **given}
-    if preset is not None:
-        method = flat.get("method", RunConfig.method)
-        flat["method_options"] = {**preset.method_options.get(method, {}), **flat.get("method_options", {})}
-    _unaccounted_level(flat)
-    sections = {}
-    for name, section in _SECTIONS.items():
-        sections[name] = section(**_typed(flat, section))
-    top = _typed(flat, RunConfig)
-    # Saved and hashed with every run: the method's options after conversion, its defaults included.
-    method = create_method(top.get("method", RunConfig.method), top.get("method_options", {}))
-    top["method_options"] = dataclasses.asdict(method.options)
-    config = RunConfig(**top, **sections)
-    mechanism_of(config).check_config(config)
-    _require(
-        config.sources.center_crop == 1 or TASKS.get(config.task).images,
-        f"--center-crop applies to image tasks, not to {config.task}; drop it",
-    )
-    return config
-
-
-def _unaccounted_level(flat: dict[str, Any]) -> None:
-    """A level without an accountant (authors) takes --dp-sigma and no --eps: its ε is NaN, never a
-    number that could be read as a guarantee. --dp-sigma means nothing to the other levels."""
-    from dpfl_bench.privacy.mechanism import load_mechanisms
-
-    level = flat.get("dp_level", PrivacyConfig.dp_level)
-    if level not in load_mechanisms().names() or load_mechanisms().get(level).accounted:
-        _require("dp_sigma" not in flat, f"--dp-sigma applies only to --dp-level authors (noise without a guarantee), not {level}; drop it")
-        return
-    _require("eps" not in flat, _no_eps(level))
-    flat["eps"] = math.nan
-
-
-def _no_eps(level: str) -> str:
-    return f"--eps does not apply to --dp-level {level}: it has no accountant and no guarantee; drop --eps (set its noise with --dp-sigma)"
-
-
-def _typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:
+def typed(flat: Mapping[str, Any], section: type) -> dict[str, Any]:
     """The options that belong to `section`, checked against its field types (ints may stand for floats)."""
     out = {}
     for f in dataclasses.fields(section):
-        if f.name not in flat or f.name in _SECTIONS:
+        if f.name not in flat or f.name in SECTIONS:
             continue
         value, kind = flat[f.name], f.type
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -364,7 +309,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         data["method_options"] = data.pop("method-options")
         if not isinstance(data["method_options"], dict):
             raise UserError(f"config file {path}: [method-options] must be a table of key = value")
-    _normalise(data)
+    normalise(data)
     return data
 
 
@@ -381,7 +326,7 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} {path} is not valid TOML: {e}") from None
 
 
-def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
+def normalise(options: Mapping[str, Any]) -> dict[str, Any]:
     valid = set(option_names())
     out = {}
     for key, value in options.items():

@@ -23,14 +23,14 @@ from torch import nn
 import dpfl_bench
 from dpfl_bench.adapters import State, add_lora
 from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, load_checkpoint, save_checkpoint
-from dpfl_bench.client import ClientResult, Workspace, train_client
+from dpfl_bench.client import ClientResult, RunContext, Workspace, train_client
 from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.method import Factor, Method, create_method
+from dpfl_bench.method import Factor, create_method
 from dpfl_bench.partition import clients_per_round, dirichlet_mix_partition, dirichlet_partition, iid_partition
 from dpfl_bench.precision import autocast, to_device, use_tensor_cores
-from dpfl_bench.privacy.canaries import NoAudit, create_audit
+from dpfl_bench.privacy.canaries import create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients, check_per_example
 from dpfl_bench.privacy.randomness import SERVER, Purpose, Randomness
@@ -77,16 +77,12 @@ def check_precision(device: torch.device, precision: str) -> None:
 class Experiment:
     """Everything a run trains with, fixed before its first round."""
 
-    config: RunConfig
+    run: RunContext  # configuration, method, mechanism (calibrated for the schedule), randomness, audit
     task: Task
-    method: Method
     data: TaskData
     model_name: str  # the model actually used
     clients: list[Examples]  # each client's private training data
     schedule: Schedule  # the clients that take part in each round
-    mechanism: Mechanism  # calibrated for the schedule
-    randomness: Randomness
-    audit: NoAudit
     workspace: Workspace
     batched: bool  # a round's clients train together (`client_batch`), or one after another
 
@@ -109,7 +105,7 @@ def prepare(config: RunConfig) -> Experiment:
     torch.manual_seed(randomness.torch_seed(Purpose.INIT))  # peft's LoRA A and the head draw from torch's generator
     built = task.build_model(data.num_classes, config.sources)
     model = built.module.to(device)  # move first, then add adapters (Opacus issue 820)
-    params = add_lora(model, config.adapter.targets or built.lora_targets, built.heads, config.adapter)
+    params = add_lora(model, config.adapter.targets or built.lora_targets, built.heads, config.adapter, method)
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # Convolutions run channels-last (NHWC): oneDNN's and cuDNN's fast kernels want it; one DP step of
         # the default task took 0.64× the time on a CPU. Same numbers to float rounding.
@@ -131,7 +127,8 @@ def prepare(config: RunConfig) -> Experiment:
     if batched:  # one pass holds every client's batch
         fed = config.federated
         workspace.physical_batch_size = config.training.physical_batch(device.type, clients_per_round(fed.clients, fed.participation))
-    return Experiment(config, task, method, data, built.name, clients, schedule, mechanism, randomness, audit, workspace, batched)
+    run = RunContext(config, method, mechanism, randomness, audit)
+    return Experiment(run, task, data, built.name, clients, schedule, workspace, batched)
 
 
 def client_batching(mode: str, ws: Workspace, sample: Examples) -> bool:
@@ -210,8 +207,8 @@ def run_federated(
     if resume.finished_rows:
         return RunSummary(out, resume.finished_rows, None)
     exp = prepare(config)
-    task, method, data, clients, ws = exp.task, exp.method, exp.data, exp.clients, exp.workspace
-    mechanism, randomness, audit = exp.mechanism, exp.randomness, exp.audit
+    task, method, data, clients, ws = exp.task, exp.run.method, exp.data, exp.clients, exp.workspace
+    mechanism, randomness, audit = exp.run.mechanism, exp.run.randomness, exp.run.audit
     fed, params = config.federated, ws.params
     global_state = params.state()
     client_states: dict[int, State] = {}  # what clients keep between rounds (`train_round`)
@@ -307,25 +304,24 @@ def train_round(
 
     With --head local or reset the head is never sent, so the server's stays as initialized; with local each
     client keeps its own from round to round (starting from the server's), with reset it is thrown away."""
-    config, method, mechanism, randomness, audit, ws = exp.config, exp.method, exp.mechanism, exp.randomness, exp.audit, exp.workspace
-    fed, params, chosen = config.federated, ws.params, exp.schedule[round]
+    run, ws = exp.run, exp.workspace
+    fed, params, chosen = run.config.federated, ws.params, exp.schedule[round]
     unsent = frozenset({Factor.HEAD}) if fed.head != "shared" else frozenset()
-    setup = {"round": round, "method": method, "config": config, "mechanism": mechanism, "randomness": randomness, "audit": audit}
     starts = [{**global_state, **client_states.get(k, {})} for k in chosen]
     if exp.batched and chosen:
-        results = train_clients(ws, starts, [exp.clients[k] for k in chosen], clients=chosen, **setup)
+        results = train_clients(ws, starts, [exp.clients[k] for k in chosen], run, clients=chosen, round=round)
     else:
-        results = [train_client(ws, start, exp.clients[k], client=k, **setup) for k, start in zip(chosen, starts)]
+        results = [train_client(ws, start, exp.clients[k], run, client=k, round=round) for k, start in zip(chosen, starts)]
     if fed.head == "local":
         client_states |= {k: {n: r.upload[n] for n in params.of(unsent)} for k, r in zip(chosen, results)}
-    names = list(params.of((method.uploads(round) | {Factor.HEAD}) - unsent))
+    names = list(params.of((run.method.uploads(round) | {Factor.HEAD}) - unsent))
     deltas = [{n: r.upload[n] - global_state[n] for n in names} for r in results]
     weights = [1.0 if fed.weighting == "uniform" else float(r.num_examples) for r in results]
-    canaries = audit.canary_updates(round, names)  # canary clients join the round like real ones
-    new_state = mechanism.aggregate(global_state, names, deltas + canaries, weights + [1.0] * len(canaries),
-                                    randomness.stream(Purpose.NOISE, round, SERVER))
-    audit.observe_round(global_state, new_state, names)  # what the mechanism released
-    return method.broadcast(round, new_state), results, names
+    canaries = run.audit.canary_updates(round, names)  # canary clients join the round like real ones
+    new_state = run.mechanism.aggregate(global_state, names, deltas + canaries, weights + [1.0] * len(canaries),
+                                        run.randomness.stream(Purpose.NOISE, round, SERVER))
+    run.audit.observe_round(global_state, new_state, names)  # what the mechanism released
+    return run.method.broadcast(round, new_state), results, names
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:

@@ -2,7 +2,10 @@
 
 The federated core asks a method these things and nothing else:
 
-- `trains(round, step)`: which LoRA factors (A, B) are trained at this local step of this round;
+- `factors`: the adapter's factors: A and B, or A, R and B for W + B·R·A with an r×r middle factor R (Fed-SB);
+- `initialize(weight, factors)`: a layer's factors to start from, given its frozen pretrained weight
+  (default: as injected, B zero and A random; Fed-SB starts from the weight's SVD);
+- `trains(round, step)`: which factors are trained at this local step of this round;
 - `lr_multiplier(factor)`: the factor's learning rate relative to `--lr`;
 - `postprocess(factor, grad)`: what to do to a factor's (already privatized) gradient before the step;
 - `extra_step(factor, grad)`: a direction for a plain step of the round's learning rate taken before the
@@ -39,6 +42,8 @@ class Factor(str, enum.Enum):
     A = "A"  # lora_A: rank x in_features, random init
     B = "B"  # lora_B: out_features x rank, zero init
     HEAD = "head"  # the classification head, trained and uploaded by every method
+    # After the head so that the other factors' order, which decides their noise draws, is what it was.
+    R = "R"  # lora_R: rank x rank, between A and B, for the methods that ask for it
 
 
 BOTH = frozenset({Factor.A, Factor.B})
@@ -60,6 +65,7 @@ class Method:
     summary: ClassVar[str]  # one line for `dpfl-bench methods`
     citation: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    factors: ClassVar[frozenset[Factor]] = BOTH
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -67,6 +73,11 @@ class Method:
     @property
     def label(self) -> str:
         return self.name
+
+    def initialize(self, weight: torch.Tensor, factors: dict[Factor, torch.Tensor]) -> dict[Factor, torch.Tensor]:
+        """`factors` as matrices (A [r, in], B [out, r], R [r, r]) for a layer whose frozen weight is `weight`
+        [out, in] (a 1x1 convolution's flattened); the same server-side for every client, so no data."""
+        return factors
 
     def trains(self, round: int, step: int) -> frozenset[Factor]:
         return BOTH

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dpfl_bench.config import RunConfig, build_config, read_toml
+from dpfl_bench.config import RunConfig, read_toml
+from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
 from dpfl_bench.federated import run_id, saved_rows
 

@@ -198,7 +198,8 @@ def create_audit(config: RunConfig, mechanism: Mechanism, params: TrainableParam
         raise UserError(f"--dp-level {config.privacy.dp_level} cannot be audited; drop --audit-canaries")
     shapes = {n: p.shape for n, p in params.all().items()}
     sizes = {f: sum(p.numel() for p in params.by_factor[f].values()) for f in Factor}
-    smallest = sizes[Factor.HEAD] + min(sizes[Factor.A], sizes[Factor.B])  # the smallest set a step trains
+    # The smallest set a step may train: the head and the smallest factor the adapter has.
+    smallest = sizes[Factor.HEAD] + min(n for f, n in sizes.items() if f is not Factor.HEAD and n)
     if count > smallest:
         raise UserError(
             f"--audit-canaries {count} is more than the {smallest} parameters the smallest trained set has: canary "
