@@ -317,3 +317,19 @@ def test_same_seed_gives_identical_rows_across_processes(tmp_path):
         (parquet,) = out.glob("*.parquet")
         rows.append(pd.read_parquet(parquet)[["test_accuracy", "test_loss", "train_loss", "eps_spent"]])
     pd.testing.assert_frame_equal(rows[0], rows[1], check_exact=True)
+
+
+def test_the_cli_module_imports_no_heavy_library():
+    """`dpfl-bench --help` and `--version` answer before torch, scipy, pandas or Ray would have loaded."""
+    import subprocess
+
+    code = "import sys, dpfl_bench.cli; print(sorted({'torch', 'scipy', 'pandas', 'ray', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_version():
+    from dpfl_bench import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"dpfl-bench {__version__}"

@@ -33,6 +33,21 @@ Execution = "Execution"
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dpfl_bench import __version__
+
+        console.print(f"dpfl-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 def _opt(help: str, panel: str, *flags: str) -> Any:
     return typer.Option(*flags, help=help, rich_help_panel=panel, show_default=False)
 
@@ -69,7 +84,7 @@ ClientSize = Annotated[Optional[int], _opt("Training examples per client, disjoi
 
 @app.command()
 def run(
-    method: Annotated[Optional[str], _opt("LoRA method: dp-lora, ffa-lora, rolora, la-lora (see `dpfl-bench methods`). \\[default: la-lora]", Section)] = None,
+    method: Annotated[Optional[str], _opt("LoRA method: dp-lora, ffa-lora, rolora, la-lora, fedsvd, fed-sb (see `dpfl-bench methods`). \\[default: la-lora]", Section)] = None,
     eps: Eps = None,
     delta: Delta = None,
     dp_level: DpLevel = None,

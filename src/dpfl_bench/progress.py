@@ -4,14 +4,16 @@ The CLI hands a `SweepProgress` to a backend as its `on_event`; nothing below th
 """
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dpfl_bench.config import RunConfig
-from dpfl_bench.execution import PointEvent
+
+if TYPE_CHECKING:  # execution imports torch and the whole core; `dpfl-bench --help` must not wait for it
+    from dpfl_bench.execution import PointEvent
 
 
 def progress_bars(console: Console) -> Progress:
@@ -61,7 +63,7 @@ class SweepProgress:
         self.failed: list[tuple[str, str]] = []
         self.notes: set[str] = set()
 
-    def __call__(self, event: PointEvent) -> None:
+    def __call__(self, event: "PointEvent") -> None:
         label, progress = self.labels[event.point], self.progress
         if event.kind == "started":
             if event.point in self.bars:  # a retry, on another worker
