@@ -149,7 +149,8 @@ def run(
         from dpfl_bench.config import RunConfig, load_toml
         from dpfl_bench.configure import build_config
         from dpfl_bench.execution import quiet_libraries
-        from dpfl_bench.federated import find_resume, run_federated
+        from dpfl_bench.federated import find_resume, results_path, run_federated
+        from dpfl_bench.lock import check_unlocked
         from dpfl_bench.tasks import TASKS
 
         options = load_toml(config) if config else {}
@@ -166,6 +167,7 @@ def run(
         if resume.finished_rows:
             console.print(resume.note, highlight=False)
             return
+        check_unlocked(results_path(resolved))
         quiet_libraries()
         fed, priv = resolved.federated, resolved.privacy
         if priv.accounted:

@@ -27,6 +27,7 @@ from dpfl_bench.client import ClientResult, RunContext, Workspace, train_client
 from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
+from dpfl_bench.lock import writer_lock
 from dpfl_bench.method import Factor, create_method
 from dpfl_bench.partition import clients_per_round, dirichlet_mix_partition, dirichlet_partition, iid_partition
 from dpfl_bench.precision import autocast, to_device, use_tensor_cores
@@ -200,8 +201,16 @@ def run_federated(
     """Run one configuration to the end, writing its results file after every evaluation and a
     checkpoint as `checkpointing` says; resume from the checkpoint of an interrupted run (`resume`, from
     `find_resume`: a caller that has told the user how the run starts passes what it found)."""
-    started = time.perf_counter()
     out = writable_folder(Path(config.out)) / f"{run_id(config)}.parquet"  # fail before training, not after
+    with writer_lock(out):
+        return _run(config, out, on_round, checkpointing, resume)
+
+
+def _run(
+    config: RunConfig, out: Path, on_round: Callable[[int, dict[str, Any] | None], None], checkpointing: CheckpointConfig,
+    resume: Resume | None,
+) -> RunSummary:
+    started = time.perf_counter()
     resume = resume if resume is not None else find_resume(config, checkpointing)
     saved = checkpoint_path(out)
     if resume.finished_rows:
