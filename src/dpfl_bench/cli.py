@@ -198,7 +198,10 @@ def run(
             def on_round(done: int, row: dict | None) -> None:
                 progress.update(bar, completed=done, description="training", **({"status": round_status(row)} if row else {}))
 
-            summary = run_federated(resolved, on_round=on_round, checkpointing=checkpointing, resume=resume)
+            def on_progress(done: float) -> None:
+                progress.update(bar, completed=done, description="training")
+
+            summary = run_federated(resolved, on_round=on_round, on_progress=on_progress, checkpointing=checkpointing, resume=resume)
         _print_summary(summary)
 
 

@@ -63,6 +63,7 @@ class RunContext:
     mechanism: Mechanism  # calibrated for the run's schedule
     randomness: Randomness
     audit: NoAudit = NoAudit()
+    on_steps: Callable[[int], None] = lambda count: None  # told of every `count` client-steps done (progress)
 
 
 def train_client(ws: Workspace, start: State, data: Examples, run: RunContext, *, client: int, round: int) -> ClientResult:
@@ -93,6 +94,7 @@ def train_client(ws: Workspace, start: State, data: Examples, run: RunContext, *
                 param.grad = method.postprocess(factor, grads[name]).to(param.dtype)
         optimizer.step()
         loss_sum, seen = loss_sum + batch_loss, seen + len(index)
+        run.on_steps(1)
     uploaded = method.uploads(round) | {Factor.HEAD}
     upload = {n: p.detach().clone() for n, p in ws.params.of(uploaded).items()}
     return ClientResult(upload, len(data), float(loss_sum) / max(seen, 1))

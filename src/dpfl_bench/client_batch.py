@@ -137,6 +137,7 @@ def train_clients(
                         param.grad[c] = method.postprocess(factor, grads[name]).to(param.dtype)
                 seen[c] += len(index)
             optimizer.step()
+            run.on_steps(count)
     uploaded = list(ws.params.of(method.uploads(round) | {Factor.HEAD}))
     totals = loss_sums.tolist()  # the one read from the device
     return [

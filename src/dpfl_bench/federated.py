@@ -10,7 +10,7 @@ import os
 import resource
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
@@ -195,20 +195,23 @@ def run_federated(
     config: RunConfig,
     *,
     on_round: Callable[[int, dict[str, Any] | None], None] = lambda r, row: None,
+    on_progress: Callable[[float], None] = lambda rounds: None,
     checkpointing: CheckpointConfig = CheckpointConfig(),
     resume: Resume | None = None,
 ) -> RunSummary:
     """Run one configuration to the end, writing its results file after every evaluation and a
     checkpoint as `checkpointing` says; resume from the checkpoint of an interrupted run (`resume`, from
-    `find_resume`: a caller that has told the user how the run starts passes what it found)."""
+    `find_resume`: a caller that has told the user how the run starts passes what it found). `on_round`
+    hears of each finished round (and, once loaded, of the rounds done before); `on_progress`, of the
+    rounds done so far within a round, in fractions of client-steps, for progress bars."""
     out = writable_folder(Path(config.out)) / f"{run_id(config)}.parquet"  # fail before training, not after
     with writer_lock(out):
-        return _run(config, out, on_round, checkpointing, resume)
+        return _run(config, out, on_round, on_progress, checkpointing, resume)
 
 
 def _run(
-    config: RunConfig, out: Path, on_round: Callable[[int, dict[str, Any] | None], None], checkpointing: CheckpointConfig,
-    resume: Resume | None,
+    config: RunConfig, out: Path, on_round: Callable[[int, dict[str, Any] | None], None],
+    on_progress: Callable[[float], None], checkpointing: CheckpointConfig, resume: Resume | None,
 ) -> RunSummary:
     started = time.perf_counter()
     resume = resume if resume is not None else find_resume(config, checkpointing)
@@ -238,9 +241,17 @@ def _run(
             write_rows(rows, out)
         else:
             out.unlink(missing_ok=True)
-        on_round(ckpt.rounds_done, rows[-1] if rows else None)
+    on_round(resume.rounds_done, rows[-1] if rows else None)  # loaded: training starts
 
+    within = {"round": resume.rounds_done, "steps": 0, "of": 1}  # the round under way, in client-steps
+
+    def advance(count: int) -> None:
+        within["steps"] += count
+        on_progress(within["round"] + within["steps"] / within["of"])
+
+    exp = replace(exp, run=replace(exp.run, on_steps=advance))
     for round in range(resume.rounds_done, fed.rounds):
+        within.update(round=round, steps=0, of=max(len(exp.schedule[round]) * fed.local_steps, 1))
         round_started = time.perf_counter()
         global_state, results, names = train_round(exp, global_state, client_states, round)
         train_seconds += time.perf_counter() - round_started

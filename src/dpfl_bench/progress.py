@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dpfl_bench.config import RunConfig
 
@@ -17,13 +17,16 @@ if TYPE_CHECKING:  # execution imports torch and the whole core; `dpfl-bench --h
 
 
 def progress_bars(console: Console) -> Progress:
+    """A spinner while anything moves; bars advance within a round (per client-step), and the ETA is the
+    remaining work at the speed so far."""
     return Progress(
+        SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]} · {task.fields[status]}"),
+        TextColumn("{task.fields[unit]} · {task.fields[status]} · elapsed"),
         TimeElapsedColumn(),
-        TextColumn("left"),
+        TextColumn("· ETA"),
         TimeRemainingColumn(),
         console=console,
     )
@@ -60,8 +63,10 @@ class SweepProgress:
         self.ended = total - len(points)  # points finished before this sweep count as done
         self.suite = progress.add_task("suite", total=total, completed=self.ended, status="", unit="runs")
         self.bars: dict[int, Any] = {}
+        self.done: dict[int, float] = {}  # each running point's fraction done: the suite's ETA counts it
         self.failed: list[tuple[str, str]] = []
         self.notes: set[str] = set()
+        self.loading: set[int] = set()  # started points that have not yet reported a round
 
     def __call__(self, event: "PointEvent") -> None:
         label, progress = self.labels[event.point], self.progress
@@ -70,15 +75,24 @@ class SweepProgress:
                 progress.console.print(f"[yellow]↻[/] {label}: retrying on {event.worker}; {escape(event.message)}", highlight=False)
                 progress.update(self.bars[event.point], completed=event.rounds_done)
                 return
-            status = f"resumed at round {event.rounds_done}" if event.rounds_done else "loading"
+            status = f"resumed at round {event.rounds_done:g}" if event.rounds_done else "loading"
+            self.loading.add(event.point)
             total = self.points[event.point].federated.rounds
             self.bars[event.point] = progress.add_task(f"  {label}", total=total, completed=event.rounds_done, status=status, unit="rounds")
+            self._update_suite()
         elif event.kind == "note" and event.message not in self.notes:  # each different note once
             self.notes.add(event.message)
             progress.console.print(f"[yellow]note[/]: {escape(event.message)}", highlight=False)
-        elif event.kind == "round" and event.point in self.bars:
-            status = {"status": round_status(event.row)} if event.row else {}
-            progress.update(self.bars[event.point], completed=event.rounds_done, **status)
+        elif event.kind in ("round", "progress") and event.point in self.bars:
+            bar = self.bars[event.point]
+            if event.row:
+                status = {"status": round_status(event.row)}
+            else:  # loaded: its first round is under way
+                status = {"status": "training"} if event.point in self.loading else {}
+            self.loading.discard(event.point)
+            progress.update(bar, completed=event.rounds_done, **status)
+            self.done[event.point] = event.rounds_done / self.points[event.point].federated.rounds
+            self._update_suite()
         elif event.kind in ("finished", "failed"):
             if event.kind == "finished":
                 progress.console.print(f"[green]✓[/] {label}: {round_status(event.row)}", highlight=False)
@@ -87,5 +101,12 @@ class SweepProgress:
                 progress.console.print(f"[red]✗[/] {label}: {escape(event.message)}", highlight=False)
             if event.point in self.bars:
                 progress.remove_task(self.bars.pop(event.point))
+            self.done.pop(event.point, None)
             self.ended += 1
-            progress.update(self.suite, completed=self.ended, status=f"{len(self.failed)} failed" if self.failed else "")
+            self._update_suite()
+
+    def _update_suite(self) -> None:
+        running = f"{len(self.bars)} running" if self.bars else ""
+        failed = f"{len(self.failed)} failed" if self.failed else ""
+        status = " · ".join(s for s in (running, failed) if s)
+        self.progress.update(self.suite, completed=self.ended + sum(self.done.values()), status=status)

@@ -26,8 +26,8 @@ from dpfl_bench.federated import find_resume, results_path, run_federated
 @dataclass(frozen=True)
 class PointEvent:
     point: int  # index into the points handed to the backend
-    kind: str  # "started" | "round" | "note" | "finished" | "failed"
-    rounds_done: int = 0  # started: the round it resumes from; round: the rounds finished
+    kind: str  # "started" | "round" | "progress" (within a round) | "note" | "finished" | "failed"
+    rounds_done: float = 0  # started: the round it resumes from; round: the rounds finished; progress: done so far
     row: dict[str, float] | None = None  # an evaluated round's headline numbers (see `headline`)
     message: str = ""  # started: the resume note; note: a library's warning; failed: why, in one line
     worker: str = ""  # where the point runs: host:pid
@@ -97,6 +97,7 @@ def run_point(index: int, config: RunConfig, checkpointing: CheckpointConfig, em
         summary = run_federated(
             config,
             on_round=lambda done, row: emit(PointEvent(index, "round", done, headline(row), worker=worker)),
+            on_progress=lambda done: emit(PointEvent(index, "progress", done, worker=worker)),
             checkpointing=checkpointing,
             resume=resume,
         )
