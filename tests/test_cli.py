@@ -6,7 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
-from support import assert_one_line_error
+from support import assert_one_line_error, assert_user_error
 from typer.testing import CliRunner
 
 from dpfl_bench import cli
@@ -333,3 +333,17 @@ def test_version():
 
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"dpfl-bench {__version__}"
+
+
+def test_threads_are_set_and_recorded_and_a_negative_count_is_one_line(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = invoke("run", "--task", "synthetic", "--rounds", "1", "--local-steps", "1", "--threads", "1", "--out", tmp_path)
+        assert result.exit_code == 0, result.output
+        (path,) = tmp_path.glob("*.parquet")
+        assert read_run(path)["threads"].tolist() == [1]
+    finally:
+        torch.set_num_threads(before)
+    assert_user_error(invoke("run", "--task", "synthetic", "--threads", "-1", "--out", tmp_path), "--threads must be 0")

@@ -294,6 +294,7 @@ def _run(
                 "peak_memory_bytes": peak_memory_bytes(ws.device),
                 "physical_batch_size": ws.physical_batch_size,
                 "clients_together": exp.batched,
+                "threads": torch.get_num_threads(),
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
                 "config_json": config.to_json(),

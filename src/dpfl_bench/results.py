@@ -44,6 +44,7 @@ SCHEMA = pa.schema(
         ("peak_memory_bytes", pa.int64()),  # CUDA peak allocation, or peak resident memory on CPU
         ("physical_batch_size", pa.int64()),  # examples per forward pass now, after any CUDA out-of-memory halving
         ("clients_together", pa.bool_()),  # a round's clients trained in one batched pass (--client-batching)
+        ("threads", pa.int64()),  # torch's intra-op threads (--threads; a sweep's: cores / --jobs)
         ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
         ("seed", pa.int64()),
         ("config_json", pa.string()),  # the fully resolved configuration, method options included
@@ -55,7 +56,7 @@ SCHEMA = pa.schema(
         ("transformers_version", pa.string()),
     ]
 )
-ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together")  # read as empty from older files
+ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together", "threads")  # read as empty from older files
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
