@@ -347,3 +347,13 @@ def test_threads_are_set_and_recorded_and_a_negative_count_is_one_line(tmp_path)
     finally:
         torch.set_num_threads(before)
     assert_user_error(invoke("run", "--task", "synthetic", "--threads", "-1", "--out", tmp_path), "--threads must be 0")
+
+
+def test_an_out_that_is_a_file_or_a_missing_cuda_is_refused_before_anything_is_printed(tmp_path):
+    import torch
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert_user_error(invoke("run", "--task", "synthetic", "--out", a_file), "is a file; name a folder")
+    if not torch.cuda.is_available():
+        assert_user_error(invoke("run", "--task", "synthetic", "--device", "cuda", "--out", tmp_path), "no CUDA GPU is available")

@@ -159,7 +159,7 @@ def run(
         from dpfl_bench.config import RunConfig, load_toml
         from dpfl_bench.configure import build_config
         from dpfl_bench.execution import quiet_libraries
-        from dpfl_bench.federated import find_resume, results_path, run_federated
+        from dpfl_bench.federated import find_resume, resolve_device, results_path, run_federated, writable_folder
         from dpfl_bench.lock import check_unlocked
         from dpfl_bench.tasks import TASKS
 
@@ -177,6 +177,9 @@ def run(
         if resume.finished_rows:
             console.print(resume.note, highlight=False)
             return
+        # Everything that needs no data is refused before the header; the data's own checks come before the model.
+        writable_folder(Path(resolved.out))
+        resolve_device(resolved.device)
         check_unlocked(results_path(resolved))
         if threads:
             import torch

@@ -346,6 +346,8 @@ def train_round(
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file; name a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
