@@ -50,7 +50,7 @@ def write_run(
             eps_spent=eps * r / total if private else eps, eps_spent_mean=0.0 if private else eps, round=r, rounds_total=total,
             test_accuracy=accuracy, test_loss=1.0 - accuracy, val_accuracy=val_accuracy, val_loss=1.0 - val_accuracy,
             train_loss=1.0, wall_seconds=10.0 * r, train_seconds=2.0 * r, peak_memory_bytes=1 << 20, physical_batch_size=64,
-            clients_together=False,
+            clients_together=False, threads=1,
             bytes_uploaded_per_round=3e6, seed=seed, config_json=config.to_json(), client_data_json="[]",
         )
         rows.append(row)

@@ -145,3 +145,22 @@ def test_results_file_mode_follows_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_every_option_is_a_column_of_a_runs_results(tmp_path):
+    """`df.groupby("lr")` on a results file as it is: each resolved option its own column, named as its flag
+    (config.<name> where a results column has the name), each method option as method_options.<name>."""
+    import pandas as pd
+
+    from dpfl_bench.configure import build_config
+    from dpfl_bench.federated import run_federated
+    from dpfl_bench.tasks import TASKS
+
+    config = build_config({"task": "synthetic", "device": "cpu", "rounds": 1, "local-steps": 1, "lr": 0.02, "eps": float("inf"),
+                           "method": "la-lora", "method-options": {"smooth_sigma": 0.5}, "out": str(tmp_path)},
+                          TASKS.get("synthetic").defaults)
+    df = pd.read_parquet(run_federated(config).path)
+    assert df["lr"].tolist() == [0.02] and df["local_steps"].tolist() == [1] and df["eps"].tolist() == [float("inf")]
+    assert df["method_options.smooth_sigma"].tolist() == [0.5]
+    assert df["dp_level"].tolist() == ["none"] and df["config.dp_level"].tolist() == ["sample"]  # what ran, what was asked
+    assert df["config.method"].tolist() == ["la-lora"]

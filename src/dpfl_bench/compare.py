@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dpfl_bench.errors import UserError
-from dpfl_bench.results import SCHEMA, NotAResultsFile, read_run
+from dpfl_bench.results import SCHEMA, NotAResultsFile, flat_options, option_column, read_run
 from dpfl_bench.stats import Gain, paired_gain
 
 TABLE_KEYS = ["task", "model"]  # one table per task and model
@@ -28,7 +28,6 @@ HIGHLIGHTED_METHOD = "la-lora"  # the method whose gain over the best other meth
 SELECTION_METRIC = "val_accuracy"  # --select chooses on validation data, never on the test split it reports
 LOWER_IS_BETTER = ("loss", "seconds", "bytes", "memory", "eps_spent", "audit_eps", "noise")  # audit ε: less leaked
 NO_GUARANTEE = "(no guarantee)"
-SPECIAL_NUMBERS = {"inf": math.inf, "nan": math.nan}  # how a configuration's JSON writes them
 
 
 @dataclass(frozen=True)
@@ -98,25 +97,9 @@ def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
     finals = rows.sort_values("round").groupby("run_id", sort=False).tail(1).sort_values("run_id").reset_index(drop=True)
     finals["seconds_per_round"] = finals["train_seconds"] / finals["round"]
     options = pd.DataFrame([flat_options(text) for text in finals["config_json"]], index=finals.index)
-    return with_regimes(finals.join(options.rename(columns={c: option_column(c) for c in options.columns})))
-
-
-def option_column(option: str) -> str:
-    """The column of `finals` that holds a run option."""
-    return f"config.{option}" if option in SCHEMA.names else option
-
-
-def flat_options(config_json: str) -> dict:
-    """A resolved configuration as flat option names (the names `run` takes, with underscores)."""
-    flat = {}
-    for key, value in json.loads(config_json).items():
-        if isinstance(value, dict) and key != "method_options":
-            flat.update(value)
-        elif key == "method_options":
-            flat.update({f"method_options.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return {k: SPECIAL_NUMBERS.get(v, v) if isinstance(v, str) else v for k, v in flat.items()}
+    options = options.rename(columns={c: option_column(c) for c in options.columns})
+    # Files of version 0.7 on hold these columns already; older ones get them from their configuration here.
+    return with_regimes(finals.drop(columns=[c for c in options.columns if c in finals.columns]).join(options))
 
 
 class Regime(NamedTuple):

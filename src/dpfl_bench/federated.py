@@ -35,7 +35,7 @@ from dpfl_bench.privacy.canaries import create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients, check_per_example
 from dpfl_bench.privacy.randomness import SERVER, Purpose, Randomness
-from dpfl_bench.results import read_run, write_rows
+from dpfl_bench.results import option_values, read_run, write_rows
 from dpfl_bench.tasks import TASKS, Examples, Task, TaskData
 
 EVAL_BATCH_SIZE = 64  # on 2 CPU cores, 2,000 fashion images took 6.8 s at 64 and 9.3 s at 256
@@ -298,6 +298,7 @@ def _run(
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
                 "config_json": config.to_json(),
+                **option_values(config.to_json()),
                 "client_data_json": client_data,
                 **versions(),
             }

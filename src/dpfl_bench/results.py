@@ -4,6 +4,8 @@ The file is rewritten after every evaluation through a temporary file and an ato
 interrupted run leaves the rounds it finished and never a half-written file.
 """
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -56,12 +58,42 @@ SCHEMA = pa.schema(
         ("transformers_version", pa.string()),
     ]
 )
+SPECIAL_NUMBERS = {"inf": math.inf, "nan": math.nan}  # how a configuration's JSON writes them
+
+
+def option_column(option: str) -> str:
+    """The column that holds a run option, in results files and compare's tables: the option's name, or
+    config.<name> where a results column has that name (dp_level, which a non-private run records as none)."""
+    return f"config.{option}" if option in SCHEMA.names else option
+
+
+def flat_options(config_json: str) -> dict:
+    """A resolved configuration as flat option names (the names `run` takes, with underscores)."""
+    flat = {}
+    for key, value in json.loads(config_json).items():
+        if isinstance(value, dict) and key != "method_options":
+            flat.update(value)
+        elif key == "method_options":
+            flat.update({f"method_options.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return {k: SPECIAL_NUMBERS.get(v, v) if isinstance(v, str) else v for k, v in flat.items()}
+
+
+def option_values(config_json: str) -> dict[str, Any]:
+    """A run's options as columns of its rows (`option_column` names), so that `df.groupby("lr")` works on a
+    results file as it is: lists (of targets) as comma-joined text."""
+    return {option_column(k): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat_options(config_json).items()}
+
+
 ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together", "threads")  # read as empty from older files
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     """Write `rows` to `path` atomically: readers see the old file or the new one, never a partial one."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    for name in sorted({k for row in rows for k in row} - set(SCHEMA.names)):  # the options, after the fixed columns
+        table = table.append_column(name, pa.array([row.get(name) for row in rows]))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -91,4 +123,5 @@ def read_run(path: Path) -> pd.DataFrame:
         other_version = "run_id" in table.column_names and "config_json" in table.column_names
         what = "from another version of dpfl-bench" if other_version else "not a dpfl-bench results file"
         raise NotAResultsFile(f"{path} is {what} (missing {', '.join(sorted(missing))})")
-    return table.select(SCHEMA.names).to_pandas()
+    options = [n for n in table.column_names if n not in SCHEMA.names]
+    return table.select([*SCHEMA.names, *options]).to_pandas()
