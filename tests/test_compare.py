@@ -415,3 +415,20 @@ def test_the_plot_labels_regimes_without_a_guarantee(regimes, tmp_path, monkeypa
     assert [ax.get_title() for ax in saved["axes"]][2] == "synthetic · authors σ=0.2 (no guarantee)"
     ticks = [t.get_text() for t in saved["axes"][-1].get_xticklabels()]
     assert ticks == ["1", "∞\n(no DP)", "authors σ=0.2\n(no guarantee)", "authors σ=0.5\n(no guarantee)"]
+
+
+def test_runs_lists_finished_and_unfinished_runs_and_filters_them(tmp_path):
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5, 0.6], eps=1.0)
+    write_run(tmp_path, method="la-lora", seed=1, accuracies=[0.4], eps=1.0, rounds_total=3)
+    write_run(tmp_path, method="la-lora", seed=2, accuracies=[0.7], dp_level="authors", dp_sigma=0.2)
+    (tmp_path / "foreign.parquet").write_bytes(b"not parquet")
+    result = invoke("runs", tmp_path, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    listed = pd.read_csv(__import__("io").StringIO(result.stdout))
+    assert sorted(zip(listed["method"], listed["rounds"], listed["finished"])) == [
+        ("dp-lora", "2/2", True), ("la-lora", "1/1", True), ("la-lora", "1/3", False)]
+    assert set(listed["regime"]) == {"ε=1", "authors σ=0.2 (no guarantee)"}
+    assert "skipped" in result.stderr and "foreign.parquet" in result.stderr
+    unfinished = invoke("runs", tmp_path, "--where", "finished=false", "--format", "csv")
+    assert unfinished.stdout.count("\n") == 2 and "1/3" in unfinished.stdout
+    assert_user_error(invoke("runs", tmp_path, "--where", "colour=red"), "--where colour: not a column")

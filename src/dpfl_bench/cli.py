@@ -407,6 +407,39 @@ def sweep(
 
 
 @app.command()
+def runs(
+    results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
+    where: Annotated[Optional[list[str]], typer.Option(help="Keep the runs whose COLUMN equals VALUE (repeatable), e.g. method=la-lora, finished=false.", show_default=False)] = None,
+    format: Annotated[str, typer.Option("--format", help="table or csv.")] = "table",
+) -> None:
+    """List the runs in a results folder, finished or not: task, method, regime, seed, key options, rounds
+    done of planned, last test accuracy and ε spent. Example: dpfl-bench runs results/ --where finished=false
+    """
+    with _user_errors():
+        from dpfl_bench.compare import RUN_COLUMNS, list_runs
+
+        if format not in ("table", "csv"):
+            raise UserError(f"--format must be table or csv, got {format!r}")
+        listed, warnings = list_runs(results)
+        for column, value in _key_values(where or []).items():
+            if column not in RUN_COLUMNS:
+                raise UserError(f"--where {column}: not a column of this list; use one of {', '.join(RUN_COLUMNS)}")
+            listed = listed[listed[column].astype(str).str.lower() == value.lower()]
+        for warning in warnings:
+            errors.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
+        if format == "csv":
+            print(listed.to_csv(index=False), end="")
+            return
+        headers = {"local_steps": "K", "batch_size": "batch", "finished": "done", "test_accuracy": "test acc", "eps_spent": "ε spent"}
+        shown = [c for c in RUN_COLUMNS if c != "run_id"]  # in the csv; too long for a terminal's table
+        table = Table(*(headers.get(c, c) for c in shown), title=f"{len(listed)} runs in {results}")
+        for line in listed[shown].itertuples(index=False):
+            table.add_row(*(f"{v:.4f}" if k in ("test_accuracy", "eps_spent") else escape(f"{v:g}" if isinstance(v, float) else str(v))
+                            for k, v in zip(shown, line)))
+        console.print(table)
+
+
+@app.command()
 def compare(
     results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
     metric: Annotated[str, typer.Option(help="Any numeric results column, e.g. test_accuracy, eps_spent, seconds_per_round.")] = "test_accuracy",

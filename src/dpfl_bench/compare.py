@@ -74,6 +74,38 @@ def load_results(folder: Path) -> Results:
     return Results(rows, final_rows(rows), unfinished, warnings)
 
 
+RUN_COLUMNS = ("task", "method", "regime", "seed", "lr", "rank", "local_steps", "batch_size", "rounds", "finished",
+               "test_accuracy", "eps_spent", "run_id")
+
+
+def list_runs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every results file under `folder`, finished or not, a line each: what ran (task, method, privacy
+    regime, seed, key options), how far it got ("done/planned" rounds) and its last figures; and a warning
+    per file that is not a readable results file."""
+    if not folder.exists():
+        raise UserError(f"{folder} does not exist; give a folder of results files (e.g. results/)")
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    lines, warnings = [], []
+    for path in files:
+        try:
+            run = read_run(path)
+        except Exception as e:  # a foreign or damaged file: said, and the others still listed
+            warnings.append(f"skipped {path}: {_short(str(e).removeprefix(f'{path} is '))}")
+            continue
+        for _, last in run.sort_values("round").groupby("run_id", sort=False).tail(1).iterrows():
+            options = flat_options(last["config_json"])
+            column = regime(last["dp_level"], bool(last["guarantee"]), float(last["eps_target"]), options.get("dp_sigma", math.nan))
+            lines.append({
+                "task": last["task"], "method": last["method"], "seed": int(last["seed"]), "regime": column.label,
+                **{k: options.get(k) for k in ("lr", "rank", "local_steps", "batch_size")},
+                "rounds": f"{int(last['round'])}/{int(last['rounds_total'])}", "finished": bool(last["round"] >= last["rounds_total"]),
+                "test_accuracy": float(last["test_accuracy"]), "eps_spent": float(last["eps_spent"]), "run_id": last["run_id"],
+                "config_json": last["config_json"],
+            })
+    runs = pd.DataFrame(lines, columns=[*RUN_COLUMNS, "config_json"])
+    return with_method_labels(runs).drop(columns="config_json"), warnings
+
+
 def with_method_labels(rows: pd.DataFrame) -> pd.DataFrame:
     """`rows` with `method` as its run's configuration names it (`Method.label`), so that a variant is its
     own row even in files written before version 0.6 recorded labels."""
