@@ -357,3 +357,32 @@ def test_an_out_that_is_a_file_or_a_missing_cuda_is_refused_before_anything_is_p
     assert_user_error(invoke("run", "--task", "synthetic", "--out", a_file), "is a file; name a folder")
     if not torch.cuda.is_available():
         assert_user_error(invoke("run", "--task", "synthetic", "--device", "cuda", "--out", tmp_path), "no CUDA GPU is available")
+
+
+def test_every_default_in_run_help_is_the_configurations_own():
+    """No help text may drift from config.py: each `[default: X` shown for an option starts with the default
+    the configuration has, and every option a built-in task sets says that a task may set its own."""
+    from dpfl_bench.config import TASK_TUNED, default_value, option_names
+    from dpfl_bench.tasks import TASKS
+
+    for name, task in TASKS:
+        assert {k.replace("_", "-") for k in task.defaults} <= set(TASK_TUNED), name
+    result = invoke("run", "--help")
+    text = re.sub(r"[│\s]+", " ", result.output)
+    checked = 0
+    for option in option_names():
+        match = re.search(rf"--{option} <\w+> .*?\[default: ([^;\]:]+)", text)
+        if match is None or option in ("preset",):
+            continue
+        value = default_value(option)
+        if value in ("", None):  # told in words (lora-targets: per architecture)
+            continue
+        written = match.group(1).strip()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(written) == value, (option, written, value)
+        else:
+            assert written == str(value), (option, written, value)
+        checked += 1
+        if option in TASK_TUNED:
+            assert re.search(rf"--{option} <\w+> [^[]*\[default: [^]]*a task may set its own", text), option
+    assert checked >= 25

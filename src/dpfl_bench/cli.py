@@ -55,7 +55,15 @@ def _main(
     pass
 
 
-def _opt(help: str, panel: str, *flags: str) -> Any:
+def _opt(help: str, panel: str, *flags: str, option: str = "") -> Any:
+    """An option whose help ends with its default: for `option`, the configuration's own, and where tasks
+    set their own, a pointer to them."""
+    if option:
+        from dpfl_bench.config import TASK_TUNED, default_value
+
+        value = default_value(option)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        help += f" \\[default: {shown}" + ("; a task may set its own: `dpfl-bench tasks`]" if option in TASK_TUNED else "]")
     return typer.Option(*flags, help=help, rich_help_panel=panel, show_default=False)
 
 
@@ -68,19 +76,19 @@ Calibration = Annotated[Optional[str], _opt("`per-client`: each client the small
 Rng = Annotated[Optional[str], _opt("`seeded`: every draw from --seed (reproducible; not private against anyone who can guess the seed); `secure`: OS-keyed ChaCha20 for every privacy draw, for private data. \\[default: seeded]", Privacy)]
 AccountantName = Annotated[Optional[str], _opt("Privacy accountant: rdp or prv. \\[default: rdp]", Privacy)]
 TaskName = Annotated[Optional[str], _opt("Task: data + pretrained model (see `dpfl-bench tasks`); its defaults fill options left out. \\[default: fashion]", Section)]
-Clients = Annotated[Optional[int], _opt("Number of clients N.", Federated)]
-Participation = Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated)]
-Rounds = Annotated[Optional[int], _opt("Communication rounds.", Federated)]
-LocalSteps = Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated)]
-BatchSize = Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training)]
+Clients = Annotated[Optional[int], _opt("Number of clients N.", Federated, option="clients")]
+Participation = Annotated[Optional[float], _opt("Fraction of clients sampled each round, in (0, 1].", Federated, option="participation")]
+Rounds = Annotated[Optional[int], _opt("Communication rounds.", Federated, option="rounds")]
+LocalSteps = Annotated[Optional[int], _opt("Local optimizer steps K per sampled client and round.", Federated, option="local-steps")]
+BatchSize = Annotated[Optional[int], _opt("(Expected) batch size per local step.", Training, option="batch-size")]
 Seed = Annotated[Optional[int], _opt("Seed for data split, client sampling, init, batches and noise. \\[default: 0]", Section)]
 Model = Annotated[Optional[str], _opt("hf:<id-or-path> or timm:<name> instead of the task's model (hub tasks).", Sources)]
 ModelPath = Annotated[Optional[str], _opt("Local weights: a save_pretrained folder (hf) or a checkpoint file (timm).", Sources)]
 DataDir = Annotated[Optional[str], _opt("Local copy of the data: a save_to_disk folder, an imagefolder or Parquet files.", Sources)]
 Workers = Annotated[Optional[int], _opt("Processes that decode or tokenize the data once at load. \\[default: 0]", Sources)]
-Partition = Annotated[Optional[str], _opt("Data split across clients: `iid`; `dirichlet`: each class split across clients in Dir(α) proportions; `dirichlet-mix`: each client's class mix drawn from Dir(α), clients of equal size.", Federated)]
-DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of dirichlet and dirichlet-mix; smaller is more skewed.", Federated)]
-MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated)]
+Partition = Annotated[Optional[str], _opt("Data split across clients: `iid`; `dirichlet`: each class split across clients in Dir(α) proportions; `dirichlet-mix`: each client's class mix drawn from Dir(α), clients of equal size.", Federated, option="partition")]
+DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of dirichlet and dirichlet-mix; smaller is more skewed.", Federated, option="dirichlet-alpha")]
+MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated, option="min-partition-size")]
 CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N rounds, to resume from when interrupted. \\[default: 0: after every evaluated round]", show_default=False, rich_help_panel=Resuming)]
 KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the checkpoint once the run has finished (it is removed by default).", rich_help_panel=Resuming)]
 ClientSelection = Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)]
@@ -111,21 +119,21 @@ def run(
     dirichlet_alpha: DirichletAlpha = None,
     min_partition_size: MinPartitionSize = None,
     client_size: ClientSize = None,
-    weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated)] = None,
+    weighting: Annotated[Optional[str], _opt("FedAvg weights: uniform or size.", Federated, option="weighting")] = None,
     client_selection: ClientSelection = None,
     head: Annotated[Optional[str], _opt("The classification head: `shared`, sent and averaged with the adapters; `local`, never sent, each client keeps its own from round to round; `reset`, never sent nor kept, each client starts every round from the server's, which stays as initialized (the authors' GLUE code). With local or reset the global model is evaluated with the server's head, as the authors' code does. \\[default: shared]", Federated)] = None,
     batch_size: BatchSize = None,
     physical_batch_size: Annotated[Optional[int], _opt("Examples per forward pass; bigger batches are split (halved on CUDA out-of-memory). With --client-batching, counts the examples of all clients of a pass. \\[default: 0: twice the batch size (of each client trained together); on a CPU at most 32 per client and 64 a pass]", Training)] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or fp16: autocast of the forward pass; privacy arithmetic stays fp32. \\[default: fp32]", Training)] = None,
-    lr: Annotated[Optional[float], _opt("Learning rate.", Training)] = None,
-    optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training)] = None,
+    lr: Annotated[Optional[float], _opt("Learning rate.", Training, option="lr")] = None,
+    optimizer: Annotated[Optional[str], _opt("Local optimizer: adamw or sgd.", Training, option="optimizer")] = None,
     weight_decay: Annotated[Optional[float], _opt("Optimizer weight decay (decoupled for adamw). \\[default: 0]", Training)] = None,
     lr_decay: Annotated[Optional[float], _opt("Learning-rate multiplier per round: round t trains at lr · lr_decay^t. \\[default: 1]", Training)] = None,
     client_batching: Annotated[Optional[str], _opt("`auto`: a round's clients train together in one pass of the backbone when the model allows it (LoRA on linear layers or 1x1 convolutions, a linear head, a training pass that is per example), else one after another; `on`: together or a one-line refusal; `off`: one after another. Same results to float rounding. \\[default: auto]", Training)] = None,
     batch_order: BatchOrder = None,
-    eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training)] = None,
-    rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter)] = None,
-    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter)] = None,
+    eval_every: Annotated[Optional[int], _opt("Evaluate every this many rounds (and after the last).", Training, option="eval-every")] = None,
+    rank: Annotated[Optional[int], _opt("LoRA rank r.", Adapter, option="rank")] = None,
+    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the adapter scale is alpha / r.", Adapter, option="lora-alpha")] = None,
     lora_targets: Annotated[Optional[str], _opt("Module-name suffixes that get LoRA, comma-separated, e.g. query,value. \\[default: per architecture]", Adapter)] = None,
     lora_dropout: Annotated[Optional[float], _opt("Dropout on the adapters' input, drawn per example (the authors' code: 0.05). \\[default: 0]", Adapter)] = None,
     model: Model = None,
@@ -317,9 +325,14 @@ def tasks() -> None:
     """List the tasks (data + pretrained model + LoRA targets) and their default options."""
     from dpfl_bench.tasks import TASKS
 
-    table = Table("task", "data and model", "LoRA on", "defaults", show_lines=True)
+    from dpfl_bench.config import TASK_TUNED, default_value
+
+    table = Table("task", "data and model", "LoRA on", "defaults (bold: the task's own)", show_lines=True)
     for name, task in TASKS:
-        defaults = ", ".join(f"{k}={v}" for k, v in task.defaults.items()) or "—"
+        own = {k.replace("_", "-"): v for k, v in task.defaults.items()}
+        values = {option: own.get(option, default_value(option)) for option in TASK_TUNED}
+        defaults = ", ".join(f"[bold]{k}={v:g}[/]" if k in own and isinstance(v, float) else f"[bold]{k}={v}[/]" if k in own
+                             else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         table.add_row(f"[bold]{name}[/]", task.description, ", ".join(task.lora_targets), defaults)
     console.print(table)
 

@@ -277,6 +277,23 @@ _TOP_LEVEL = ("task", "method", "seed", "device", "out", "method_options")
 PRESET = "preset"  # an option that stands for others (`presets.py`); not part of the resolved configuration
 
 
+# The options a task may set for itself (`Task.defaults`); a test keeps this list true to the built-in tasks.
+TASK_TUNED = (
+    "clients", "participation", "partition", "dirichlet-alpha", "rounds", "local-steps", "batch-size", "lr", "rank",
+    "lora-alpha", "eval-every",
+)
+
+
+def default_value(option: str) -> Any:
+    """The default of a flat option (dashed or not), before any task, preset, file or flag."""
+    name = option.replace("-", "_")
+    for section in (RunConfig, *SECTIONS.values()):
+        for f in dataclasses.fields(section):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+    raise KeyError(option)
+
+
 def option_names() -> list[str]:
     """Every flat option name, as written in TOML and (with `--`) on the command line."""
     names = [*_TOP_LEVEL, PRESET]
