@@ -323,9 +323,8 @@ def methods() -> None:
 @app.command()
 def tasks() -> None:
     """List the tasks (data + pretrained model + LoRA targets) and their default options."""
-    from dpfl_bench.tasks import TASKS
-
     from dpfl_bench.config import TASK_TUNED, default_value
+    from dpfl_bench.tasks import TASKS
 
     table = Table("task", "data and model", "LoRA on", "defaults (bold: the task's own)", show_lines=True)
     for name, task in TASKS:
