@@ -282,3 +282,20 @@ def test_the_paper_regime_confirm_suite_repeats_stage_1s_configurations_on_other
     again = load_suite(path)
     assert [run_id(c) for c in again.points] == [run_id(c) for c in picked]
     assert len({c.method_options.get("filter") for c in picked if c.method == "la-lora"}) == 2
+
+
+def test_a_dry_run_estimates_the_time_left_from_the_runs_saved_so_far(tmp_path):
+    from dpfl_bench.federated import run_federated
+    from dpfl_bench.sweep import estimate_seconds
+
+    suite = load_suite(suite_file(tmp_path, RUNNABLE))
+    assert estimate_seconds(suite.points) is None
+    assert "no run of this suite has saved a round yet" in invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run").output
+    first = run_federated(suite.points[0]).rows[-1]
+    per_round = first["wall_seconds"] / first["round"]
+    seconds, runs = estimate_seconds(suite.points)
+    dp_lora_left = sum(c.federated.rounds for c in suite.points[1:] if c.method == "dp-lora")
+    la_lora_left = sum(c.federated.rounds for c in suite.points if c.method == "la-lora")
+    assert runs == 1 and seconds == pytest.approx(per_round * (dp_lora_left + la_lora_left))
+    result = invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run", "--jobs", "2")
+    assert f"about {seconds / 3600 / 2:.1f} h with --jobs 2" in " ".join(result.output.split())

@@ -370,7 +370,7 @@ def sweep(
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.execution import ExecutionConfig, create_backend
         from dpfl_bench.federated import writable_folder
-        from dpfl_bench.sweep import is_finished, load_suite, rounds_done
+        from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, rounds_done
 
         execution = ExecutionConfig(
             backend=backend, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
@@ -387,6 +387,16 @@ def sweep(
             if loaded.description:
                 console.print(loaded.description, highlight=False)
             console.print(_grid_table(loaded, saved))
+            if todo:
+                estimate = estimate_seconds(loaded.points)
+                parallel = max(jobs, 1)
+                if estimate is None:
+                    console.print("time: no run of this suite has saved a round yet to estimate from; start it and ask again")
+                else:
+                    seconds, runs = estimate
+                    hours = seconds / 3600 / parallel
+                    console.print(f"time left: about {hours:.1f} h with --jobs {parallel}, at the seconds per round of the "
+                                  f"{runs} runs saved so far (wall time, evaluation included, on the machine they ran on)")
             return
         if not todo:
             console.print(f"nothing to run · compare the results: dpfl-bench compare {loaded.out}")

@@ -34,9 +34,10 @@ run is `dpfl_bench.execution`'s business.
 """
 
 import itertools
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dpfl_bench.config import RunConfig, read_toml
 from dpfl_bench.configure import build_config
@@ -168,3 +169,25 @@ def rounds_done(config: RunConfig) -> int:
 
 def is_finished(config: RunConfig) -> bool:
     return rounds_done(config) >= config.federated.rounds
+
+
+def estimate_seconds(points: Sequence[RunConfig]) -> tuple[float, int] | None:
+    """Seconds the unfinished `points` need one after another, from the seconds per round (wall time,
+    evaluation and start-up included) the suite's saved runs took: each point at its method's median, or
+    at all methods' when its method has none. With the number of runs it is estimated from; None before
+    any run has saved a round."""
+    per_round: dict[str, list[float]] = {}
+    saved = {}
+    for config in points:
+        rows = saved_rows(config)
+        saved[id(config)] = int(rows[-1]["round"]) if rows else 0
+        if rows:
+            per_round.setdefault(config.method, []).append(float(rows[-1]["wall_seconds"]) / int(rows[-1]["round"]))
+    if not per_round:
+        return None
+    everyone = statistics.median(s for seconds in per_round.values() for s in seconds)
+    total = 0.0
+    for config in points:
+        left = config.federated.rounds - saved[id(config)]
+        total += left * (statistics.median(per_round[config.method]) if config.method in per_round else everyone)
+    return total, sum(map(len, per_round.values()))
