@@ -195,11 +195,13 @@ def test_plot_writes_a_png_with_a_panel_per_eps_and_one_against_eps(folder, tmp_
     titles = [ax.get_title() for ax in saved["axes"]]
     assert titles == ["synthetic · ε=1", "synthetic · ε=∞ (no DP)", "synthetic · final test accuracy"]
     per_round = saved["axes"][0]
-    assert sorted(line.get_label() for line in per_round.get_lines()) == ["dp-lora", "la-lora"]
-    la_lora = next(line for line in per_round.get_lines() if line.get_label() == "la-lora")
+    assert sorted(line.get_label() for line in per_round.get_lines()) == ["dp-lora (3 seeds)", "la-lora (3 seeds)"]
+    la_lora = next(line for line in per_round.get_lines() if line.get_label().startswith("la-lora"))
     assert list(la_lora.get_xdata()) == [1, 2] and la_lora.get_ydata()[-1] == pytest.approx(0.7)
     assert all(float(tick).is_integer() for tick in per_round.get_xticks()), "rounds are whole numbers"
-    assert [t.get_text() for t in saved["axes"][-1].get_xticklabels()] == ["1", "∞\n(no DP)"]
+    final = saved["axes"][-1]
+    assert [t.get_text() for t in final.get_xticklabels()] == ["1", "∞\n(no DP)"]
+    assert all(line.get_linestyle() == "None" for line in final.get_lines()), "regimes are categories: no line joins them"
 
 
 def test_a_file_from_another_version_is_named_as_such(folder):
@@ -412,7 +414,8 @@ def test_runs_without_a_guarantee_are_never_averaged_with_accounted_ones(regimes
 def test_the_plot_labels_regimes_without_a_guarantee(regimes, tmp_path, monkeypatch):
     saved = saved_figure(monkeypatch)
     assert invoke("compare", regimes, "--plot", tmp_path / "regimes.png").exit_code == 0
-    assert [ax.get_title() for ax in saved["axes"]][2] == "synthetic · authors σ=0.2 (no guarantee)"
+    # One evaluated round each: no learning curve to draw, so the final panel alone.
+    assert [ax.get_title() for ax in saved["axes"]] == ["synthetic · final test accuracy"]
     ticks = [t.get_text() for t in saved["axes"][-1].get_xticklabels()]
     assert ticks == ["1", "∞\n(no DP)", "authors σ=0.2\n(no guarantee)", "authors σ=0.5\n(no guarantee)"]
 
@@ -432,3 +435,13 @@ def test_runs_lists_finished_and_unfinished_runs_and_filters_them(tmp_path):
     unfinished = invoke("runs", tmp_path, "--where", "finished=false", "--format", "csv")
     assert unfinished.stdout.count("\n") == 2 and "1/3" in unfinished.stdout
     assert_user_error(invoke("runs", tmp_path, "--where", "colour=red"), "--where colour: not a column")
+
+
+def test_the_plot_names_the_values_select_chose_and_the_seeds(tmp_path, monkeypatch):
+    for seed in (0, 1):
+        write_run(tmp_path, method="dp-lora", seed=seed, accuracies=[0.5, 0.6], val_accuracies=[0.5, 0.6], eps=1.0, lr=0.01)
+        write_run(tmp_path, method="dp-lora", seed=seed, accuracies=[0.4, 0.5], val_accuracies=[0.4, 0.5], eps=1.0, lr=0.001)
+    saved = saved_figure(monkeypatch)
+    assert invoke("compare", tmp_path, "--select", "lr", "--plot", tmp_path / "chosen.svg").exit_code == 0
+    assert (tmp_path / "chosen.svg").read_text().startswith("<?xml")
+    assert [line.get_label() for line in saved["axes"][0].get_lines()] == ["dp-lora · lr=0.01 (2 seeds)"]

@@ -518,7 +518,7 @@ def compare(
         if plot:
             from dpfl_bench.plots import plot_comparison
 
-            plot_comparison(loaded.rows, finals, metric, columns, plot)
+            plot_comparison(loaded.rows, finals, metric, columns, plot, selected)
             errors.print(f"plot written to {plot}")
 
 

@@ -1,8 +1,11 @@
-"""The comparison figure: the metric against round, one panel per privacy regime (an ε, or a regime
-without a guarantee, which its title says), and the final metric against regime.
+"""The comparison figure, per task: the metric against round in a panel per privacy regime (an ε, or a
+regime without a guarantee, which its title says), and the final metric per regime.
 
-One row of panels per task and model; one line per method (or `--by` group), its band ± one standard
-deviation over seeds.
+A line per method (or `--by` group), its band the 95% interval of the mean over seeds, the number of seeds
+(and, after `--select`, the chosen values) in its label. Regimes are categories, so the final panel shows
+grouped points with 95% intervals, never a line across them. Panels wrap at three a row; a regime whose
+runs were evaluated only once has no curve to draw and gets no learning-curve panel. The format follows the
+file name: .png, or .pdf and .svg for vector figures.
 """
 
 import math
@@ -11,9 +14,12 @@ from pathlib import Path
 import pandas as pd
 
 from dpfl_bench.compare import COLUMN_KEY, TABLE_KEYS, regimes_in
+from dpfl_bench.stats import mean_interval
+
+COLUMNS = 3  # panels a row: readable at a page's width
 
 
-def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: list[str], path: Path) -> None:
+def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: list[str], path: Path, selected: list[str] = []) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -23,51 +29,85 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     order = regimes_in(finals[COLUMN_KEY])
     finals = finals.assign(**{COLUMN_KEY: finals[COLUMN_KEY].astype(str)})  # plain labels; `order` keeps their order
     # Only `finals`' runs: after --select, the chosen configurations.
-    rows = rows.merge(finals[["run_id", COLUMN_KEY, *[c for c in by if c not in rows.columns]]], on="run_id")
+    rows = rows.merge(finals[["run_id", COLUMN_KEY, *[c for c in [*by, *selected] if c not in rows.columns]]], on="run_id")
     tables = list(finals.groupby(TABLE_KEYS, sort=True))
-    width = max(finals.groupby(TABLE_KEYS)[COLUMN_KEY].nunique()) + 1
-    figure, axes = plt.subplots(len(tables), width, figsize=(3.6 * width, 3.2 * len(tables)), squeeze=False)
     names = sorted({_label(values) for values in finals[by].itertuples(index=False)})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     readable = metric.replace("_", " ")
 
-    for row_axes, ((task, model), table) in zip(axes, tables):
+    layouts = []
+    for (task, model), table in tables:
         regimes = [r for r in order if r in set(table[COLUMN_KEY])]
         run_rows = rows[rows["run_id"].isin(table["run_id"])]
-        for ax, regime in zip(row_axes, regimes):
+        curves = [r for r in regimes if run_rows[run_rows[COLUMN_KEY] == r].groupby("run_id").size().max() > 1]
+        layouts.append((task, model, table, run_rows, regimes, curves))
+    columns = min(COLUMNS, max(len(curves) + 1 for *_, curves in layouts))
+    grid_rows = [math.ceil((len(curves) + 1) / columns) for *_, curves in layouts]
+    figure, axes = plt.subplots(sum(grid_rows), columns, figsize=(4.2 * columns, 3.4 * sum(grid_rows)), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    start = 0
+    for (task, model, table, run_rows, regimes, curves), height in zip(layouts, grid_rows):
+        panels = flat[start : start + height * columns]
+        start += height * columns
+        for ax, regime in zip(panels, curves):
             in_regime = run_rows[run_rows[COLUMN_KEY] == regime]
             for values, group in in_regime.groupby(by, sort=True):
                 name = _label(values)
-                curve = group.groupby("round")[metric].agg(["mean", "std"]).fillna({"std": 0.0})
-                ax.plot(curve.index, curve["mean"], marker="o", markersize=3, label=name, color=colours[name])
-                ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2, color=colours[name])
+                seeds = group["run_id"].nunique()
+                chosen = _chosen(table[table[COLUMN_KEY] == regime], by, values, selected)
+                curve = group.groupby("round")[metric].apply(mean_interval).apply(pd.Series)
+                mean, half = curve[0], curve[1].fillna(0.0)
+                ax.plot(curve.index, mean, marker="o", markersize=2.5, label=f"{name}{chosen} ({_seeds(seeds)})", color=colours[name])
+                ax.fill_between(curve.index, mean - half, mean + half, alpha=0.2, color=colours[name], linewidth=0)
             ax.set_title(f"{task} · {regime}", fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
             ax.set_xlabel("round")
             ax.set_ylabel(readable)
             ax.grid(alpha=0.3)
-        for ax in row_axes[len(regimes):-1]:
-            ax.set_visible(False)
+            ax.legend(fontsize=7)
 
-        # Final metric against regime: evenly spaced categories, so ∞ and the regimes without an ε have a place.
-        ax = row_axes[-1]
-        positions = range(len(regimes))
-        for values, group in table.groupby(by, sort=True):
+        # Final metric per regime: categories, a group of points with 95% intervals at each.
+        ax = panels[len(curves)]
+        groups = list(table.groupby(by, sort=True))
+        spread = 0.7 / max(len(groups), 1)
+        for i, (values, group) in enumerate(groups):
             name = _label(values)
-            final = group.groupby(COLUMN_KEY)[metric].agg(["mean", "std"]).reindex(regimes).fillna({"std": 0.0})
-            ax.errorbar(positions, final["mean"], yerr=final["std"], marker="o", capsize=3, label=name, color=colours[name])
-        ax.set_xticks(list(positions), [r.removeprefix("ε=").replace(" (", "\n(") for r in regimes])
+            stats = [mean_interval(group[group[COLUMN_KEY] == r][metric]) for r in regimes]
+            positions = [p + (i - (len(groups) - 1) / 2) * spread for p in range(len(regimes))]
+            means = [m for m, _, _ in stats]
+            halves = [0.0 if math.isnan(h) else h for _, h, _ in stats]
+            seeds = max(n for _, _, n in stats)
+            ax.errorbar(positions, means, yerr=halves, marker="o", markersize=4, capsize=2.5, linestyle="none",
+                        label=f"{name} ({_seeds(seeds)})", color=colours[name])
+        ax.set_xticks(list(range(len(regimes))), [r.removeprefix("ε=").replace(" (", "\n(") for r in regimes], fontsize=8)
+        ax.set_xlim(-0.5, len(regimes) - 0.5)
         ax.set_title(f"{task} · final {readable}", fontsize=10)
         ax.set_xlabel("privacy budget ε, or regime")
         ax.set_ylabel(readable)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        row_axes[0].annotate(model, (0, 1.12), xycoords="axes fraction", fontsize=8, color="grey")
+        ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.12)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)  # below: never over a point
+        panels[0].annotate(model, (0, 1.12), xycoords="axes fraction", fontsize=8, color="grey")
+        for unused in panels[len(curves) + 1 :]:
+            unused.set_visible(False)
 
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150)
     plt.close(figure)
+
+
+def _chosen(cell_runs: pd.DataFrame, by: list[str], values: object, selected: list[str]) -> str:
+    """` · lr=0.001`: the values --select chose for this group in this regime."""
+    if not selected:
+        return ""
+    values = values if isinstance(values, tuple) else (values,)
+    mine = cell_runs[(cell_runs[by] == pd.Series(values, index=by)).all(axis=1)]
+    return "".join(f" · {option.removeprefix('method_options.')}={_label(mine[option].iloc[0])}" for option in selected if len(mine))
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed" + ("s" if count != 1 else "")
 
 
 def _label(values: object) -> str:

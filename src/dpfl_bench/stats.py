@@ -37,3 +37,13 @@ def paired_gain(better: pd.Series, worse: pd.Series) -> Gain:
         return Gain(mean, math.nan, math.nan, n)
     half = stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
     return Gain(mean, mean - half, mean + half, n)
+
+
+def mean_interval(values: pd.Series) -> tuple[float, float, int]:
+    """The mean of `values` (NaNs left out), the half-width of its 95% Student-t interval (NaN with fewer
+    than 2 values) and how many there are."""
+    values = values.dropna()
+    n = len(values)
+    if n < 2:
+        return (values.mean() if n else math.nan), math.nan, n
+    return values.mean(), stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n), n
