@@ -28,6 +28,8 @@ KINDS = {  # each state a checkpoint must carry: audit sums, server noise, alter
     "alternating-method": {"method": "rolora"},
     "authors-regime": {"dp-level": "authors"},
     "local-heads": {"head": "local", "clients": 3, "participation": 0.6},
+    "server-hook": {"method": "fedsvd"},  # the broadcast re-factorizes what the checkpoint holds
+    "middle-factor": {"method": "fed-sb"},  # R in the state; A and B from the weights, again on resume
 }
 KILL_AFTER_ROUND_2 = """
 import json, os, signal, sys
