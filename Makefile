@@ -19,4 +19,10 @@ install:
 		{ $$sudo apt-get update -q && $$sudo apt-get install -y -q dataset-fashion-mnist; } || \
 		echo "note: Fashion-MNIST not installed; run: sudo apt-get install -y dataset-fashion-mnist"; \
 	fi
+	# Chromium, for the test that opens `dpfl-bench report`'s page in a real headless browser (skipped without it).
+	@if command -v chromium >/dev/null || ! command -v apt-get >/dev/null; then :; else \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+		echo "note: chromium not installed: the report's browser test will be skipped"; \
+	fi
 

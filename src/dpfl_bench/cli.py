@@ -483,29 +483,9 @@ def compare(
 
         if format not in ("table", "markdown", "csv", "json"):
             raise UserError(f"--format must be table, markdown, csv or json, got {format!r}")
-        columns = [c.strip() for c in by.split(",") if c.strip()]
-        if not columns:
-            raise UserError("--by needs at least one column, e.g. --by method")
         if plot is not None:
             _check_plot_path(plot)
-        loaded = _load_results(results)
-        finals, selected = loaded.finals, []
-        summary_of.check_columns(finals, metric, columns)
-        if baseline is not None:
-            summary_of.check_baseline(finals, baseline, columns)
-        options = [o.strip() for o in select.split(",") if o.strip()]
-        if options:
-            finals, selected = summary_of.select_best(finals, options, columns)
-        summary = summary_of.summarize(finals, metric, columns, selected)
-        mixed = summary_of.mixed_options(finals, columns)
-        if mixed:
-            errors.print(
-                f"[yellow]warning[/]: some cells average runs that differ in {', '.join(mixed)}; "
-                f"to separate them use --by {','.join([*columns, mixed[0]])} (or choose one per cell with --select {mixed[0]})",
-                highlight=False,
-            )
-        gains = summary_of.paired_gains(finals, summary, metric, columns, baseline)
-        tables = summary_of.pivots(summary, metric, columns, gains, selected, baseline)
+        loaded, finals, columns, selected, summary, gains, tables = _compared(results, metric, by, select, baseline)
         if format == "table":
             for table in summary_of.to_rich(tables, metric):
                 console.print(table)
@@ -520,6 +500,31 @@ def compare(
 
             plot_comparison(loaded.rows, finals, metric, columns, plot, selected)
             errors.print(f"plot written to {plot}")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")] = Path("report.html"),
+    metric: Annotated[str, typer.Option(help="As for compare.")] = "test_accuracy",
+    by: Annotated[str, typer.Option(help="As for compare.")] = "method",
+    select: Annotated[str, typer.Option(help="As for compare: run options to tune per cell on validation accuracy.")] = "",
+    baseline: Annotated[Optional[str], typer.Option(help="As for compare.", show_default=False)] = None,
+) -> None:
+    """One self-contained HTML file (no network): the comparison tables with intervals, the figure, every
+    run's privacy and audit figures and its configuration. Example: dpfl-bench report results/ -o report.html
+    """
+    with _user_errors():
+        from dpfl_bench.report import write_report
+
+        if output.suffix.lower() not in (".html", ".htm"):
+            raise UserError(f"-o {output}: the report is HTML; name a .html file")
+        from dpfl_bench.federated import writable_folder
+
+        writable_folder(output.parent, "-o's folder")
+        loaded, finals, columns, selected, _, _, tables = _compared(results, metric, by, select, baseline)
+        write_report(output, loaded, finals, tables, metric, columns, selected, results)
+        errors.print(f"report written to {output} ({output.stat().st_size / 1e3:.0f} kB)")
 
 
 @app.command()
@@ -567,6 +572,35 @@ def check(
             f"[green]check passed[/]: {len(expected)} reference runs present, each within {tolerance:g} of its "
             f"reference accuracy; {len(loaded.finals)} runs within their ε and finite"
         )
+
+
+def _compared(results: Path, metric: str, by: str, select: str, baseline: str | None) -> tuple:
+    """What `compare` and `report` show: the runs, the chosen ones, the summary, the gains and the tables;
+    a warning when a cell averages runs that differ in more than their seed."""
+    from dpfl_bench import compare as summary_of
+
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    if not columns:
+        raise UserError("--by needs at least one column, e.g. --by method")
+    loaded = _load_results(results)
+    finals, selected = loaded.finals, []
+    summary_of.check_columns(finals, metric, columns)
+    if baseline is not None:
+        summary_of.check_baseline(finals, baseline, columns)
+    options = [o.strip() for o in select.split(",") if o.strip()]
+    if options:
+        finals, selected = summary_of.select_best(finals, options, columns)
+    summary = summary_of.summarize(finals, metric, columns, selected)
+    mixed = summary_of.mixed_options(finals, columns)
+    if mixed:
+        errors.print(
+            f"[yellow]warning[/]: some cells average runs that differ in {', '.join(mixed)}; "
+            f"to separate them use --by {','.join([*columns, mixed[0]])} (or choose one per cell with --select {mixed[0]})",
+            highlight=False,
+        )
+    gains = summary_of.paired_gains(finals, summary, metric, columns, baseline)
+    tables = summary_of.pivots(summary, metric, columns, gains, selected, baseline)
+    return loaded, finals, columns, selected, summary, gains, tables
 
 
 def _check_plot_path(path: Path) -> None:
