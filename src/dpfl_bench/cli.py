@@ -147,6 +147,7 @@ def run(
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
     out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. \\[default: results]", Section)] = None,
     config: Annotated[Optional[Path], _opt("TOML file of these options (same names); flags override it.", Section)] = None,
+    log_to: Annotated[Optional[str], typer.Option(help="Also log each evaluated round to a tracker: tensorboard (files under runs/<run id>).", show_default=False, rich_help_panel=Execution)] = None,
     threads: Annotated[int, typer.Option(help="Torch threads for this run (recorded in its results). \\[default: 0: torch's own, one per core]", show_default=False, rich_help_panel=Execution)] = 0,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
@@ -159,10 +160,12 @@ def run(
     Example: dpfl-bench run --method la-lora --eps 1
     """
     resuming = {"checkpoint_every": checkpoint_every, "keep_checkpoint": keep_checkpoint, "restart": restart}
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt", "resuming", "threads", *resuming)}
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt", "resuming", "threads", "log_to", *resuming)}
     with _user_errors(interrupted="the rounds evaluated so far are saved; run the same command again to resume from its checkpoint"):
         if threads < 0:
             raise UserError(f"--threads must be 0 (torch's own) or more, got {threads}")
+        if log_to is not None and log_to != "tensorboard":
+            raise UserError(f"--log-to must be tensorboard, got {log_to!r}")
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.config import RunConfig, load_toml
         from dpfl_bench.configure import build_config
@@ -170,6 +173,7 @@ def run(
         from dpfl_bench.federated import find_resume, resolve_device, results_path, run_federated, writable_folder
         from dpfl_bench.lock import check_unlocked
         from dpfl_bench.tasks import TASKS
+        from dpfl_bench.trackers import TensorBoardRun
 
         options = load_toml(config) if config else {}
         options.update(flags)
@@ -220,13 +224,19 @@ def run(
             warnings.showwarning = _note  # a library's warning (an out-of-memory halving, a fallback) as one line
             bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
+            tracker = TensorBoardRun(Path("runs"), results_path(resolved).stem) if log_to else None
+
             def on_round(done: int, row: dict | None) -> None:
                 progress.update(bar, completed=done, description="training", **({"status": round_status(row)} if row else {}))
+                if row and tracker:
+                    tracker.log(row)
 
             def on_progress(done: float) -> None:
                 progress.update(bar, completed=done, description="training")
 
             summary = run_federated(resolved, on_round=on_round, on_progress=on_progress, checkpointing=checkpointing, resume=resume)
+            if tracker:
+                tracker.close()
         _print_summary(summary)
 
 
@@ -459,6 +469,32 @@ def runs(
             table.add_row(*(f"{v:.4f}" if k in ("test_accuracy", "eps_spent") else escape(f"{v:g}" if isinstance(v, float) else str(v))
                             for k, v in zip(shown, line)))
         console.print(table)
+
+
+@app.command()
+def export(
+    results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
+    to: Annotated[str, typer.Option(help="The tracker: tensorboard.")] = "tensorboard",
+    out: Annotated[Path, typer.Option(help="Where the tracker's files go (one TensorBoard run per run id).")] = Path("runs"),
+) -> None:
+    """Export runs, finished or not, to an experiment tracker: each evaluated round's figures as series, the
+    options as hyperparameters, the regime and guarantee as text. Then: tensorboard --logdir runs
+    """
+    with _user_errors():
+        from dpfl_bench.compare import list_runs
+        from dpfl_bench.federated import writable_folder
+        from dpfl_bench.results import read_run
+        from dpfl_bench.trackers import TRACKERS, export_runs
+
+        if to not in TRACKERS:
+            raise UserError(f"--to must be one of {', '.join(TRACKERS)}, got {to!r}")
+        listed, warnings = list_runs(results)
+        for warning in warnings:
+            errors.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
+        files = [results] if results.is_file() else sorted(p for p in results.rglob("*.parquet") if p.stem in set(listed["run_id"]))
+        rows = {path.stem: read_run(path).to_dict("records") for path in files}
+        export_runs(rows, to, writable_folder(out, "--out"))
+        console.print(f"{len(rows)} runs exported to {out} · view them: tensorboard --logdir {out}")
 
 
 @app.command()
