@@ -133,3 +133,24 @@ def test_the_committed_smoke_reference_matches_the_smoke_suite():
     suite = load_suite(root / "benchmarks" / "smoke.toml")
     reference = read_run(root / "benchmarks" / "reference" / "smoke.parquet")
     assert sorted(run_id(c) for c in suite.points) == sorted(reference["run_id"])
+
+
+@pytest.mark.parametrize("spent, passes", [(1.0, True), (1.0 + 5e-7, True), (1.0 + 1e-4, False), (1.001, False), (1.5, False)])
+def test_eps_at_its_target_passes_and_any_margin_beyond_rounding_fails(reference, spent, passes):
+    """The boundary: the calibration meets ε from below to within its bisection tolerance (1e-6 relative), so
+    a run at its target passes and one a ten-thousandth over it fails."""
+    results, path = reference
+    rewrite(file_of(results, "la-lora", 1), eps_spent=spent)
+    result = invoke("check", results, "--reference", path)
+    assert (result.exit_code == 0) == passes, result.output
+    assert ("ε over target" in result.output) == (not passes)
+
+
+def test_an_earlier_round_over_target_fails_even_when_the_last_is_within(reference):
+    results, path = reference
+    run = file_of(results, "dp-lora", 1)
+    rows = read_run(run).to_dict("records")
+    rows[0]["eps_spent"], rows[-1]["eps_spent"] = 1.01, 1.0
+    write_rows(rows, run)
+    result = invoke("check", results, "--reference", path)
+    assert result.exit_code == 1 and "ε over target" in result.output and "1.0100" in result.output
