@@ -72,3 +72,86 @@ def test_with_secure_randomness_nothing_written_determines_the_inclusion(tmp_pat
     second, _ = audit_of(tmp_path, rng="secure", eps=4.0)
     assert config.privacy.rng == "secure"
     assert not (first.inserted == second.inserted).all()
+
+
+class _Mixing(torch.nn.Module):
+    """A middle layer that sees [tokens, batch, features] (tokens_first) or [batch, tokens, features]: with 6
+    tokens and batches that divide into them, only the start-up check can tell the first from the second."""
+
+    def __init__(self, tokens_first: bool) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+        self.tokens_first = tokens_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        if self.tokens_first:
+            return self.head(torch.tanh(self.mix(h.transpose(0, 1))).mean(dim=0))
+        return self.head(torch.tanh(self.mix(h)).mean(dim=1))
+
+
+def register_mixing_task(monkeypatch, tokens_first: bool) -> None:
+    """A task named `mixing` whose model's per-example gradients are wrong (tokens_first) or right."""
+    from dpfl_bench.tasks import TASKS
+    from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit
+
+    def load_data(sources):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(260, 6, 4, generator=generator)
+        labels = (x.sum(dim=(1, 2)) > 0).long()
+        return TrainTestSplit(Examples({"x": x[:200]}, labels[:200]), Examples({"x": x[200:]}, labels[200:]), 2)
+
+    def build_model(num_classes, sources):
+        return BuiltModel(_Mixing(tokens_first), "mixing-toy", ("mix",), heads=("head",))
+
+    task = Task("mixing", "a toy", "mixing-toy", load_data, build_model, ("mix",), validation_size=20,
+                defaults={"clients": 2, "participation": 1.0, "batch-size": 6, "rounds": 3, "local-steps": 1})
+    monkeypatch.setitem(TASKS._entries, "mixing", task)
+
+
+def mixing_config(tmp_path, **options):
+    from dpfl_bench.tasks import TASKS
+
+    return build_config({"task": "mixing", "device": "cpu", "eps": 8.0, "out": str(tmp_path), **options}, TASKS.get("mixing").defaults)
+
+
+def never_trains(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(federated, "train_client", refuse)
+    monkeypatch.setattr(federated, "train_clients", refuse)
+
+
+@pytest.mark.parametrize("batching", ["off", "on", "auto"])
+def test_a_model_with_wrong_per_example_gradients_is_refused_before_any_training(tmp_path, monkeypatch, batching):
+    from dpfl_bench.errors import UserError
+    from dpfl_bench.federated import results_path
+
+    register_mixing_task(monkeypatch, tokens_first=True)
+    never_trains(monkeypatch)
+    config = mixing_config(tmp_path, **{"client-batching": batching})
+    with pytest.raises(UserError, match=r"mixing-toy are not per example \(layer mix\..*use --dp-level client"):
+        federated.run_federated(config)
+    assert not results_path(config).exists()
+
+
+def test_a_resumed_run_is_checked_again_even_after_its_configuration_passed_in_this_process(tmp_path, monkeypatch):
+    """The check is remembered per model builder: a run that resumes with another model behind the same
+    task name (here, a per-example-wrong one) is checked, not waved through by the first one's pass."""
+    from dpfl_bench.checkpoint import checkpoint_path
+    from dpfl_bench.errors import UserError
+    from dpfl_bench.federated import results_path
+
+    class Stop(Exception):
+        pass
+
+    register_mixing_task(monkeypatch, tokens_first=False)
+    config = mixing_config(tmp_path)
+    with pytest.raises(Stop):
+        federated.run_federated(config, on_round=lambda done, row: (_ for _ in ()).throw(Stop()) if done == 1 else None)
+    assert checkpoint_path(results_path(config)).exists()
+    register_mixing_task(monkeypatch, tokens_first=True)
+    never_trains(monkeypatch)
+    with pytest.raises(UserError, match="not per example"):
+        federated.run_federated(config)

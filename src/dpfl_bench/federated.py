@@ -121,7 +121,9 @@ def prepare(config: RunConfig) -> Experiment:
         precision=config.training.precision,
     )
     if workspace.per_example is not None:
-        built_from = (config.task, config.sources, config.adapter, str(device))  # the same model, once checked
+        # The same model, checked once per process: its builder (not just the task's name), its sources (a
+        # --model), its adapters and device.
+        built_from = (task.build_model, config.task, config.sources, config.adapter, str(device))
         check_per_example(workspace.per_example, model, params, device, data.train, built.name, cache_key=built_from)
     audit = create_audit(config, mechanism, params, randomness)
     batched = client_batching(config.training.client_batching, workspace, data.train)

@@ -153,7 +153,7 @@ def check_per_example(
     LoRA B made nonzero (else A's gradients are zero). Parameters, trainable flags, module modes and the
     RNG states are restored, so the run is the same as without the check.
 
-    With `cache_key` (what built the model: task, sources, adapters, device), a model that passed is not
+    With `cache_key` (what built the model: its builder, task, sources, adapters, device), a model that passed is not
     checked again in this process (a sweep's worker runs many points of one model). A model that failed is
     checked, and refused, every time."""
     from dpfl_bench.method import Factor
