@@ -1,6 +1,6 @@
 """LA-LoRA: A and B alternate step by step inside each client's local loop; both are sent and averaged.
 
-Where each part comes from (README, "LA-LoRA: what comes from where"):
+Where each part comes from (docs/concepts.md, "LA-LoRA: what comes from where"):
 - the paper's text: the local alternation, and "a Gaussian low-pass filter" on the privatized gradient,
   with no kernel given;
 - the authors' public code (junkangLiu0/LA-LORA, `DP_lora.py`, `update_FedAvg_AL`): B at twice A's learning

@@ -245,7 +245,7 @@ def test_every_shipped_suite_parses_and_dry_runs(suite, tmp_path):
 
 
 def test_the_readme_suite_example_is_a_valid_suite(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "commands.md").read_text()
     example = readme.split("### `dpfl-bench sweep`", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.toml"
     path.write_text(example)

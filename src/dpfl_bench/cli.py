@@ -16,7 +16,7 @@ from rich.table import Table
 from dpfl_bench.errors import UserError
 
 # OpenMP threads that wait for work sleep instead of spinning: beside another busy process on 2 cores, one
-# round took 8.9 s with the default policy and 4.5 s with this one (README, "Where the time goes"). It must be
+# round took 8.9 s with the default policy and 4.5 s with this one (docs/benchmarks.md, "Where the time goes"). It must be
 # set before torch loads its OpenMP runtime; an explicit setting wins. Sweep workers inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

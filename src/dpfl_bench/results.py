@@ -50,7 +50,7 @@ SCHEMA = pa.schema(
         ("bytes_uploaded_per_round", pa.float64()),  # all sampled clients together, mean over rounds so far
         ("seed", pa.int64()),
         ("config_json", pa.string()),  # the fully resolved configuration, method options included
-        ("client_data_json", pa.string()),  # per client: examples, label histogram, Poisson rate (see the README)
+        ("client_data_json", pa.string()),  # per client: examples, label histogram, Poisson rate (see docs/results.md)
         ("dpfl_bench_version", pa.string()),
         ("torch_version", pa.string()),
         ("peft_version", pa.string()),
