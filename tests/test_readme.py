@@ -31,7 +31,6 @@ def test_the_quick_start_names_the_test_command_that_ci_runs():
 
 def test_the_readmes_list_of_configuration_defaults_is_the_codes():
     import re
-    from pathlib import Path
 
     from dpfl_bench.config import default_value
 
