@@ -1,0 +1,250 @@
+"""The prepared device check: run it once when a GPU is lent, in one call of at most 8 minutes.
+
+    python benchmarks/gpu/check.py            # on the device: correctness, then paper-sized cost
+    python benchmarks/gpu/check.py --smoke    # every part at toy sizes on the CPU, in about a minute
+
+Prints a table per part and saves results/gpu_check.json (under $OUT when set, so the device tool brings it
+back). It needs torch, timm, transformers and peft (all on the device machine); nothing is downloaded.
+
+1. Correctness on the device: one round of every method under every mechanism on `synthetic`; the
+   per-example engine against autograd on a small transformer and a 1x1-conv network; the same noise from
+   the same seed on the CPU and on the device (the noise is drawn on the CPU, then moved).
+2. Cost at the paper's sizes, models built from their configurations at random initialization (Swin-T and
+   Swin-B at 224 px through timm, RoBERTa-base at 128 tokens through transformers): seconds and peak
+   memory of one local step of batch 16 with LoRA rank 16, for each set of trained factors the methods use
+   (A and B: DP-LoRA; one factor: FFA-LoRA, RoLoRA and LA-LoRA's steps; R: Fed-SB), per-example clipping
+   against a non-private step, fp32 against bf16. LA-LoRA's paper reports 0.57× DP-LoRA's time and 0.50× its
+   memory; here the frozen factor never gets a per-example gradient, so a one-factor step saves only that
+   factor's own products.
+Each part has a time cap and reports what it finished.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpfl_bench.adapters import add_lora
+from dpfl_bench.config import AdapterConfig
+from dpfl_bench.configure import build_config
+from dpfl_bench.federated import run_federated
+from dpfl_bench.method import Factor, create_method, load_methods
+from dpfl_bench.privacy.mechanism import create_mechanism
+from dpfl_bench.privacy.per_example import PerExampleGradients
+from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.tasks import TASKS
+
+LEVELS = {"none": {"eps": math.inf}, "sample": {"eps": 8.0}, "client": {"eps": 8.0, "dp-level": "client", "clients": 6,
+          "participation": 0.5}, "authors": {"dp-level": "authors"}}
+FACTOR_SETS = {"A+B (dp-lora)": ("dp-lora", frozenset({Factor.A, Factor.B})), "B (ffa-lora)": ("ffa-lora", frozenset({Factor.B})),
+               "R (fed-sb)": ("fed-sb", frozenset({Factor.R}))}
+
+
+def every_method_round(device: str, deadline: float) -> list[dict[str, Any]]:
+    rows = []
+    for method in load_methods().names():
+        for level, level_options in LEVELS.items():
+            if time.perf_counter() > deadline:
+                return rows
+            options = {"task": "synthetic", "device": device, "method": method, "rounds": 1, "local-steps": 2,
+                       "out": os.path.join(out_dir(), "gpu-check-runs"), **level_options}
+            config = build_config(options, TASKS.get("synthetic").defaults)
+            start = time.perf_counter()
+            row = run_federated(config).rows[-1]
+            rows.append({"method": method, "level": level, "seconds": time.perf_counter() - start,
+                         "finite": math.isfinite(row["test_loss"]), "eps_spent": row["eps_spent"]})
+    return rows
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(pixel_values).mean(dim=(2, 3)))
+
+
+def engine_against_autograd(device: torch.device) -> list[dict[str, Any]]:
+    """Largest relative difference between the engine's per-example gradients and one-at-a-time autograd."""
+    rows = []
+    for name, build in (("synthetic transformer", _synthetic_model), ("1x1-conv network", _conv_model)):
+        torch.manual_seed(0)
+        model, targets, heads, features, labels = build()
+        model = model.to(device).eval()
+        params = add_lora(model, targets, heads, AdapterConfig(rank=4, lora_alpha=8.0))
+        with torch.no_grad():
+            for p in params.by_factor[Factor.B].values():
+                p.normal_(0, 0.1)
+        params.set_trainable(frozenset({Factor.A, Factor.B, Factor.HEAD}))
+        features = {k: v.to(device) for k, v in features.items()}
+        labels = labels.to(device)
+        engine = PerExampleGradients(model, params.all())
+        batched = engine.compute(F.cross_entropy(model(**features), labels, reduction="none"))
+        worst = 0.0
+        for i in range(len(labels)):
+            loss = F.cross_entropy(model(**{k: v[i : i + 1] for k, v in features.items()}), labels[i : i + 1])
+            engine.reset()
+            grads = torch.autograd.grad(loss, list(params.all().values()))
+            for (param_name, _), g in zip(params.all().items(), grads):
+                scale = float(g.norm()) + 1e-12
+                worst = max(worst, float((batched[param_name][i] - g).norm()) / scale)
+        engine.remove()
+        rows.append({"model": name, "worst_relative_difference": worst, "exact_to_float_tolerance": worst < 1e-3})
+    return rows
+
+
+def _synthetic_model():
+    task = TASKS.get("synthetic")
+    built = task.build_model(2, build_config({"task": "synthetic"}).sources)
+    data = task.load(build_config({"task": "synthetic"}).sources).train
+    features, labels = data.batch(torch.arange(6))
+    return built.module, built.lora_targets, built.heads, features, labels
+
+
+def _conv_model():
+    return TinyConvNet(), ("body.0", "body.2"), ("head",), {"pixel_values": torch.randn(6, 3, 5, 5)}, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def noise_on_both(device: torch.device) -> dict[str, Any]:
+    """The same seed's privatized gradient on the CPU and on the device: the noise comes from a CPU stream."""
+    config = build_config({"task": "synthetic", "eps": 1.0})
+    summed = {"w": torch.randn(64, 32, generator=torch.Generator().manual_seed(1))}
+    out = {}
+    for where in ("cpu", str(device)):
+        mechanism = create_mechanism(config, [200, 200, 200])
+        mechanism.noise_multipliers = [1.0, 1.0, 1.0]
+        stream = Randomness(0).stream(Purpose.NOISE, 0, 0)
+        out[where] = mechanism.privatize({k: v.to(where) for k, v in summed.items()}, 16, 0, stream)["w"].cpu()
+    difference = float((out["cpu"] - out[str(device)]).abs().max())
+    return {"device": str(device), "max_abs_difference": difference, "same_noise": difference < 1e-5}
+
+
+def paper_models(smoke: bool) -> dict[str, Callable[[], tuple[nn.Module, tuple[str, ...], tuple[str, ...], dict]]]:
+    import timm
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    size, tokens = (32, 16) if smoke else (224, 128)
+
+    def swin(name: str):
+        def build():
+            toy = {"img_size": size, "window_size": 4, "depths": (1, 1, 1, 1), "embed_dim": 32, "num_heads": (1, 2, 2, 4)}
+            kwargs = toy if smoke else {}
+            model = timm.create_model(name, pretrained=False, num_classes=100, **kwargs)
+            return model, ("attn.qkv", "attn.proj"), ("head.fc",), {"x": torch.randn(16, 3, size, size)}
+        return build
+
+    def roberta():
+        config = RobertaConfig(num_labels=2, **({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                 "intermediate_size": 64} if smoke else {}))
+        model = _LogitsOnly(RobertaForSequenceClassification(config))
+        ids = torch.randint(3, config.vocab_size, (16, tokens))
+        return model, ("query", "key", "value", "dense"), ("model.classifier",), {"input_ids": ids}
+
+    return {"swin-t": swin("swin_tiny_patch4_window7_224"), "swin-b": swin("swin_base_patch4_window7_224"), "roberta-base": roberta}
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def step_cost(device: torch.device, smoke: bool, deadline: float) -> list[dict[str, Any]]:
+    """Seconds and peak memory of one step of batch 16 (median of 3 after one warm-up), per model,
+    trained factors, DP or not and precision."""
+    rows = []
+    for model_name, build in paper_models(smoke).items():
+        for label, (method, factors) in FACTOR_SETS.items():
+            for dp in (True, False):
+                for precision in ("fp32", "bf16"):
+                    if time.perf_counter() > deadline:
+                        return rows
+                    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                        continue
+                    rows.append({"model": model_name, "factors": label, "dp": dp, "precision": precision,
+                                 **_one_step(build, method, factors, dp, precision, device)})
+    return rows
+
+
+def _one_step(build, method: str, factors: frozenset, dp: bool, precision: str, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(0)
+    model, targets, heads, features = build()
+    model = model.to(device).train()
+    params = add_lora(model, targets, heads, AdapterConfig(rank=16, lora_alpha=16.0), create_method(method))
+    params.set_trainable(factors | {Factor.HEAD})
+    engine = PerExampleGradients(model, params.all()) if dp else None
+    features = {k: v.to(device) for k, v in features.items()}
+    labels = torch.zeros(16, dtype=torch.long, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(4):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(**features)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        if engine is not None:
+            engine.clipped_sum(losses, 1.0)
+        else:
+            trainable = [p for p in params.all().values() if p.requires_grad]
+            torch.autograd.grad(losses.sum(), trainable)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+    if engine is not None:
+        engine.remove()
+    return {"seconds": statistics.median(times[1:]), "peak_mib": peak}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def out_dir() -> str:
+    return os.environ.get("OUT") or "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, on the CPU: every part in about a minute")
+    parser.add_argument("--minutes", type=float, default=7.0, help="stop starting new work after this long")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    started = time.perf_counter()
+    budget = args.minutes * 60
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              "torch": torch.__version__, "smoke": args.smoke}
+    report["every_method_round"] = every_method_round(str(device), started + 0.3 * budget)
+    report["engine_against_autograd"] = engine_against_autograd(device)
+    report["noise_on_both"] = noise_on_both(device)
+    report["step_cost"] = step_cost(device, args.smoke, started + budget)
+    report["seconds"] = time.perf_counter() - started
+    for part in ("every_method_round", "engine_against_autograd", "step_cost"):
+        print(f"\n{part}:")
+        for row in report[part]:
+            print("  " + " · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(f"\nnoise_on_both: {report['noise_on_both']}\ndevice {report['device']}, {report['seconds']:.0f} s")
+    path = Path(out_dir()) / "gpu_check.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
