@@ -50,7 +50,8 @@ def test_a_run_logs_each_evaluated_round_as_it_comes(tmp_path, monkeypatch):
 
 def test_a_bad_tracker_or_a_missing_tensorboard_is_one_line(tmp_path, monkeypatch):
     write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5], eps=1.0)
-    assert_user_error(invoke("export", tmp_path, "--to", "wandb"), "--to must be one of tensorboard")
+    assert_user_error(invoke("export", tmp_path, "--to", "wandb"), "the tracker must be one of tensorboard")
+    assert_user_error(invoke("run", "--task", "synthetic", "--log-to", "wandb"), "the tracker must be one of tensorboard")
     real_import = builtins.__import__
 
     def without_tensorboard(name, *args, **kwargs):
@@ -60,3 +61,15 @@ def test_a_bad_tracker_or_a_missing_tensorboard_is_one_line(tmp_path, monkeypatc
 
     monkeypatch.setattr(builtins, "__import__", without_tensorboard)
     assert_user_error(invoke("export", tmp_path, "--out", tmp_path / "runs"), "pip install tensorboard")
+
+
+def test_a_sweep_writes_each_run_as_it_finishes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    suite = tmp_path / "suite.toml"
+    suite.write_text('out = "results"\n[base]\ntask = "synthetic"\nrounds = 2\nlocal-steps = 1\neps = inf\n'
+                     '[grid]\nmethod = ["dp-lora", "fed-sb"]\n')
+    result = invoke("sweep", suite, "--log-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [p.name for p in runs] == sorted(p.stem for p in (tmp_path / "results").glob("*.parquet")) and len(runs) == 2
+    assert all([e.step for e in events(run).Scalars("test_accuracy")] == [1, 2] for run in runs)

@@ -164,8 +164,10 @@ def run(
     with _user_errors(interrupted="the rounds evaluated so far are saved; run the same command again to resume from its checkpoint"):
         if threads < 0:
             raise UserError(f"--threads must be 0 (torch's own) or more, got {threads}")
-        if log_to is not None and log_to != "tensorboard":
-            raise UserError(f"--log-to must be tensorboard, got {log_to!r}")
+        if log_to is not None:
+            from dpfl_bench.trackers import check_tracker
+
+            check_tracker(log_to)
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.config import RunConfig, load_toml
         from dpfl_bench.configure import build_config
@@ -370,6 +372,7 @@ def sweep(
     retries: Annotated[int, typer.Option(help="Ray: attempts after a crash or a lost worker, each resuming from the point's checkpoint.", rich_help_panel=Execution)] = 2,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
+    log_to: Annotated[Optional[str], typer.Option(help="Also write each run to a tracker as it finishes: tensorboard (runs/<run id>).", show_default=False, rich_help_panel=Execution)] = None,
 ) -> None:
     """Run every point of a benchmark suite once, locally (reused worker processes) or on Ray.
 
@@ -382,6 +385,10 @@ def sweep(
         from dpfl_bench.federated import writable_folder
         from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, rounds_done
 
+        if log_to is not None:
+            from dpfl_bench.trackers import check_tracker
+
+            check_tracker(log_to)
         execution = ExecutionConfig(
             backend=backend, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
             retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint),
@@ -418,7 +425,7 @@ def sweep(
         try:
             with progress_bars(console) as progress:
                 tracker = SweepProgress(progress, todo, loaded.varying, len(loaded.points))
-                runner.run(todo, tracker)
+                runner.run(todo, _logging_to(log_to, todo, tracker) if log_to else tracker)
         except KeyboardInterrupt:
             done = sum(is_finished(c) for c in loaded.points)
             errors.print(
@@ -484,10 +491,9 @@ def export(
         from dpfl_bench.compare import list_runs
         from dpfl_bench.federated import writable_folder
         from dpfl_bench.results import read_run
-        from dpfl_bench.trackers import TRACKERS, export_runs
+        from dpfl_bench.trackers import check_tracker, export_runs
 
-        if to not in TRACKERS:
-            raise UserError(f"--to must be one of {', '.join(TRACKERS)}, got {to!r}")
+        check_tracker(to)
         listed, warnings = list_runs(results)
         for warning in warnings:
             errors.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
@@ -608,6 +614,22 @@ def check(
             f"[green]check passed[/]: {len(expected)} reference runs present, each within {tolerance:g} of its "
             f"reference accuracy; {len(loaded.finals)} runs within their ε and finite"
         )
+
+
+def _logging_to(tracker_name: str, points: list, on_event: Any) -> Any:
+    """`on_event`, and each finished point's rows written to the tracker (the sweep's workers report only
+    headlines, so the rows are read from the point's results file)."""
+    from dpfl_bench.federated import results_path
+    from dpfl_bench.results import read_run
+    from dpfl_bench.trackers import export_runs
+
+    def on(event: Any) -> None:
+        on_event(event)
+        if event.kind == "finished":
+            path = results_path(points[event.point])
+            export_runs({path.stem: read_run(path).to_dict("records")}, tracker_name, Path("runs"))
+
+    return on
 
 
 def _compared(results: Path, metric: str, by: str, select: str, baseline: str | None) -> tuple:

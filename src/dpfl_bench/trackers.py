@@ -20,6 +20,16 @@ SERIES = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_loss"
 HINT = "TensorBoard is not installed; pip install tensorboard (or: pip install 'dpfl-bench[trackers]')"
 
 
+def check_tracker(name: str) -> None:
+    """Refuse, in one line and before any work, a tracker that is unknown or not installed."""
+    if name not in TRACKERS:
+        raise UserError(f"the tracker must be one of {', '.join(TRACKERS)}, got {name!r}")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError(HINT) from None
+
+
 class TensorBoardRun:
     """One run's event file under `folder`/<run id>; rows are logged as they come, the description once."""
 
@@ -54,8 +64,7 @@ class TensorBoardRun:
 
 def export_runs(rows_by_run: dict[str, list[dict[str, Any]]], to: str, folder: Path) -> None:
     """Every run's rows to the tracker `to`, under `folder`."""
-    if to not in TRACKERS:
-        raise UserError(f"--to must be one of {', '.join(TRACKERS)}, got {to!r}")
+    check_tracker(to)
     for run_id, rows in rows_by_run.items():
         run = TensorBoardRun(folder, run_id)
         for row in rows:
