@@ -16,10 +16,15 @@ pooled training data, outside any accounting. That is not offered here: every in
 runs reads no data.
 """
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor, Method, register_method
+
+if TYPE_CHECKING:
+    import torch
 
 ONLY_R = frozenset({Factor.R})
 
@@ -35,6 +40,8 @@ class FedSB(Method):
     factors = frozenset({Factor.A, Factor.R, Factor.B})
 
     def initialize(self, weight: torch.Tensor, factors: dict[Factor, torch.Tensor]) -> dict[Factor, torch.Tensor]:
+        import torch
+
         a = factors[Factor.A]
         rank = a.shape[0]
         if rank > min(weight.shape):

@@ -9,11 +9,15 @@ and costs no privacy. Our decision: while a layer's B·A is still zero (nothing 
 without clients) its A is kept, where an SVD of zeros would give an arbitrary basis.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dpfl_bench.method import Factor, Method, register_method
+
+if TYPE_CHECKING:
+    import torch
 
 ONLY_B = frozenset({Factor.B})
 
@@ -33,6 +37,8 @@ class FedSVDOptions:
 def refactorize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') with B'·A' = B·A, A' the top-r right singular vectors (orthonormal rows) and B' = UᵣΣᵣ; the
     shapes (and a 1x1 convolution's trailing dimensions) kept. A zero product gives (A, B) back."""
+    import torch
+
     rank = a.shape[0]
     product = b.flatten(1).double() @ a.flatten(1).double()  # [out, in]
     if not torch.any(product):

@@ -15,13 +15,16 @@ Where each part comes from (docs/concepts.md, "LA-LoRA: what comes from where"):
 (`la-lora (authors' code)`); `smooth_sigma = 0` keeps alternation and B's learning rate only (`no filter`).
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from dpfl_bench.method import Factor, Method, alternating, register_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ def gaussian_smooth(grad: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
     Under DP this runs on the gradient after clipping and noise, so it is post-processing of a privatized
     value and costs no privacy: it only removes high-frequency (mostly noise) components.
     """
+    import torch
+    import torch.nn.functional as F
+
     if sigma == 0:
         return grad
     radius = max(1, math.ceil(3 * sigma))
@@ -81,6 +87,8 @@ def laplacian_smooth(grad: torch.Tensor, sigma: float) -> torch.Tensor:
     its two 1s fall on one element, [−2, 1]: that axis then also damps its mean (eigenvalues −1, −3 where a
     periodic Laplacian has 0, −4). Kept, since this is their filter; an axis of 1 element is left as it is
     (theirs fails there). Computed in float64, returned in `grad`'s dtype."""
+    import torch
+
     if sigma == 0:
         return grad
     x = grad.double()

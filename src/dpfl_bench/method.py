@@ -22,7 +22,12 @@ And `label`, the name its results carry: the method's name, or with options that
 The classification head always trains, and is sent unless `--head` keeps it at the clients. A method is one class in one file in
 `methods/`, decorated with `@register_method`; its options are a frozen dataclass named in `Options`.
 Third-party packages add methods through the entry-point group `dpfl_bench.methods`.
+
+The built-in methods import torch inside the functions that compute with it, so that `dpfl-bench methods`
+lists them without loading torch; a method of your own need not.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import enum
@@ -30,12 +35,13 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from dpfl_bench.errors import UserError
 from dpfl_bench.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Factor(str, enum.Enum):
