@@ -38,8 +38,9 @@ def suite_file(folder: Path, text: str = SUITE) -> Path:
 
 
 def rows_of(configs) -> list:
-    """Each point's rows without the timings and without config_json (which names the results folder)."""
-    return [read_run(results_path(c)).drop(columns=[*TIMING, "config_json"]) for c in configs]
+    """Each point's rows without the timings, the threads (Ray's points take one each) and config_json
+    (which names the results folder)."""
+    return [read_run(results_path(c)).drop(columns=[*TIMING, "threads", "config_json"]) for c in configs]
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,10 @@ def flat_options(config_json: str) -> dict:
 
 def option_values(config_json: str) -> dict[str, Any]:
     """A run's options as columns of its rows (`option_column` names), so that `df.groupby("lr")` works on a
-    results file as it is: lists (of targets) as comma-joined text."""
-    return {option_column(k): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat_options(config_json).items()}
+    results file as it is: lists (of targets) as comma-joined text. `out` is left out: where the file is
+    says it, and the same run written elsewhere has the same rows."""
+    return {option_column(k): ",".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in flat_options(config_json).items() if k != "out"}
 
 
 ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together", "threads")  # read as empty from older files
