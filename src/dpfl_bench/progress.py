@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from dpfl_bench.config import RunConfig
 
@@ -24,12 +35,20 @@ def progress_bars(console: Console) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]} · {task.fields[status]} · elapsed"),
+        _UnitAndStatus(),
         TimeElapsedColumn(),
         TextColumn("· ETA"),
         TimeRemainingColumn(),
         console=console,
     )
+
+
+class _UnitAndStatus(ProgressColumn):
+    """`rounds · acc 0.51 · elapsed`: the status only when there is one."""
+
+    def render(self, task: Task) -> Text:
+        status = task.fields.get("status", "")
+        return Text(f"{task.fields['unit']}{' · ' + status if status else ''} · elapsed")
 
 
 def round_status(row: dict[str, Any] | None) -> str:
