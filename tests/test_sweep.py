@@ -290,7 +290,11 @@ def test_a_dry_run_estimates_the_time_left_from_the_runs_saved_so_far(tmp_path):
 
     suite = load_suite(suite_file(tmp_path, RUNNABLE))
     assert estimate_seconds(suite.points) is None
-    assert "no run of this suite has saved a round yet" in invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run").output
+    unsaved = " ".join(invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run").output.split())
+    assert "no run of this suite has saved a round yet; add --probe" in unsaved
+    probed = " ".join(invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run", "--probe").output.split())
+    assert "from a one-round probe of the first point" in probed
+    assert not list(tmp_path.rglob("*.parquet"))  # the probe leaves nothing behind
     first = run_federated(suite.points[0]).rows[-1]
     per_round = first["wall_seconds"] / first["round"]
     seconds, runs = estimate_seconds(suite.points)

@@ -363,7 +363,8 @@ def presets() -> None:
 def sweep(
     suite: Annotated[Path, typer.Argument(help="Suite file: base options and a grid (see benchmarks/*.toml).", show_default=False)],
     out: Annotated[Optional[Path], _opt("Results folder; overrides the suite's `out`.", Section)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and what is finished; run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid, what is finished and the time left (from the runs saved so far); run nothing.")] = False,
+    probe: Annotated[bool, typer.Option("--probe", help="With --dry-run and nothing saved yet: time one round of the first point to estimate from.")] = False,
     backend: Annotated[str, typer.Option(help="`local`: --jobs worker processes on this machine, each running points one after another (torch, the data and the noise calibration loaded once; a crash fails only its point); `ray`: Ray tasks on a local instance or a cluster (pip install dpfl-bench\\[ray]).", rich_help_panel=Execution)] = "local",
     jobs: Annotated[int, typer.Option(help="Points at once. \\[default: local 1; ray: as many as the resources allow]", show_default=False, rich_help_panel=Execution)] = 0,
     address: Annotated[str, typer.Option(help="Ray cluster to join: auto or HOST:PORT (results folder on shared storage). \\[default: a local instance]", show_default=False, rich_help_panel=Execution)] = "",
@@ -383,7 +384,7 @@ def sweep(
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.execution import ExecutionConfig, create_backend
         from dpfl_bench.federated import writable_folder
-        from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, rounds_done
+        from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, probe_seconds_per_round, rounds_done
 
         if log_to is not None:
             from dpfl_bench.trackers import check_tracker
@@ -407,8 +408,14 @@ def sweep(
             if todo:
                 estimate = estimate_seconds(loaded.points)
                 parallel = max(jobs, 1)
-                if estimate is None:
-                    console.print("time: no run of this suite has saved a round yet to estimate from; start it and ask again")
+                if estimate is None and not probe:
+                    console.print("time: no run of this suite has saved a round yet; add --probe to time one round of its first point")
+                elif estimate is None:
+                    per_round = probe_seconds_per_round(todo[0])
+                    hours = per_round * sum(c.federated.rounds for c in todo) / 3600 / parallel
+                    console.print(f"time left: about {hours:.1f} h with --jobs {parallel}, from a one-round probe of the first "
+                                  f"point ({per_round:.1f} s with start-up and evaluation: an upper estimate; no run of this "
+                                  "suite has saved a round yet)")
                 else:
                     seconds, runs = estimate
                     hours = seconds / 3600 / parallel

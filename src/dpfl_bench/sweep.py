@@ -191,3 +191,16 @@ def estimate_seconds(points: Sequence[RunConfig]) -> tuple[float, int] | None:
         left = config.federated.rounds - saved[id(config)]
         total += left * (statistics.median(per_round[config.method]) if config.method in per_round else everyone)
     return total, sum(map(len, per_round.values()))
+
+
+def probe_seconds_per_round(config: RunConfig) -> float:
+    """Wall seconds of one round of `config` (start-up and evaluation included, so an estimate from it
+    errs long), run to a temporary folder that is removed afterwards."""
+    import dataclasses
+    import tempfile
+
+    from dpfl_bench.federated import run_federated
+
+    with tempfile.TemporaryDirectory() as folder:
+        one_round = dataclasses.replace(config, out=folder, federated=dataclasses.replace(config.federated, rounds=1))
+        return float(run_federated(one_round).rows[-1]["wall_seconds"])
