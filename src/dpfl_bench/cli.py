@@ -495,7 +495,7 @@ def export(
     options as hyperparameters, the regime and guarantee as text. Then: tensorboard --logdir runs
     """
     with _user_errors():
-        from dpfl_bench.compare import list_runs
+        from dpfl_bench.compare import list_runs, results_files
         from dpfl_bench.federated import writable_folder
         from dpfl_bench.results import read_run
         from dpfl_bench.trackers import check_tracker, export_runs
@@ -504,7 +504,7 @@ def export(
         listed, warnings = list_runs(results)
         for warning in warnings:
             errors.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
-        files = [results] if results.is_file() else sorted(p for p in results.rglob("*.parquet") if p.stem in set(listed["run_id"]))
+        files = [path for path in results_files(results) if path.stem in set(listed["run_id"])]
         rows = {path.stem: read_run(path).to_dict("records") for path in files}
         export_runs(rows, to, writable_folder(out, "--out"))
         console.print(f"{len(rows)} runs exported to {out} · view them: tensorboard --logdir {out}")

@@ -38,11 +38,17 @@ class Results:
     warnings: list[str]
 
 
-def load_results(folder: Path) -> Results:
-    """Every finished run under `folder` (searched recursively), and a warning per file left out."""
+def results_files(folder: Path) -> list[Path]:
+    """The results files under `folder` (searched recursively; dotfiles are temporary files and locks), or
+    `folder` itself when it is one file."""
     if not folder.exists():
         raise UserError(f"{folder} does not exist; give a folder of results files (e.g. results/)")
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    return [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+
+
+def load_results(folder: Path) -> Results:
+    """Every finished run under `folder` (searched recursively), and a warning per file left out."""
+    files = results_files(folder)
     runs, warnings, seen, unfinished = [], [], {}, {}
     for path in files:
         try:
@@ -82,9 +88,7 @@ def list_runs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
     """Every results file under `folder`, finished or not, a line each: what ran (task, method, privacy
     regime, seed, key options), how far it got ("done/planned" rounds) and its last figures; and a warning
     per file that is not a readable results file."""
-    if not folder.exists():
-        raise UserError(f"{folder} does not exist; give a folder of results files (e.g. results/)")
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    files = results_files(folder)
     lines, warnings = [], []
     for path in files:
         try:
