@@ -45,7 +45,8 @@ def write_run(
         row.update(
             run_id=name, task="synthetic", model="tiny", method=create_method(method, config.method_options).label,
             dp_level=level if authors or private else "none",
-            rng="seeded", audit_canaries=0, audit_eps_lower=math.nan, audit_eps_estimate=math.nan,
+            rng="seeded", audit_canaries=0, audit_eps_lower=math.nan, audit_eps_lower_fdp=math.nan,
+            audit_eps_estimate=math.nan,
             eps_target=eps, delta=1e-5, noise_multiplier=sigma, noise_multiplier_min=sigma, clip=1.0, guarantee=private,
             eps_spent=eps * r / total if private else eps, eps_spent_mean=0.0 if private else eps, round=r, rounds_total=total,
             test_accuracy=accuracy, test_loss=1.0 - accuracy, val_accuracy=val_accuracy, val_loss=1.0 - val_accuracy,

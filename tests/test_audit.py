@@ -13,8 +13,13 @@ from support import assert_one_line_error, assert_user_error, invoke
 from dpfl_bench.configure import build_config
 from dpfl_bench.federated import prepare, run_federated
 from dpfl_bench.privacy.audit import (
+    fdp_epsilon,
+    fdp_lower_bound,
+    fdp_refutes,
     gaussian_delta,
     gaussian_estimate,
+    gdp_delta,
+    gdp_mu,
     guess_plans,
     one_run_epsilon,
     one_run_lower_bound,
@@ -54,6 +59,50 @@ def test_the_most_a_one_run_audit_can_certify_matches_the_published_figures():
     # right)" at 95% confidence, δ = 1e-5.
     assert one_run_epsilon(canaries=100, guesses=100, correct=100, delta=DELTA, significance=0.05) == pytest.approx(3.5, abs=0.05)
     assert one_run_epsilon(canaries=1000, guesses=1000, correct=1000, delta=DELTA, significance=0.05) == pytest.approx(5.8, abs=0.05)
+
+
+def test_gdp_delta_is_the_gaussian_pairs_hockey_stick_and_mu_inverts_it():
+    """μ-GDP is N(μ, 1) against N(0, 1): its δ(ε) must equal the closed-form hockey-stick divergence of that pair,
+    and gdp_mu must recover μ from (ε, δ(ε))."""
+    for mu in (0.3, 1.0, 2.5):
+        for eps in (0.0, 0.5, 2.0):
+            assert gdp_delta(eps, mu) == pytest.approx(gaussian_delta(eps, mu, 1.0, 0.0, 1.0), rel=1e-9, abs=1e-15)
+            assert gdp_mu(eps, gdp_delta(eps, mu)) == pytest.approx(mu, rel=1e-6)
+
+
+def test_one_right_guess_refutes_no_gaussian_claim():
+    """One canary, one right guess: under any μ-GDP it happens with probability at least 1/2, never at 5%."""
+    for mu in (0.0, 1.0, 10.0):
+        assert not fdp_refutes(mu, canaries=1, guesses=1, correct=1, significance=0.05)
+    assert fdp_epsilon(canaries=1000, guesses=100, correct=0, delta=DELTA, significance=0.05) == 0.0
+
+
+def gdp_game(mu: float, canaries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The exact μ-GDP audit: a canary's score is N(μ, 1) when it is in, N(0, 1) when it is out."""
+    inserted = rng.random(canaries) < 0.5
+    return mu * inserted + rng.standard_normal(canaries), inserted
+
+
+def test_a_true_gaussian_claim_is_refuted_at_most_at_the_tests_significance():
+    """Soundness of the f-DP test itself: on the exact μ-GDP game, guessing "in" for the 50 highest scores,
+    the claim "μ-GDP" (true) may be refuted in at most a fraction `significance` of games. At significance
+    1/2 the test is refuted in about 1 game of 8 here, so a step that makes it bolder shows."""
+    rng = np.random.default_rng(1)
+    refuted = 0
+    for _ in range(200):
+        scores, inserted = gdp_game(1.0, 1000, rng)
+        correct = int(inserted[np.argsort(-scores)[:50]].sum())
+        refuted += fdp_refutes(1.0, canaries=1000, guesses=50, correct=correct, significance=0.5)
+    assert refuted <= 100, refuted
+
+
+def test_the_fdp_bound_stays_below_the_true_epsilon_and_beats_steinke_et_al_on_a_strong_signal():
+    rng = np.random.default_rng(7)
+    true_eps = optimize.brentq(lambda e: gdp_delta(e, 1.0) - DELTA, 0.0, 50.0)
+    bounds = [fdp_lower_bound(*gdp_game(1.0, 1000, rng), delta=DELTA) for _ in range(5)]
+    assert all(0.5 < b < true_eps for b in bounds), (true_eps, bounds)
+    scores, inserted = gdp_game(4.0, 1000, rng)
+    assert fdp_lower_bound(scores, inserted, delta=DELTA) > one_run_lower_bound(scores, inserted, delta=DELTA) + 1
 
 
 def direct_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -198,20 +247,30 @@ def test_client_level_canaries_find_a_non_private_run_out_and_stay_below_eps_1(t
     assert private["audit_eps_lower"] <= 1.0
 
 
-def test_an_inserted_canary_enters_the_sum_with_norm_clip_in_the_trained_space_only(tmp_path):
+def test_a_canary_is_clip_on_one_quiet_coordinate_of_the_trained_space_and_nothing_else(tmp_path):
+    """Dirac canaries: after two released steps, each sampled canary adds exactly C to its own coordinate,
+    one the released steps left at zero; no two share one; nothing else in the sum moves."""
     config = build_config({"task": "synthetic", "device": "cpu", "eps": 1.0, "audit-canaries": 200, "clip": 0.7,
                            "out": str(tmp_path)}, SYNTHETIC.defaults)
     exp = prepare(config)
-    audit, params = exp.run.audit, exp.workspace.params
+    audit, params, client = exp.run.audit, exp.workspace.params, config.audit.audit_client
     trained = {n: torch.zeros_like(p) for n, p in params.of(frozenset({"B", "head"})).items()}
+    loud = {n: (torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.5).float()
+            for i, (n, p) in enumerate(trained.items())}  # half the coordinates carry real gradients
+    for _ in range(2):  # too little seen yet: the canaries' gradient is zero
+        summed, count = audit.insert(client, 0, trained)
+        assert all(torch.equal(summed[n], trained[n]) for n in trained)
+        audit.observe(client, {n: loud[n] * torch.randn(loud[n].shape) for n in trained})
     audit.rate = 1.0  # every inserted canary is sampled at this step
-    summed, count = audit.insert(config.audit.audit_client, 0, trained)
+    summed, count = audit.insert(client, 0, trained)
     assert count == int(audit.inserted.sum()) > 0
     assert set(summed) == set(trained)
-    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in summed.values()))
-    assert norm == pytest.approx(0.7 * math.sqrt(count), rel=0.1)  # count nearly orthogonal vectors of norm C
-    # another client's sum is left alone
-    untouched, none = audit.insert(config.audit.audit_client + 1, 0, trained)
+    changed = torch.cat([(summed[n] - trained[n]).flatten() for n in trained])
+    quiet = torch.cat([(loud[n] == 0).flatten() for n in trained])
+    assert int((changed != 0).sum()) == count  # one coordinate each, none shared
+    assert torch.allclose(changed[changed != 0], torch.tensor(0.7))
+    assert bool(quiet[changed != 0].all())  # only where the released steps were zero
+    untouched, none = audit.insert(client + 1, 0, trained)  # another client's sum is left alone
     assert none == 0 and untouched is trained
 
 

@@ -755,8 +755,9 @@ def _print_summary(summary: Any) -> None:
         accounted = f"{last['eps_spent']:.3f}" if last["guarantee"] else "none (no guarantee)"
         table.add_row(
             "audit",
-            f"ε ≥ {last['audit_eps_lower']:.3f} (95% lower bound), ≈ {last['audit_eps_estimate']:.3f} (Gaussian fit) "
-            f"from {last['audit_canaries']} canaries; accounted ε {accounted}",
+            f"ε ≥ {last['audit_eps_lower']:.3f} (95% lower bound; {last['audit_eps_lower_fdp']:.3f} if the trade-off curve is "
+            f"Gaussian), ≈ {last['audit_eps_estimate']:.3f} (Gaussian fit) from {last['audit_canaries']} canaries; "
+            f"accounted ε {accounted}",
         )
     table.add_row("time", f"{last['wall_seconds']:.1f} s ({last['train_seconds'] / last['round']:.1f} s training per round)")
     table.add_row("results", str(summary.path))

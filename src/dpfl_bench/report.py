@@ -26,7 +26,7 @@ pre { background: #f6f6f6; padding: 0.7em; overflow-x: auto; font-size: 0.8em; }
 svg { max-width: 100%; height: auto; }
 """
 RUN_COLUMNS = ("task", "method", "regime", "seed", "round", "test_accuracy", "val_accuracy", "eps_spent", "delta",
-               "noise_multiplier", "guarantee", "audit_eps_lower", "audit_eps_estimate", "run_id")
+               "noise_multiplier", "guarantee", "audit_eps_lower", "audit_eps_lower_fdp", "audit_eps_estimate", "run_id")
 
 
 def write_report(path: Path, loaded: Results, finals: pd.DataFrame, tables: list[Pivot], metric: str, by: list[str],

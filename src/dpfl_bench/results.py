@@ -33,6 +33,7 @@ SCHEMA = pa.schema(
         ("guarantee", pa.bool_()),  # an accounted (ε, δ) guarantee: false when non-private or under the authors' regime
         ("audit_canaries", pa.int64()),  # canaries of the empirical audit (0: none)
         ("audit_eps_lower", pa.float64()),  # the audit's 95% lower bound on ε (NaN without an audit)
+        ("audit_eps_lower_fdp", pa.float64()),  # the same guesses' bound under a Gaussian trade-off curve (f-DP)
         ("audit_eps_estimate", pa.float64()),  # the audit's Gaussian-fit estimate of ε
         ("round", pa.int64()),  # 1-based: the number of rounds finished
         ("rounds_total", pa.int64()),
@@ -88,7 +89,7 @@ def option_values(config_json: str) -> dict[str, Any]:
             for k, v in flat_options(config_json).items() if k != "out"}
 
 
-ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together", "threads")  # read as empty from older files
+ADDED_SINCE_0_4 = ("physical_batch_size", "clients_together", "threads", "audit_eps_lower_fdp")  # read as empty from older files
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:

@@ -16,7 +16,7 @@ from dpfl_bench.results import flat_options
 
 TRACKERS = ("tensorboard",)
 SERIES = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_loss", "eps_spent", "eps_spent_mean",
-          "audit_eps_lower", "audit_eps_estimate", "bytes_uploaded_per_round", "wall_seconds")
+          "audit_eps_lower", "audit_eps_lower_fdp", "audit_eps_estimate", "bytes_uploaded_per_round", "wall_seconds")
 HINT = "TensorBoard is not installed; pip install tensorboard (or: pip install 'dpfl-bench[trackers]')"
 
 

@@ -8,6 +8,14 @@ canary that is larger when it was inserted.
   (ε, δ)-DP the number of right guesses is stochastically dominated by Binomial(r, e^ε/(1+e^ε)) up to a δ
   term, so many right guesses refute every ε below a bound. Several (k₊, k₋) are tried and the confidence
   is split among them (Bonferroni), so the reported bound holds at the stated confidence as a whole.
+- `fdp_lower_bound` (Mahloujifar, Melis, Chaudhuri, ICML 2025, "Auditing f-Differential Privacy in One
+  Run"): from the same guesses, the strongest Gaussian-DP claim (μ-GDP, Dong, Roth and Su 2022) that they
+  refute, as the ε that μ-GDP gives at the run's δ. Tighter, because the null hypothesis is a whole
+  trade-off curve instead of one (ε, δ) pair; but a lower bound on ε only where the mechanism's trade-off
+  curve is Gaussian (DP-SGD's is close to it), which is why it is shown beside Steinke et al.'s bound, not
+  instead of it. Written from the procedure `audit_rh_with_cap` as two public implementations have it
+  (Meta's PrivacyGuard, `fdp_analysis_node.py`; Google's jax_privacy, `auditing.py`), both of which we
+  read; the paper's own text was not readable from here beyond its abstract.
 - `gaussian_estimate` (Andrew et al., ICLR 2024): fit a Gaussian to the inserted canaries' scores and one
   to the others' (the null), and report the ε at which those two distributions are (ε, δ)-close. An
   estimate, not a bound.
@@ -16,7 +24,7 @@ canary that is larger when it was inserted.
 import math
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 # Numbers of guesses tried. A finer grid finds a better threshold but pays for it twice: in the Bonferroni
 # share of each test, and through the δ term (δ·2m), which grows in weight as the share shrinks.
@@ -58,18 +66,79 @@ def guess_plans(canaries: int) -> list[tuple[int, int]]:
     return plans + [(k, k) for k in GUESS_COUNTS if 2 * k <= canaries]
 
 
+def guesses_made(scores: np.ndarray, inserted: np.ndarray) -> list[tuple[int, int]]:
+    """(guesses, right guesses) of each guess plan on these scores."""
+    ranked = inserted[np.argsort(-scores, kind="stable")]  # highest score first
+    return [(k_in + k_out, int(ranked[:k_in].sum()) + int((~ranked[len(ranked) - k_out :]).sum() if k_out else 0))
+            for k_in, k_out in guess_plans(len(scores))]
+
+
 def one_run_lower_bound(scores: np.ndarray, inserted: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
-    """ε lower bound at `confidence`, over the guess plans (each tested at its Bonferroni share)."""
-    order = np.argsort(-scores, kind="stable")  # highest score first
-    ranked = inserted[order]
-    plans = guess_plans(len(scores))
-    significance = (1 - confidence) / max(len(plans), 1)
-    best = 0.0
-    for k_in, k_out in plans:
-        correct = int(ranked[:k_in].sum()) + int((~ranked[len(ranked) - k_out :]).sum() if k_out else 0)
-        bound = one_run_epsilon(canaries=len(scores), guesses=k_in + k_out, correct=correct, delta=delta, significance=significance)
-        best = max(best, bound)
-    return best
+    """Steinke et al.'s ε lower bound at `confidence`, over the guess plans (each at its Bonferroni share)."""
+    made = guesses_made(scores, inserted)
+    significance = (1 - confidence) / max(len(made), 1)
+    return max((one_run_epsilon(canaries=len(scores), guesses=g, correct=c, delta=delta, significance=significance)
+                for g, c in made), default=0.0)
+
+
+def fdp_lower_bound(scores: np.ndarray, inserted: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
+    """Mahloujifar et al.'s ε lower bound (Gaussian trade-off curve) at `confidence`, from the same guesses."""
+    made = guesses_made(scores, inserted)
+    significance = (1 - confidence) / max(len(made), 1)
+    return max((fdp_epsilon(canaries=len(scores), guesses=g, correct=c, delta=delta, significance=significance)
+                for g, c in made), default=0.0)
+
+
+def gdp_delta(eps: float, mu: float) -> float:
+    """δ(ε) of μ-GDP: Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2) (Dong, Roth, Su 2022, Corollary 2.13)."""
+    return float(stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2))
+
+
+def gdp_mu(eps: float, delta: float) -> float:
+    """The μ whose μ-GDP privacy profile passes through (ε, δ): δ(ε) grows with μ, so bisect."""
+    low, high = 0.0, 1.0
+    while gdp_delta(eps, high) < delta:
+        low, high = high, 2 * high
+    while high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if gdp_delta(eps, middle) < delta else (low, middle)
+    return high
+
+
+def fdp_refutes(mu: float, *, canaries: int, guesses: int, correct: int, significance: float) -> bool:
+    """Whether `correct` right guesses out of `guesses` refute μ-GDP at `significance`.
+
+    Under μ-GDP an event of probability x under one neighbour has probability at least Φ(Φ⁻¹(x) - μ)
+    under the other. Seeing at least `correct` right guesses with probability `significance` forces a
+    mass `right` of right guesses and `wrong` of wrong ones per canary; walking down from `correct` right
+    guesses to none, each step's wrong mass must reach what the curve demands of the right mass, and
+    raises the right mass in proportion. If the total exceeds the guesses' share of the canaries, the
+    claim is refuted."""
+    right = significance * correct / canaries
+    wrong = significance * (guesses - correct) / canaries
+    for i in range(correct - 1, -1, -1):
+        demanded = max(wrong, float(special.ndtr(special.ndtri(right) - mu)))
+        if demanded == wrong:  # neither mass changes again
+            break
+        right = min(right + i / (guesses - i) * (demanded - wrong), 1.0)
+        wrong = demanded
+    return right + wrong > guesses / canaries
+
+
+def fdp_epsilon(*, canaries: int, guesses: int, correct: int, delta: float, significance: float) -> float:
+    """The largest ε whose μ-GDP (at δ) `correct` right guesses out of `guesses` refute (0 if none)."""
+    def refuted(eps: float) -> bool:
+        return fdp_refutes(gdp_mu(eps, delta), canaries=canaries, guesses=guesses, correct=correct, significance=significance)
+
+    if correct == 0 or not refuted(0.0):
+        return 0.0
+    low, high = 0.0, 1.0
+    while refuted(high):
+        low, high = high, 2 * high
+    while high - low > 1e-4:
+        middle = (low + high) / 2
+        low, high = (middle, high) if refuted(middle) else (low, middle)
+    return low
 
 
 def gaussian_delta(eps: float, mean_in: float, std_in: float, mean_out: float, std_out: float) -> float:

@@ -1,18 +1,19 @@
 """Canaries for the empirical privacy audit (`--audit-canaries M`): inserted into training, scored after.
 
-Every canary i is a fixed random sign vector s_i over all the trainable parameters (seeded: the auditor
-knows them), inserted with probability 1/2 (a secret draw). In the space a step trains (or a round
-aggregates), S, its update is clip · s_i|S / √|S|: norm exactly C, and since all canaries' restrictions
-have the same norm, scores over steps that train different factors add up as one inner product.
+Every canary is inserted with probability 1/2 (a secret draw, its own stream) and then enters training
+exactly as an example (sample level) or a client (client level) does, with norm at most the clipping bound.
 
 - Sample level (`ExampleCanaries`; white-box gradient canaries, Nasr et al. 2023 and Steinke et al. 2023):
   the canaries belong to one client's dataset (--audit-client). An inserted canary is Poisson-sampled at
-  the client's rate like any example, and its gradient enters the clipped sum before the noise. Score:
-  the inner product of s_i|S / √|S| with each privatized step, summed over the client's steps.
-- Client level (`ClientCanaries`; canary clients, Andrew et al. 2024): an inserted canary client joins
-  each round with probability p like any client, and its update enters the server's sum before the
-  noise. Scores: the cosine of s_i with the global model's total change, and the largest cosine with one
-  round's change; the lower bound takes the better of the two at half the significance each.
+  the client's rate like any example, and its gradient enters the clipped sum before the noise. Each is a
+  Dirac canary: the clipping norm on one coordinate, at each step the i-th quietest of what the step
+  trains by the released steps so far. Scores: its coordinate's value in each privatized step, summed
+  over the client's steps, and the largest of them; the bounds take the better at half the significance.
+- Client level (`ClientCanaries`; canary clients, Andrew et al. 2024): each canary i is a fixed random
+  sign vector s_i over all the trainable parameters (seeded: the auditor knows them). An inserted canary
+  client joins each round with probability p like any client, and its update, clip · s_i restricted to
+  what the round aggregates and scaled to norm C, enters the server's sum before the noise. Scores: the
+  cosine of s_i with the global model's total change, and the largest cosine with one round's change.
 
 The canaries train with the model like real data: that is what they cost in accuracy.
 """
@@ -26,13 +27,14 @@ from dpfl_bench.adapters import TrainableParams
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.method import Factor
-from dpfl_bench.privacy.audit import gaussian_estimate, one_run_lower_bound
+from dpfl_bench.privacy.audit import fdp_lower_bound, gaussian_estimate, one_run_lower_bound
 from dpfl_bench.privacy.mechanism import Mechanism, protected_unit
 from dpfl_bench.privacy.randomness import SERVER, Purpose, Randomness
 from dpfl_bench.server import State
 
 CONFIDENCE = 0.95
 SCORE_CHUNK = 256  # canaries unpacked at a time when scoring
+SEEN_BEFORE_QUIET = 2  # released steps a coordinate must have been in before it can be called quiet
 
 
 class NoAudit:
@@ -51,7 +53,7 @@ class NoAudit:
         pass
 
     def estimates(self, delta: float) -> dict[str, float]:
-        return {"audit_canaries": 0, "audit_eps_lower": math.nan, "audit_eps_estimate": math.nan}
+        return {"audit_canaries": 0, "audit_eps_lower": math.nan, "audit_eps_lower_fdp": math.nan, "audit_eps_estimate": math.nan}
 
     def state(self) -> dict[str, torch.Tensor]:
         """What the audit has accumulated so far, for a checkpoint."""
@@ -104,45 +106,100 @@ class Directions:
 
 
 class ExampleCanaries(NoAudit):
-    """Gradient canaries in one client's dataset (sample level)."""
+    """Gradient canaries in one client's dataset (sample level), each a single coordinate (a Dirac canary):
+    at every step, canary i's gradient is `clip` on the i-th quietest coordinate of what the step trains,
+    quietest meaning the smallest summed magnitude over the client's released steps so far (ties broken by
+    a fixed random order), among coordinates seen in at least SEEN_BEFORE_QUIET of them (one step says
+    little: LoRA's A has no gradient at all while B is still zero). Until enough are, the canaries' gradient
+    is zero. Where the real gradients are exactly zero (dead channels, untouched rows), a canary's score
+    holds its own signal and the noise, nothing of the data; distinct coordinates keep canaries out of
+    each other's scores. Choosing from released steps is an adaptive choice of each example's gradient,
+    which the accountant's composition already covers."""
 
-    def __init__(self, count: int, client: int, rate: float, clip: float, directions: Directions, randomness: Randomness) -> None:
-        self.count, self.client, self.rate, self.clip = count, client, rate, clip
-        self.directions, self.randomness = directions, randomness
+    def __init__(self, count: int, client: int, rate: float, clip: float, shapes: dict[str, torch.Size], randomness: Randomness) -> None:
+        self.count, self.client, self.rate, self.clip, self.randomness = count, client, rate, clip, randomness
+        self.offsets, start = {}, 0
+        for name, shape in shapes.items():
+            self.offsets[name] = (start, start + math.prod(shape))
+            start += math.prod(shape)
         self.inserted = randomness.stream(Purpose.CANARY_INCLUSION, 0, client).bernoulli(count, 0.5)
-        self.accumulated = torch.zeros(directions.size, dtype=torch.float64)  # Σ_t pad(g̃_t) / √|S_t|
-        self._round, self._sampling = -1, None
+        self.order = randomness.stream(Purpose.CANARY_DIRECTIONS).permutation(start)  # the fixed tie-break
+        self.loudness = np.zeros(start)  # Σ over released steps of |step| per coordinate
+        self.seen = np.zeros(start, dtype=np.int64)  # released steps each coordinate was in
+        self.sums, self.maxima = np.zeros(count), np.zeros(count)  # per canary, over the client's steps
+        self.steps = 0
+        self._round, self._sampling, self._where = -1, None, {}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"accumulated": self.accumulated.clone()}
+        return {name: torch.from_numpy(np.array(value)) for name, value in
+                [("loudness", self.loudness), ("seen", self.seen), ("sums", self.sums), ("maxima", self.maxima),
+                 ("steps", self.steps)]}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.accumulated = state["accumulated"].clone()
+        if "loudness" not in state:
+            raise UserError("this checkpoint's audit was written by an earlier canary design; run again with --restart")
+        self.loudness, self.seen, self.sums, self.maxima = (state[k].numpy().copy() for k in ("loudness", "seen", "sums", "maxima"))
+        self.steps = int(state["steps"])
+
+    def _quietest(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Canary i's coordinate for this step, as {name: positions in that tensor, canaries in order}; empty
+        while fewer than `count` coordinates have been seen often enough."""
+        coordinates = np.concatenate([np.arange(*self.offsets[n]) for n in names])
+        coordinates = coordinates[self.seen[coordinates] >= SEEN_BEFORE_QUIET]
+        if len(coordinates) < self.count:
+            return {}
+        key = self.loudness[coordinates]
+        cut = np.partition(key, self.count - 1)[self.count - 1]
+        candidates = coordinates[key <= cut]
+        chosen = candidates[np.lexsort((self.order[candidates], self.loudness[candidates]))][: self.count]
+        return {n: chosen - self.offsets[n][0] for n in names}
 
     def insert(self, client: int, round: int, summed: State) -> tuple[State, int]:
         if client != self.client:
             return summed, 0
         if round != self._round:  # each client-round draws its canaries' Poisson masks from its own stream
             self._round, self._sampling = round, self.randomness.stream(Purpose.CANARY_SAMPLING, round, client)
-        chosen = np.flatnonzero(self.inserted & self._sampling.bernoulli(self.count, self.rate))
-        if len(chosen) == 0:
+        self._where = self._quietest(list(summed))
+        sampled = self.inserted & self._sampling.bernoulli(self.count, self.rate)  # drawn every step all the same
+        if not sampled.any():
             return summed, 0
-        names = list(summed)
-        canaries = self.directions.restrict(self.directions.signs(chosen).sum(dim=0), names, self.clip)
-        return {n: g + canaries[n].to(g.device) for n, g in summed.items()}, len(chosen)
+        if not self._where:  # sampled, with a zero gradient
+            return summed, int(sampled.sum())
+        out = {}
+        for name, g in summed.items():
+            start, end = self.offsets[name]
+            local = self._where[name]
+            mine = (local >= 0) & (local < end - start) & sampled
+            flat = g.flatten().clone()
+            flat[torch.from_numpy(local[mine]).to(g.device)] += self.clip
+            out[name] = flat.view_as(g)
+        return out, int(sampled.sum())
 
     def observe(self, client: int, privatized: State) -> None:
-        if client == self.client:
-            names = list(privatized)
-            size = sum(privatized[n].numel() for n in names)
-            self.accumulated += self.directions.flat(privatized, names) / math.sqrt(size)
+        if client != self.client:
+            return
+        values = np.zeros(self.count)
+        for name, g in privatized.items():
+            start, end = self.offsets[name]
+            flat = g.detach().flatten().double().cpu().numpy()
+            if self._where:
+                local = self._where[name]
+                mine = (local >= 0) & (local < end - start)
+                values[mine] = flat[local[mine]]
+            self.loudness[start:end] += np.abs(flat)
+            self.seen[start:end] += 1
+        self.sums += values
+        self.maxima = values if self.steps == 0 else np.maximum(self.maxima, values)
+        self.steps += 1
 
     def estimates(self, delta: float) -> dict[str, float]:
-        scores = self.directions.project(self.accumulated)
+        statistics = [self.sums, self.maxima]  # the sum suits steady signals, the largest step rare sampling
+        confidence = 1 - (1 - CONFIDENCE) / len(statistics)
         return {
             "audit_canaries": self.count,
-            "audit_eps_lower": one_run_lower_bound(scores, self.inserted, delta=delta, confidence=CONFIDENCE),
-            "audit_eps_estimate": gaussian_estimate(scores, self.inserted, delta=delta),
+            "audit_eps_lower": max(one_run_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
+            "audit_eps_lower_fdp": max(fdp_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
+            "audit_eps_estimate": gaussian_estimate(self.sums, self.inserted, delta=delta),
         }
 
 
@@ -184,6 +241,7 @@ class ClientCanaries(NoAudit):
         return {
             "audit_canaries": self.count,
             "audit_eps_lower": max(one_run_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
+            "audit_eps_lower_fdp": max(fdp_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
             "audit_eps_estimate": max(gaussian_estimate(s, self.inserted, delta=delta) for s in statistics),
         }
 
@@ -205,11 +263,10 @@ def create_audit(config: RunConfig, mechanism: Mechanism, params: TrainableParam
             f"--audit-canaries {count} is more than the {smallest} parameters the smallest trained set has: canary "
             f"directions could not be told apart; use at most {smallest}"
         )
-    bits = randomness.stream(Purpose.CANARY_DIRECTIONS).bytes(count * math.ceil(sum(math.prod(s) for s in shapes.values()) / 8))
-    directions = Directions(count, shapes, bits)
     if unit == "example":
         client = config.audit.audit_client
-        return ExampleCanaries(count, client, mechanism.sample_rates[client], config.privacy.clip, directions, randomness)
+        return ExampleCanaries(count, client, mechanism.sample_rates[client], config.privacy.clip, shapes, randomness)
     if fed.weighting != "uniform":
         raise UserError("canary clients join FedAvg with uniform weights; drop --weighting size to audit this run")
-    return ClientCanaries(count, fed.participation, config.privacy.clip, directions, randomness)
+    bits = randomness.stream(Purpose.CANARY_DIRECTIONS).bytes(count * math.ceil(sum(math.prod(s) for s in shapes.values()) / 8))
+    return ClientCanaries(count, fed.participation, config.privacy.clip, Directions(count, shapes, bits), randomness)
