@@ -327,11 +327,12 @@ def test_the_cli_module_imports_no_heavy_library():
     code = "import sys, dpfl_bench.cli; print(sorted({'torch', 'scipy', 'pandas', 'ray', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    # `dpfl-bench methods` lists every method, options and citations included, without torch either.
-    code = ("import sys; from typer.testing import CliRunner; from dpfl_bench.cli import app; "
-            "out = CliRunner().invoke(app, ['methods']).output; print('fed-sb' in out, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "False"]
+    # `methods` and `tasks` list everything, options, citations and defaults included, without torch either.
+    for command, expected in (("methods", "fed-sb"), ("tasks", "tiny-imagenet")):
+        code = ("import sys; from typer.testing import CliRunner; from dpfl_bench.cli import app; "
+                f"out = CliRunner().invoke(app, ['{command}']).output; print('{expected}' in out, 'torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["True", "False"], command
 
 
 def test_version():

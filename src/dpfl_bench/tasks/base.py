@@ -8,18 +8,23 @@ depends on the architecture a user picked with `--model`.
 
 A task's `load_data` returns its fixed train/test split; callers load through `Task.load`, which also
 carves the task's validation split out of the training data, so no caller can train on it.
+
+Registering and listing tasks imports no torch (`dpfl-bench tasks` answers at once): task modules import
+it inside the functions that load data or build models, and their model classes live in `models.py`.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,14 @@ class Examples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor) -> "Examples":
+    def subset(self, index: torch.Tensor) -> Examples:
         return Examples({k: v[index] for k, v in self.features.items()}, self.labels[index])
 
     def shortest_first(self, index: torch.Tensor) -> torch.Tensor:
         """An order of the positions of `index` from shortest to longest example (token data; else as they
         are), so that physical passes cut to their longest example carry little padding."""
+        import torch
+
         if "attention_mask" not in self.features:
             return torch.arange(len(index))
         return torch.argsort(self.features["attention_mask"][index].sum(dim=1), stable=True)
@@ -122,6 +129,8 @@ _LOADED: dict[tuple[str, SourcesConfig], TaskData] = {}  # see Task.load
 def resize_and_crop(images: torch.Tensor, size: tuple[int, int], center_crop: float) -> torch.Tensor:
     """Float images [batch, channels, H, W] resized (bilinear) to `size`, or with `center_crop` < 1 resized to
     size / center_crop and center-cropped to `size` (the authors' 256 then 224 is 0.875, timm's crop_pct)."""
+    import torch.nn.functional as F
+
     if center_crop == 1:
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     larger = tuple(int(s / center_crop) for s in size)  # as torchvision's Resize(int(224 / 0.875)) = 256
@@ -143,6 +152,8 @@ def validation_split(num_train: int, size: int, task: str) -> tuple[torch.Tensor
             f"{task}'s training split has {num_train} examples, too few to hold out a validation split; "
             "a task needs at least 5 training examples"
         )
+    import torch
+
     order = torch.randperm(num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))
     return order[held_out:].sort().values, order[:held_out].sort().values
 

@@ -9,14 +9,15 @@ held out of GLUE's training split instead.
 """
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task
 from dpfl_bench.tasks.hub import column_of, from_hub, load_splits, lora_targets_for, parse_model, split_of
+
+if TYPE_CHECKING:
+    from torch import nn
 
 HUB_ID = "nyu-mll/glue"
 DEFAULT_MODEL = "hf:FacebookAI/roberta-base"
@@ -40,17 +41,6 @@ GLUE = {
     "rte": GlueTask(("sentence1", "sentence2"), 2, 128, 249),  # 2,490 train
     "mrpc": GlueTask(("sentence1", "sentence2"), 2, 128, 366),  # 3,668 train
 }
-
-
-class SequenceClassifier(nn.Module):
-    """A transformers sequence-classification model called as model(**features) -> logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **features: torch.Tensor) -> torch.Tensor:
-        return self.model(**features).logits
 
 
 def model_source(sources: SourcesConfig) -> tuple[str, str]:
@@ -101,7 +91,7 @@ def tokenize(split: object, task: GlueTask, tokenizer: object, workers: int) -> 
     return Examples(features, encoded["label"])
 
 
-def fresh_heads(model: nn.Module, heads: tuple[str, ...]) -> None:
+def fresh_heads(model: "nn.Module", heads: tuple[str, ...]) -> None:
     """Re-initialize the head under the run's seed: a checkpoint's classifier of the task's size (already
     fine-tuned, perhaps on this very task) would otherwise be kept by from_pretrained."""
     for name in heads:
@@ -125,6 +115,8 @@ def glue_task(name: str, task: GlueTask) -> Task:
 
     def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
         from transformers import AutoModelForSequenceClassification
+
+        from dpfl_bench.tasks.models import SequenceClassifier
 
         model_name, where = model_source(sources)
         model = from_hub(

@@ -10,12 +10,13 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # LoRA targets by architecture family, tried in order: the first set that names layers of the model wins.
 KNOWN_TARGETS: tuple[tuple[str, ...], ...] = (
@@ -32,8 +33,10 @@ def parse_model(spec: str, default: str) -> tuple[str, str]:
     return kind, name.strip()
 
 
-def lora_targets_for(model: nn.Module, heads: tuple[str, ...]) -> tuple[str, ...]:
+def lora_targets_for(model: "nn.Module", heads: tuple[str, ...]) -> tuple[str, ...]:
     """The first known target set that matches linear layers outside the head."""
+    from torch import nn
+
     names = [
         n for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and not any(n == h or n.startswith(h + ".") for h in heads)

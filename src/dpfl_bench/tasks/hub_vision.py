@@ -8,15 +8,17 @@ bytes per image in flight.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task, resize_and_crop
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, register_task
 from dpfl_bench.tasks.hub import column_of, from_hub, load_splits, lora_targets_for, parse_model, split_of
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DEFAULT_MODEL = "timm:swin_base_patch4_window7_224.ms_in22k"  # the paper's Swin-B, ImageNet-22k weights
 TEST_SPLITS = ("test", "validation", "valid", "val")
@@ -33,27 +35,10 @@ class VisionData:
     num_classes: int  # a mirror with another class count is another dataset
 
 
-class ImageClassifier(nn.Module):
-    """uint8 RGB images [batch, H, W, 3] -> resized to the backbone's input and normalized -> logits."""
-
-    def __init__(self, network: nn.Module, center_crop: float = 1.0) -> None:
-        super().__init__()
-        cfg = network.pretrained_cfg
-        self.network = network
-        self.center_crop = center_crop
-        self.size = tuple(cfg["input_size"][1:])
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float().div(255)
-        x = resize_and_crop(x, self.size, self.center_crop)
-        return self.network((x - self.mean) / self.std)
-
-
 def decode(split: object, image: str, label: str, size: int, workers: int) -> Examples:
     """Images as uint8 [n, size, size, 3] (converted to RGB, resized if a mirror's differ) and labels."""
     import datasets
+    import torch
 
     def to_bytes(batch: dict) -> dict:
         images = [im if im.size == (size, size) else im.resize((size, size)) for im in batch[image]]
@@ -82,13 +67,13 @@ def check_timm(name: str) -> None:
         raise UserError(f"timm has no model {name!r}; `timm.list_models()` lists them")
 
 
-def head_names(network: nn.Module) -> tuple[str, ...]:
+def head_names(network: "nn.Module") -> tuple[str, ...]:
     """The classifier module names of a timm model: one name, or several (distilled DeiT: head, head_dist)."""
     classifier = network.pretrained_cfg.get("classifier") or "head"
     return (classifier,) if isinstance(classifier, str) else tuple(classifier)
 
 
-def build_timm(name: str, num_classes: int, model_path: str) -> nn.Module:
+def build_timm(name: str, num_classes: int, model_path: str) -> "nn.Module":
     """A timm model with pretrained weights (hub, or a checkpoint file) and a fresh head for `num_classes`:
     the head is re-initialized even when the pretrained one has the task's shape (it may be fine-tuned)."""
     import timm
@@ -107,7 +92,7 @@ def build_timm(name: str, num_classes: int, model_path: str) -> nn.Module:
     return network
 
 
-def load_backbone(network: nn.Module, name: str, model_path: str) -> None:
+def load_backbone(network: "nn.Module", name: str, model_path: str) -> None:
     """Load a timm checkpoint file (a state_dict, or one wrapped in 'state_dict'/'model') into everything but
     the head. Every key outside the head must match: a partial or foreign checkpoint would otherwise leave
     a random backbone behind a run that looks pretrained."""
@@ -158,6 +143,8 @@ def vision_task(name: str, data: VisionData, description: str, defaults: dict) -
         )
 
     def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
+        from dpfl_bench.tasks.models import ImageClassifier
+
         model = timm_name(sources)
         network = build_timm(model, num_classes, sources.model_path)
         heads = head_names(network)

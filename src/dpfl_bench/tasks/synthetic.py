@@ -5,11 +5,14 @@ the upper half, so a model can learn it, but nothing here is pretrained or real:
 from this task.
 """
 
-import torch
+from typing import TYPE_CHECKING
 
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.tasks.base import BuiltModel, Examples, Task, TrainTestSplit, refuse_sources, register_task
-from dpfl_bench.tasks.sentiment import LORA_TARGETS, MeanPooledClassifier
+from dpfl_bench.tasks.sentiment import LORA_TARGETS
+
+if TYPE_CHECKING:
+    import torch
 
 VOCAB = 64
 LENGTH = 12
@@ -17,7 +20,9 @@ TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE = 700, 100, 200  # 600 examples left to t
 MODEL_NAME = "synthetic-tiny-bert (random init)"
 
 
-def _examples(n: int, generator: torch.Generator) -> Examples:
+def _examples(n: int, generator: "torch.Generator") -> Examples:
+    import torch
+
     ids = torch.randint(2, VOCAB, (n, LENGTH), generator=generator)  # 0 and 1 are [PAD] and [CLS]
     ids[:, 0] = 1
     labels = ((ids[:, 1:] < VOCAB // 2).sum(dim=1) > (LENGTH - 1) / 2).long()
@@ -26,12 +31,16 @@ def _examples(n: int, generator: torch.Generator) -> Examples:
 
 def load_data(sources: SourcesConfig) -> TrainTestSplit:
     refuse_sources("synthetic", sources)
+    import torch
+
     generator = torch.Generator().manual_seed(4321)
     return TrainTestSplit(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
 
 
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     from transformers import BertConfig, BertModel
+
+    from dpfl_bench.tasks.models import MeanPooledClassifier
 
     config = BertConfig(
         vocab_size=VOCAB,
