@@ -203,8 +203,9 @@ def test_the_authors_regime_is_audited_and_reveals_as_much_as_a_non_private_run(
 def test_a_run_at_eps_1_audits_at_most_1_in_19_of_20_seeds(tmp_path):
     bounds = [audited(tmp_path, eps=1.0, seed=seed, **{"local-steps": 4}) for seed in range(20)]
     assert all(row["eps_spent"] <= 1.0 for row in bounds)
-    below = [row["audit_eps_lower"] <= 1.0 for row in bounds]
-    assert sum(below) >= 19, [row["audit_eps_lower"] for row in bounds]
+    for bound in ("audit_eps_lower", "audit_eps_lower_fdp"):  # the f-DP one too: DP-SGD's curve is near Gaussian
+        below = [row[bound] <= 1.0 for row in bounds]
+        assert sum(below) >= 19, (bound, [row[bound] for row in bounds])
 
 
 class TenthOfTheNoise(SampleDP):
