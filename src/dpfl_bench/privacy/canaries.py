@@ -141,9 +141,9 @@ class ExampleCanaries(NoAudit):
         self.loudness, self.seen, self.sums, self.maxima = (state[k].numpy().copy() for k in ("loudness", "seen", "sums", "maxima"))
         self.steps = int(state["steps"])
 
-    def _quietest(self, names: list[str]) -> dict[str, np.ndarray]:
-        """Canary i's coordinate for this step, as {name: positions in that tensor, canaries in order}; empty
-        while fewer than `count` coordinates have been seen often enough."""
+    def _quietest(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each canary's coordinate for this step, as {name: (the canaries in that tensor, their positions in
+        it)}; empty while fewer than `count` coordinates have been seen often enough."""
         coordinates = np.concatenate([np.arange(*self.offsets[n]) for n in names])
         coordinates = coordinates[self.seen[coordinates] >= SEEN_BEFORE_QUIET]
         if len(coordinates) < self.count:
@@ -152,7 +152,12 @@ class ExampleCanaries(NoAudit):
         cut = np.partition(key, self.count - 1)[self.count - 1]
         candidates = coordinates[key <= cut]
         chosen = candidates[np.lexsort((self.order[candidates], self.loudness[candidates]))][: self.count]
-        return {n: chosen - self.offsets[n][0] for n in names}
+        where = {}
+        for name in names:
+            start, end = self.offsets[name]
+            canaries = np.flatnonzero((chosen >= start) & (chosen < end))
+            where[name] = (canaries, chosen[canaries] - start)
+        return where
 
     def insert(self, client: int, round: int, summed: State) -> tuple[State, int]:
         if client != self.client:
@@ -165,14 +170,13 @@ class ExampleCanaries(NoAudit):
             return summed, 0
         if not self._where:  # sampled, with a zero gradient
             return summed, int(sampled.sum())
-        out = {}
-        for name, g in summed.items():
-            start, end = self.offsets[name]
-            local = self._where[name]
-            mine = (local >= 0) & (local < end - start) & sampled
-            flat = g.flatten().clone()
-            flat[torch.from_numpy(local[mine]).to(g.device)] += self.clip
-            out[name] = flat.view_as(g)
+        out = dict(summed)
+        for name, (canaries, positions) in self._where.items():
+            hit = positions[sampled[canaries]]
+            if len(hit):
+                flat = summed[name].flatten().clone()
+                flat[torch.from_numpy(hit).to(flat.device)] += self.clip
+                out[name] = flat.view_as(summed[name])
         return out, int(sampled.sum())
 
     def observe(self, client: int, privatized: State) -> None:
@@ -183,9 +187,8 @@ class ExampleCanaries(NoAudit):
             start, end = self.offsets[name]
             flat = g.detach().flatten().double().cpu().numpy()
             if self._where:
-                local = self._where[name]
-                mine = (local >= 0) & (local < end - start)
-                values[mine] = flat[local[mine]]
+                canaries, positions = self._where[name]
+                values[canaries] = flat[positions]
             self.loudness[start:end] += np.abs(flat)
             self.seen[start:end] += 1
         self.sums += values
