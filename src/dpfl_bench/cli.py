@@ -147,7 +147,7 @@ def run(
     device: Annotated[Optional[str], _opt("auto, cpu or cuda. \\[default: auto]", Section)] = None,
     out: Annotated[Optional[Path], _opt("Folder for the results Parquet file. \\[default: results]", Section)] = None,
     config: Annotated[Optional[Path], _opt("TOML file of these options (same names); flags override it.", Section)] = None,
-    log_to: Annotated[Optional[str], typer.Option(help="Also log each evaluated round to a tracker: tensorboard (files under runs/<run id>).", show_default=False, rich_help_panel=Execution)] = None,
+    log_to: Annotated[Optional[str], typer.Option(help="Also log each evaluated round to a tracker: tensorboard (runs/<run id>) or mlflow (MLFLOW_TRACKING_URI, else runs/mlflow.db).", show_default=False, rich_help_panel=Execution)] = None,
     threads: Annotated[int, typer.Option(help="Torch threads for this run (recorded in its results). \\[default: 0: torch's own, one per core]", show_default=False, rich_help_panel=Execution)] = 0,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
@@ -175,7 +175,7 @@ def run(
         from dpfl_bench.federated import find_resume, resolve_device, results_path, run_federated, writable_folder
         from dpfl_bench.lock import check_unlocked
         from dpfl_bench.tasks import TASKS
-        from dpfl_bench.trackers import TensorBoardRun
+        from dpfl_bench.trackers import open_tracker
 
         options = load_toml(config) if config else {}
         options.update(flags)
@@ -226,7 +226,7 @@ def run(
             warnings.showwarning = _note  # a library's warning (an out-of-memory halving, a fallback) as one line
             bar = progress.add_task("loading data and model", total=fed.rounds, status="", unit="rounds")
 
-            tracker = TensorBoardRun(Path("runs"), results_path(resolved).stem) if log_to else None
+            tracker = open_tracker(log_to, Path("runs"), results_path(resolved).stem) if log_to else None
 
             def on_round(done: int, row: dict | None) -> None:
                 progress.update(bar, completed=done, description="training", **({"status": round_status(row)} if row else {}))
@@ -373,7 +373,7 @@ def sweep(
     retries: Annotated[int, typer.Option(help="Ray: attempts after a crash or a lost worker, each resuming from the point's checkpoint.", rich_help_panel=Execution)] = 2,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
-    log_to: Annotated[Optional[str], typer.Option(help="Also write each run to a tracker as it finishes: tensorboard (runs/<run id>).", show_default=False, rich_help_panel=Execution)] = None,
+    log_to: Annotated[Optional[str], typer.Option(help="Also write each run to a tracker as it finishes: tensorboard (runs/<run id>) or mlflow (MLFLOW_TRACKING_URI, else runs/mlflow.db).", show_default=False, rich_help_panel=Execution)] = None,
 ) -> None:
     """Run every point of a benchmark suite once, locally (reused worker processes) or on Ray.
 
@@ -488,17 +488,18 @@ def runs(
 @app.command()
 def export(
     results: Annotated[Path, typer.Argument(help="Folder of results files, searched recursively, or one file.")] = Path("results"),
-    to: Annotated[str, typer.Option(help="The tracker: tensorboard.")] = "tensorboard",
-    out: Annotated[Path, typer.Option(help="Where the tracker's files go (one TensorBoard run per run id).")] = Path("runs"),
+    to: Annotated[str, typer.Option(help="The tracker: tensorboard or mlflow.")] = "tensorboard",
+    out: Annotated[Path, typer.Option(help="Where the tracker's files go: one TensorBoard run per run id, or MLflow's mlflow.db (unless MLFLOW_TRACKING_URI is set).")] = Path("runs"),
 ) -> None:
     """Export runs, finished or not, to an experiment tracker: each evaluated round's figures as series, the
-    options as hyperparameters, the regime and guarantee as text. Then: tensorboard --logdir runs
+    options as hyperparameters, the regime and guarantee as text or tags. Then: tensorboard --logdir runs, or
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
     """
     with _user_errors():
         from dpfl_bench.compare import list_runs, results_files
         from dpfl_bench.federated import writable_folder
         from dpfl_bench.results import read_run
-        from dpfl_bench.trackers import check_tracker, export_runs
+        from dpfl_bench.trackers import check_tracker, export_runs, view_command
 
         check_tracker(to)
         listed, warnings = list_runs(results)
@@ -507,7 +508,7 @@ def export(
         files = [path for path in results_files(results) if path.stem in set(listed["run_id"])]
         rows = {path.stem: read_run(path).to_dict("records") for path in files}
         export_runs(rows, to, writable_folder(out, "--out"))
-        console.print(f"{len(rows)} runs exported to {out} · view them: tensorboard --logdir {out}")
+        console.print(f"{len(rows)} runs exported to {out} · view them: {view_command(to, out)}")
 
 
 @app.command()
