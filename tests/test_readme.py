@@ -67,3 +67,12 @@ def test_every_command_shown_parses():
                     sub.make_context(words[1], words[2:], resilient_parsing=False)
                     shown += 1
     assert shown >= 30
+
+
+def test_every_results_column_is_documented():
+    """docs/results.md is the column reference: a column added to the schema without a line there fails."""
+    from dpfl_bench.results import SCHEMA
+
+    reference = DOCS["results.md"]
+    missing = [name for name in SCHEMA.names if f"`{name}`" not in reference]
+    assert not missing, missing
