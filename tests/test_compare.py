@@ -437,6 +437,20 @@ def test_runs_lists_finished_and_unfinished_runs_and_filters_them(tmp_path):
     assert_user_error(invoke("runs", tmp_path, "--where", "colour=red"), "--where colour: not a column")
 
 
+@pytest.mark.parametrize("width", [80, 160])
+def test_runs_on_a_narrow_terminal_leaves_out_options_never_figures(tmp_path, monkeypatch, width):
+    from dpfl_bench import cli
+
+    write_run(tmp_path, method="la-lora", seed=0, accuracies=[0.4321], eps=1.0, dp_level="authors", dp_sigma=0.2)
+    monkeypatch.setattr(cli.console, "width", width)
+    result = invoke("runs", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= width
+    assert "0.4321" in result.stdout and "1/1" in result.stdout  # the figures, whole
+    assert ("in --format csv" in " ".join(line.strip() for line in lines)) == (width == 80)  # says what it left out
+
+
 def test_the_plot_names_the_values_select_chose_and_the_seeds(tmp_path, monkeypatch):
     for seed in (0, 1):
         write_run(tmp_path, method="dp-lora", seed=seed, accuracies=[0.5, 0.6], val_accuracies=[0.5, 0.6], eps=1.0, lr=0.01)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -478,10 +479,22 @@ def runs(
             return
         headers = {"local_steps": "K", "batch_size": "batch", "finished": "done", "test_accuracy": "test acc", "eps_spent": "ε spent"}
         shown = [c for c in RUN_COLUMNS if c != "run_id"]  # in the csv; too long for a terminal's table
-        table = Table(*(headers.get(c, c) for c in shown), title=f"{len(listed)} runs in {results}")
-        for line in listed[shown].itertuples(index=False):
-            table.add_row(*(f"{v:.4f}" if k in ("test_accuracy", "eps_spent") else escape(f"{v:g}" if isinstance(v, float) else str(v))
-                            for k, v in zip(shown, line)))
+        cells = {k: [f"{v:.4f}" if k in ("test_accuracy", "eps_spent") else escape(f"{v:g}" if isinstance(v, float) else str(v))
+                     for v in listed[k]] for k in shown}
+        words = ("task", "method", "regime")  # may fold on a narrow terminal; figures are never cut
+        widths = {k: min(max(map(len, [headers.get(k, k), *cells[k]])), 7 if k in words else 99) for k in shown}
+        left_out = []
+        for k in ("batch_size", "local_steps", "rank", "finished"):  # what a narrow terminal can do without
+            if sum(w + 3 for w in widths.values()) <= console.width:  # padding and the space between
+                break
+            left_out.append(headers.get(k, k))
+            del widths[k]
+        note = f" ({', '.join(left_out)}: in --format csv)" if left_out else ""
+        table = Table(title=f"{len(listed)} runs in {results}{note}", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        for k, width in widths.items():
+            table.add_column(headers.get(k, k), overflow="fold", no_wrap=k not in words, min_width=width)
+        for i in range(len(listed)):
+            table.add_row(*(cells[k][i] for k in widths))
         console.print(table)
 
 
