@@ -19,6 +19,7 @@ from dpfl_bench.results import flat_options
 SERIES = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_loss", "eps_spent", "eps_spent_mean",
           "audit_eps_lower", "audit_eps_lower_fdp", "audit_eps_estimate", "bytes_uploaded_per_round", "wall_seconds")
 EXPERIMENT = "dpfl-bench"  # the MLflow experiment every run goes to
+MARKER = "val_accuracy"  # the series whose steps say which rounds a tracker run already holds
 
 
 class TrackerRun(Protocol):
@@ -35,17 +36,29 @@ def _guarantee(row: dict[str, Any]) -> str:
 
 
 class TensorBoardRun:
-    """One run's event file under `folder`/<run id>; rows are logged as they come, the description once."""
+    """One run's event files under `folder`/<run id>; rows are logged as they come, the description once.
+    Like MLflowRun, a run id logged again (a resumed run, a repeated export) adds only the rounds its folder
+    does not hold yet."""
 
     def __init__(self, folder: Path, run_id: str) -> None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         from torch.utils.tensorboard import SummaryWriter
 
+        self.logged: set[int] = set()
+        if (folder / run_id).exists():
+            events = EventAccumulator(str(folder / run_id), size_guidance={"scalars": 0})
+            events.Reload()
+            if MARKER in events.Tags()["scalars"]:
+                self.logged = {e.step for e in events.Scalars(MARKER)}
         self.writer = SummaryWriter(log_dir=str(folder / run_id))
-        self.described = False
+        self.described = bool(self.logged)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.described:
             self._describe(row)
+        if int(row["round"]) in self.logged:
+            return
+        self.logged.add(int(row["round"]))
         for name in SERIES:
             if _finite(row.get(name)):
                 self.writer.add_scalar(name, float(row[name]), int(row["round"]))
@@ -81,7 +94,7 @@ class MLflowRun:
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_id}'", max_results=1)
         self.run = found[0].info.run_id if found else self.client.create_run(experiment_id, run_name=run_id).info.run_id
-        self.logged = {m.step for m in self.client.get_metric_history(self.run, "val_accuracy")}
+        self.logged = {m.step for m in self.client.get_metric_history(self.run, MARKER)}
         self.described = bool(found)
         self.finished = False
 
