@@ -22,6 +22,7 @@ canary that is larger when it was inserted.
 """
 
 import math
+from typing import Callable
 
 import numpy as np
 from scipy import special, stats
@@ -43,12 +44,9 @@ def one_run_p_value(*, canaries: int, guesses: int, correct: int, eps: float, de
     return min(float(tail + np.max(windows / below) * delta * 2 * canaries), 1.0)
 
 
-def one_run_epsilon(*, canaries: int, guesses: int, correct: int, delta: float, significance: float) -> float:
-    """The largest ε that `correct` right guesses out of `guesses` refute at `significance` (0 if none)."""
-    def refuted(eps: float) -> bool:
-        return one_run_p_value(canaries=canaries, guesses=guesses, correct=correct, eps=eps, delta=delta) <= significance
-
-    if guesses == 0 or not refuted(0.0):
+def _largest_refuted(refuted: Callable[[float], bool]) -> float:
+    """The largest ε (to 1e-4) that `refuted` holds for, 0 if none; `refuted` holds for every smaller ε too."""
+    if not refuted(0.0):
         return 0.0
     low, high = 0.0, 1.0
     while refuted(high):
@@ -57,6 +55,14 @@ def one_run_epsilon(*, canaries: int, guesses: int, correct: int, delta: float, 
         middle = (low + high) / 2
         low, high = (middle, high) if refuted(middle) else (low, middle)
     return low
+
+
+def one_run_epsilon(*, canaries: int, guesses: int, correct: int, delta: float, significance: float) -> float:
+    """The largest ε that `correct` right guesses out of `guesses` refute at `significance` (0 if none)."""
+    if guesses == 0:
+        return 0.0
+    return _largest_refuted(lambda eps: one_run_p_value(canaries=canaries, guesses=guesses, correct=correct, eps=eps,
+                                                        delta=delta) <= significance)
 
 
 def guess_plans(canaries: int) -> list[tuple[int, int]]:
@@ -73,20 +79,23 @@ def guesses_made(scores: np.ndarray, inserted: np.ndarray) -> list[tuple[int, in
             for k_in, k_out in guess_plans(len(scores))]
 
 
-def one_run_lower_bound(scores: np.ndarray, inserted: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
-    """Steinke et al.'s ε lower bound at `confidence`, over the guess plans (each at its Bonferroni share)."""
+def _best_over_plans(epsilon: Callable[..., float], scores: np.ndarray, inserted: np.ndarray, delta: float,
+                     confidence: float) -> float:
+    """The best of `epsilon` over the guess plans, each tested at its Bonferroni share of the significance."""
     made = guesses_made(scores, inserted)
     significance = (1 - confidence) / max(len(made), 1)
-    return max((one_run_epsilon(canaries=len(scores), guesses=g, correct=c, delta=delta, significance=significance)
-                for g, c in made), default=0.0)
+    return max((epsilon(canaries=len(scores), guesses=g, correct=c, delta=delta, significance=significance) for g, c in made),
+               default=0.0)
+
+
+def one_run_lower_bound(scores: np.ndarray, inserted: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
+    """Steinke et al.'s ε lower bound at `confidence`, over the guess plans."""
+    return _best_over_plans(one_run_epsilon, scores, inserted, delta, confidence)
 
 
 def fdp_lower_bound(scores: np.ndarray, inserted: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
     """Mahloujifar et al.'s ε lower bound (Gaussian trade-off curve) at `confidence`, from the same guesses."""
-    made = guesses_made(scores, inserted)
-    significance = (1 - confidence) / max(len(made), 1)
-    return max((fdp_epsilon(canaries=len(scores), guesses=g, correct=c, delta=delta, significance=significance)
-                for g, c in made), default=0.0)
+    return _best_over_plans(fdp_epsilon, scores, inserted, delta, confidence)
 
 
 def gdp_delta(eps: float, mu: float) -> float:
@@ -127,18 +136,10 @@ def fdp_refutes(mu: float, *, canaries: int, guesses: int, correct: int, signifi
 
 def fdp_epsilon(*, canaries: int, guesses: int, correct: int, delta: float, significance: float) -> float:
     """The largest ε whose μ-GDP (at δ) `correct` right guesses out of `guesses` refute (0 if none)."""
-    def refuted(eps: float) -> bool:
-        return fdp_refutes(gdp_mu(eps, delta), canaries=canaries, guesses=guesses, correct=correct, significance=significance)
-
-    if correct == 0 or not refuted(0.0):
+    if correct == 0:
         return 0.0
-    low, high = 0.0, 1.0
-    while refuted(high):
-        low, high = high, 2 * high
-    while high - low > 1e-4:
-        middle = (low + high) / 2
-        low, high = (middle, high) if refuted(middle) else (low, middle)
-    return low
+    return _largest_refuted(lambda eps: fdp_refutes(gdp_mu(eps, delta), canaries=canaries, guesses=guesses, correct=correct,
+                                                    significance=significance))
 
 
 def gaussian_delta(eps: float, mean_in: float, std_in: float, mean_out: float, std_out: float) -> float:

@@ -63,6 +63,14 @@ class NoAudit:
         pass
 
 
+def lower_bounds(statistics: list[np.ndarray], inserted: np.ndarray, delta: float) -> dict[str, float]:
+    """Both lower bounds, each the better over the canaries' `statistics` (scores), which share the
+    significance equally so that each bound holds at CONFIDENCE as a whole."""
+    confidence = 1 - (1 - CONFIDENCE) / len(statistics)
+    return {name: max(bound(s, inserted, delta=delta, confidence=confidence) for s in statistics)
+            for name, bound in (("audit_eps_lower", one_run_lower_bound), ("audit_eps_lower_fdp", fdp_lower_bound))}
+
+
 class Directions:
     """`count` random sign vectors over the trainable parameters (in their fixed order), kept as bits."""
 
@@ -197,13 +205,8 @@ class ExampleCanaries(NoAudit):
 
     def estimates(self, delta: float) -> dict[str, float]:
         statistics = [self.sums, self.maxima]  # the sum suits steady signals, the largest step rare sampling
-        confidence = 1 - (1 - CONFIDENCE) / len(statistics)
-        return {
-            "audit_canaries": self.count,
-            "audit_eps_lower": max(one_run_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
-            "audit_eps_lower_fdp": max(fdp_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
-            "audit_eps_estimate": gaussian_estimate(self.sums, self.inserted, delta=delta),
-        }
+        return {"audit_canaries": self.count, **lower_bounds(statistics, self.inserted, delta),
+                "audit_eps_estimate": gaussian_estimate(self.sums, self.inserted, delta=delta)}
 
 
 class ClientCanaries(NoAudit):
@@ -240,13 +243,8 @@ class ClientCanaries(NoAudit):
         norm = float(self.total_change.norm())
         final = self.directions.project(self.total_change) / (math.sqrt(self.directions.size) * norm) if norm else np.zeros(self.count)
         statistics = [final, np.where(np.isfinite(self.best_round_cosine), self.best_round_cosine, 0.0)]
-        confidence = 1 - (1 - CONFIDENCE) / len(statistics)
-        return {
-            "audit_canaries": self.count,
-            "audit_eps_lower": max(one_run_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
-            "audit_eps_lower_fdp": max(fdp_lower_bound(s, self.inserted, delta=delta, confidence=confidence) for s in statistics),
-            "audit_eps_estimate": max(gaussian_estimate(s, self.inserted, delta=delta) for s in statistics),
-        }
+        return {"audit_canaries": self.count, **lower_bounds(statistics, self.inserted, delta),
+                "audit_eps_estimate": max(gaussian_estimate(s, self.inserted, delta=delta) for s in statistics)}
 
 
 def create_audit(config: RunConfig, mechanism: Mechanism, params: TrainableParams, randomness: Randomness) -> NoAudit:
