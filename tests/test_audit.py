@@ -3,6 +3,7 @@ that must find a non-private run out, stay below a real guarantee, and catch a p
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from dpfl_bench.privacy.audit import (
     one_run_lower_bound,
     one_run_p_value,
 )
-from dpfl_bench.privacy.mechanism import MECHANISMS, Mechanism, noise_like, register_mechanism
+from dpfl_bench.privacy.mechanism import MECHANISMS, Mechanism, register_mechanism
 from dpfl_bench.privacy.mechanisms.sample import SampleDP
 from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
@@ -219,34 +220,28 @@ def test_a_run_at_eps_1_audits_at_most_1_in_19_of_20_seeds(tmp_path):
         assert sum(below) >= 19, (bound, [row[bound] for row in bounds])
 
 
-class TenthOfTheNoise(SampleDP):
-    """A planted bug: accounts for σ but adds σ/10."""
-
-    name = "test-tenth-noise"
-
-    def privatize(self, summed, count, client, stream):
-        expected = min(self.config.training.batch_size, self.client_sizes[client])
-        noise = noise_like(summed, 0.1 * self.noise_multipliers[client] * self.clip, stream)
-        return {name: (g + noise[name]) / expected for name, g in summed.items()}
-
-
 class Unauditable(SampleDP):
     name = "test-unauditable"
     unit = None
 
 
 @pytest.fixture
-def test_mechanisms():
+def test_mechanisms(monkeypatch):
+    """The planted bug of benchmarks/audit_power.py (σ accounted, σ/10 added: the one its table audits) and a
+    mechanism the audit cannot cover, registered for one test; yields the planted bug's name."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from audit_power import TenthOfTheNoise
+
     for cls in (TenthOfTheNoise, Unauditable):
         register_mechanism(cls)
-    yield
+    yield TenthOfTheNoise.name
     for cls in (TenthOfTheNoise, Unauditable):
         del MECHANISMS._entries[cls.name]
 
 
 def test_a_planted_bug_audits_above_its_accounted_epsilon(tmp_path, test_mechanisms):
     honest = audited(tmp_path / "honest", eps=1.0)
-    buggy = audited(tmp_path / "buggy", eps=1.0, **{"dp-level": "test-tenth-noise"})
+    buggy = audited(tmp_path / "buggy", eps=1.0, **{"dp-level": test_mechanisms})
     assert buggy["eps_spent"] == honest["eps_spent"] <= 1.0  # the accountant cannot see the bug
     assert honest["audit_eps_lower"] <= 1.0
     assert buggy["audit_eps_lower"] > buggy["eps_spent"], buggy["audit_eps_lower"]
@@ -314,4 +309,4 @@ def test_bad_audit_options_are_one_line_errors(tmp_path, test_mechanisms, args, 
 
 
 def test_mechanism_registry_is_clean_after_the_test_mechanisms():
-    assert "test-tenth-noise" not in MECHANISMS and issubclass(MECHANISMS.get("sample"), Mechanism)
+    assert "planted-bug-tenth-noise" not in MECHANISMS and issubclass(MECHANISMS.get("sample"), Mechanism)
