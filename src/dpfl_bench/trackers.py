@@ -25,6 +25,8 @@ MARKER = "val_accuracy"  # the series whose steps say which rounds a tracker run
 class TrackerRun(Protocol):
     def log(self, row: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+    @staticmethod
+    def view(folder: Path) -> str: ...  # the command that shows what was written under `folder`
 
 
 def _finite(value: Any) -> bool:
@@ -74,6 +76,10 @@ class TensorBoardRun:
     def close(self) -> None:
         self.writer.close()
 
+    @staticmethod
+    def view(folder: Path) -> str:
+        return f"tensorboard --logdir {folder}"
+
 
 class MLflowRun:
     """One run in MLflow's experiment `dpfl-bench`, named by its run id, at MLFLOW_TRACKING_URI when that is
@@ -119,6 +125,12 @@ class MLflowRun:
     def close(self) -> None:
         self.client.set_terminated(self.run, "FINISHED" if self.finished else "KILLED")
 
+    @staticmethod
+    def view(folder: Path) -> str:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return f"the MLflow server at {os.environ['MLFLOW_TRACKING_URI']}"
+        return f"mlflow ui --backend-store-uri sqlite:///{folder}/mlflow.db"
+
 
 TRACKERS = {  # name: (its class, the module it needs, how to install it)
     "tensorboard": (TensorBoardRun, "torch.utils.tensorboard", "pip install tensorboard"),
@@ -138,12 +150,8 @@ def check_tracker(name: str) -> None:
 
 
 def view_command(name: str, folder: Path) -> str:
-    """How to look at what `name` wrote under `folder`."""
-    if name == "tensorboard":
-        return f"tensorboard --logdir {folder}"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return f"the MLflow server at {os.environ['MLFLOW_TRACKING_URI']}"
-    return f"mlflow ui --backend-store-uri sqlite:///{folder}/mlflow.db"
+    """How to look at what tracker `name` wrote under `folder`."""
+    return TRACKERS[name][0].view(folder)
 
 
 def open_tracker(name: str, folder: Path, run_id: str) -> TrackerRun:
