@@ -7,8 +7,9 @@ exactly as an example (sample level) or a client (client level) does, with norm 
   the canaries belong to one client's dataset (--audit-client). An inserted canary is Poisson-sampled at
   the client's rate like any example, and its gradient enters the clipped sum before the noise. Each is a
   Dirac canary: the clipping norm on one coordinate, at each step the i-th quietest of what the step
-  trains by the released steps so far. Scores: its coordinate's value in each privatized step, summed
-  over the client's steps, and the largest of them; the bounds take the better at half the significance.
+  trains by the released steps so far (that choice is our design: docs/privacy-audit.md measures it).
+  Scores: its coordinate's value in each privatized step, summed over the client's steps, and the largest
+  of them; the bounds take the better at half the significance.
 - Client level (`ClientCanaries`; canary clients, Andrew et al. 2024): each canary i is a fixed random
   sign vector s_i over all the trainable parameters (seeded: the auditor knows them). An inserted canary
   client joins each round with probability p like any client, and its update, clip · s_i restricted to
