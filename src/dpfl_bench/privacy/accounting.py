@@ -1,4 +1,4 @@
-"""Privacy accounting and noise calibration, on top of Opacus's RDP and PRV accountants.
+"""Privacy accounting and noise calibration: our RDP accountant (`rdp.py`, no torch) or Opacus's PRV one.
 
 The only mechanism here is the subsampled Gaussian: `steps` applications at `sample_rate` with
 `noise_multiplier` σ. Under sample-level DP each client's dataset is protected separately (rate
@@ -11,14 +11,16 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from dpfl_bench.errors import UserError
 
 MAX_NOISE_MULTIPLIER = 1e4
 
 
-# Opacus's RDP orders first; at large σ (a small client under DP-SGD, σ ≈ 7) the best order lies beyond
-# its last one (63), where stopping would give a looser bound and more noise than needed, so the grid is
-# continued geometrically until the best order is an inner one.
+# Opacus's RDP orders first (its DEFAULT_ALPHAS); at large σ (a small client under DP-SGD, σ ≈ 7) the best
+# order lies beyond its last one (63), where stopping would give a looser bound and more noise than needed,
+# so the grid is continued geometrically until the best order is an inner one.
 RDP_ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
 MAX_RDP_ORDER = 10**6
 
@@ -30,10 +32,10 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    with warnings.catch_warnings():  # Opacus's own advice on its orders and PRV's grid: none reaches the user
+    if accountant == "rdp":
+        return _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
+    with warnings.catch_warnings():  # Opacus's own advice on PRV's grid does not reach the user
         warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            return _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
         from opacus.accountants import create_accountant
 
         acc = create_accountant(accountant)
@@ -42,15 +44,15 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
 
 
 def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Opacus's RDP analysis over RDP_ORDERS, continued until the best order is not the largest."""
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    """RDP over RDP_ORDERS, continued until the best order is not the largest."""
+    from dpfl_bench.privacy.rdp import epsilon_from_rdp, subsampled_gaussian_rdp
 
     orders = list(RDP_ORDERS)
     while True:
-        rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
-        eps, best_order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        grid = np.array(orders, dtype=float)
+        eps, best_order = epsilon_from_rdp(steps * subsampled_gaussian_rdp(sample_rate, noise_multiplier, grid), grid, delta)
         if best_order < orders[-1] or not math.isfinite(eps):
-            return float(eps)
+            return eps
         if orders[-1] >= MAX_RDP_ORDER:
             raise RuntimeError(f"RDP: the best order for σ = {noise_multiplier} is beyond {MAX_RDP_ORDER}")
         orders += [round(orders[-1] * 1.25**k) for k in range(1, 5)]
