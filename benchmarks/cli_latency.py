@@ -23,6 +23,8 @@ COMMANDS = {
     "dpfl-bench methods": ["dpfl-bench", "methods"],
     "dpfl-bench tasks": ["dpfl-bench", "tasks"],
     "dpfl-bench presets": ["dpfl-bench", "presets"],
+    "dpfl-bench privacy --eps 1": ["dpfl-bench", "privacy", "--eps", "1"],
+    "dpfl-bench privacy --noise-multiplier 1.3": ["dpfl-bench", "privacy", "--noise-multiplier", "1.3"],
     "dpfl-bench privacy --task synthetic --eps 1": ["dpfl-bench", "privacy", "--task", "synthetic", "--eps", "1"],
 }
 

@@ -14,6 +14,7 @@ from dpfl_bench.cli import app
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.results import SCHEMA, read_run
+from dpfl_bench.tasks.images import FASHION_DIR
 
 FAST = ["--task", "synthetic", "--method", "dp-lora", "--rounds", "2", "--local-steps", "2"]
 TIMING = ["wall_seconds", "train_seconds", "peak_memory_bytes"]
@@ -321,18 +322,27 @@ def test_same_seed_gives_identical_rows_across_processes(tmp_path):
 
 
 def test_the_cli_module_imports_no_heavy_library():
-    """`dpfl-bench --help` and `--version` answer before torch, scipy, pandas or Ray would have loaded."""
+    """`dpfl-bench --help` and `--version` answer before torch, scipy, pandas or Ray would have loaded, and
+    `methods`, `tasks` and `privacy` without them."""
     import subprocess
 
     code = "import sys, dpfl_bench.cli; print(sorted({'torch', 'scipy', 'pandas', 'ray', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    # `methods` and `tasks` list everything, options, citations and defaults included, without torch either.
-    for command, expected in (("methods", "fed-sb"), ("tasks", "tiny-imagenet")):
+    # `methods` and `tasks` list everything, options, citations and defaults included, without torch either;
+    # `privacy` counts the default task's examples and runs its own accountant without torch or Opacus.
+    default_task = ["--task", "fashion" if FASHION_DIR.exists() else "synthetic"]
+    for args, expected in (
+        (["methods"], "fed-sb"),
+        (["tasks"], "tiny-imagenet"),
+        (["privacy", "--eps", "1", *default_task], "noise multiplier σ = "),
+        (["privacy", "--noise-multiplier", "1.3", "--task", "synthetic"], "ε = "),
+    ):
         code = ("import sys; from typer.testing import CliRunner; from dpfl_bench.cli import app; "
-                f"out = CliRunner().invoke(app, ['{command}']).output; print('{expected}' in out, 'torch' in sys.modules)")
+                f"out = CliRunner().invoke(app, {args!r}).output; "
+                "print(repr(out), sorted({'torch', 'opacus', 'scipy'} & set(sys.modules)))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        assert out.split() == ["True", "False"], command
+        assert expected in out and out.rstrip().endswith(" []"), (args, out)
 
 
 def test_version():

@@ -10,7 +10,8 @@ from dpfl_bench import cli
 from dpfl_bench.config import SourcesConfig
 from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
-from dpfl_bench.federated import partition, prepare
+from dpfl_bench.federated import prepare
+from dpfl_bench.partition import counted_client_sizes, partition
 from dpfl_bench.privacy.randomness import Randomness
 from dpfl_bench.tasks import TASKS, Examples
 from dpfl_bench.tasks.base import _LOADED, validation_split
@@ -177,3 +178,27 @@ def test_privacy_with_a_client_size_reports_the_sigma_run_uses():
     exp = prepare(build_config(options, TASKS.get("synthetic").defaults))
     assert [len(c) for c in exp.clients] == [150] * 3
     assert exp.run.mechanism.noise_multiplier == pytest.approx(sigma, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- counted sizes
+
+
+@pytest.mark.parametrize("name", ["synthetic", pytest.param("fashion", marks=CHEAP[2].marks)])
+@pytest.mark.parametrize("clients", [2, 3, 7])
+def test_counted_client_sizes_equal_the_split_of_the_loaded_data(name, clients):
+    """`dpfl-bench privacy` counts a task's examples instead of loading them; the sizes must be the run's."""
+    task = TASKS.get(name)
+    config = build_config({"task": name, "clients": clients}, task.defaults)
+    data = task.load(config.sources)
+    assert task.count_train is not None and task.train_size(config.sources) == len(data.train)
+    expected = [len(part) for part in partition(data.train, config, Randomness(0))]
+    assert counted_client_sizes(task, config) == expected
+
+
+def test_sizes_are_counted_only_where_counts_decide_them():
+    synthetic, mnist = TASKS.get("synthetic"), TASKS.get("mnist")
+    skewed = build_config({"task": "synthetic", "partition": "dirichlet"}, synthetic.defaults)
+    assert counted_client_sizes(synthetic, skewed) is None  # the labels decide a label-skewed split
+    assert counted_client_sizes(mnist, build_config({"task": "mnist"}, mnist.defaults)) is None  # mnist cannot count
+    fixed = build_config({"task": "mnist", "client-size": 50, "clients": 4}, mnist.defaults)
+    assert counted_client_sizes(mnist, fixed) == [50] * 4

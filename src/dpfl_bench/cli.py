@@ -272,17 +272,16 @@ def privacy(
 ) -> None:
     """Privacy calculator: σ for a target ε, or ε for a given σ, for the schedule `run` would use.
 
-    Options left out take the task's defaults and the task's data is split as `run` splits it
-    (with --client-size every client has that many examples, and the data is not loaded),
-    so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses (with --rng seeded:
+    Options left out take the task's defaults and the task's data is split as `run` splits it (loaded only
+    where the split needs it: not with --client-size, nor for an iid split of a task that counts its
+    examples, as fashion does), so `dpfl-bench privacy --eps 1` prints the σ that `dpfl-bench run --eps 1` uses (with --rng seeded:
     a secure run draws its own client schedule, which can move a sample-level σ slightly).
     """
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("eps", "noise_multiplier")}
     with _user_errors():
         from dpfl_bench.config import RunConfig
         from dpfl_bench.configure import build_config
-        from dpfl_bench.execution import quiet_libraries
-        from dpfl_bench.federated import partition as split
+        from dpfl_bench.partition import counted_client_sizes, partition
         from dpfl_bench.privacy.accounting import worst_epsilon
         from dpfl_bench.privacy.mechanism import create_mechanism, load_mechanisms
         from dpfl_bench.privacy.randomness import Purpose, Randomness
@@ -300,11 +299,12 @@ def privacy(
         config = build_config({**flags, "eps": eps if eps is not None else 1.0}, chosen.defaults)
         fed, priv = config.federated, config.privacy
         randomness = Randomness(config.seed)
-        if fed.client_size:
-            sizes = [fed.client_size] * fed.clients
-        else:
+        sizes = counted_client_sizes(chosen, config)
+        if sizes is None:
+            from dpfl_bench.execution import quiet_libraries
+
             quiet_libraries()
-            sizes = [len(shard) for shard in split(chosen.load(config.sources).train, config, randomness)]
+            sizes = [len(shard) for shard in partition(chosen.load(config.sources).train, config, randomness)]
         mechanism = create_mechanism(config, sizes)
         schedule = mechanism.participation(randomness.stream(Purpose.PARTICIPATION))
         level = f"{priv.dp_level} level, {fed.clients} clients of {min(sizes)}–{max(sizes)} examples"

@@ -29,7 +29,7 @@ from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
 from dpfl_bench.lock import writer_lock
 from dpfl_bench.method import Factor, create_method
-from dpfl_bench.partition import clients_per_round, dirichlet_mix_partition, dirichlet_partition, iid_partition
+from dpfl_bench.partition import clients_per_round, partition
 from dpfl_bench.precision import autocast, to_device, use_tensor_cores
 from dpfl_bench.privacy.canaries import create_audit
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
@@ -358,18 +358,6 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
     if not os.access(folder, os.W_OK):
         raise UserError(f"{option} {folder} is not writable; choose another folder")
     return folder
-
-
-def partition(train: Examples, config: RunConfig, randomness: Randomness) -> list[np.ndarray]:
-    """Each client's indices into `train` (a task's `Task.load(...).train`, never its validation split)."""
-    fed, rng = config.federated, randomness.stream(Purpose.SPLIT)
-    if fed.partition == "iid":
-        return iid_partition(len(train), fed.clients, size=fed.client_size, rng=rng)
-    if fed.partition == "dirichlet-mix":
-        return dirichlet_mix_partition(train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, size=fed.client_size, rng=rng)
-    return dirichlet_partition(
-        train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, min_size=fed.min_partition_size, rng=rng
-    )
 
 
 @torch.no_grad()

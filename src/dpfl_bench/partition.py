@@ -1,12 +1,45 @@
 """Splitting a training set across clients. (Which clients take part in each round is the privacy
 mechanism's `participation`.)"""
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
-from dpfl_bench.privacy.randomness import Stream
+from dpfl_bench.privacy.randomness import Purpose, Randomness, Stream
+
+if TYPE_CHECKING:
+    from dpfl_bench.tasks import Examples, Task
+
+
+def partition(train: Examples, config: RunConfig, randomness: Randomness) -> list[np.ndarray]:
+    """Each client's indices into `train` (a task's `Task.load(...).train`, never its validation split)."""
+    fed, rng = config.federated, randomness.stream(Purpose.SPLIT)
+    if fed.partition == "iid":
+        return iid_partition(len(train), fed.clients, size=fed.client_size, rng=rng)
+    if fed.partition == "dirichlet-mix":
+        return dirichlet_mix_partition(train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, size=fed.client_size, rng=rng)
+    return dirichlet_partition(
+        train.labels.numpy(), fed.clients, alpha=fed.dirichlet_alpha, min_size=fed.min_partition_size, rng=rng
+    )
+
+
+def counted_client_sizes(task: Task, config: RunConfig) -> list[int] | None:
+    """Each client's number of examples as `partition` would give them, where counts alone decide it: every
+    client --client-size examples, or an iid split of a task that counts its training examples without
+    loading them (`Task.count_train`). None where only the data can tell (a label-skewed split)."""
+    fed = config.federated
+    if fed.client_size:
+        return [fed.client_size] * fed.clients
+    if fed.partition != "iid" or task.count_train is None:
+        return None
+    total = task.train_size(config.sources)
+    check_client_size(total, fed.clients, 0)
+    return [total // fed.clients + (k < total % fed.clients) for k in range(fed.clients)]  # as np.array_split
 
 
 def iid_partition(num_examples: int, num_clients: int, *, size: int = 0, rng: Stream) -> list[np.ndarray]:

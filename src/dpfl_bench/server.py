@@ -1,9 +1,15 @@
 """Server-side aggregation arithmetic as pure functions: FedAvg, and DP-FedAvg's clip-sum-noise step
-(McMahan et al. 2018). The privacy mechanisms (`privacy/mechanisms/`) decide which one a run uses."""
+(McMahan et al. 2018). The privacy mechanisms (`privacy/mechanisms/`) decide which one a run uses.
+Torch is imported where it computes, so the privacy calculator (`dpfl-bench privacy`) never loads it."""
 
-import torch
+from __future__ import annotations
 
-State = dict[str, torch.Tensor]  # parameter name -> value: what the server holds and clients send
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+State = dict[str, "torch.Tensor"]  # parameter name -> value: what the server holds and clients send
 
 
 def fedavg_step(global_state: State, names: list[str], deltas: list[State], weights: list[float]) -> State:
@@ -18,6 +24,8 @@ def fedavg_step(global_state: State, names: list[str], deltas: list[State], weig
 def clip_update(update: State, clip: float) -> State:
     """Scale a client's whole update (all tensors together) down to norm at most `clip`. An update whose
     norm is not finite (a NaN or inf anywhere) contributes zero: min(1, clip / nan) would let it through."""
+    import torch
+
     norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
     scale = min(1.0, clip / (norm + 1e-12)) if norm < float("inf") else 0.0  # nan < inf is False too
     return {n: t * scale if scale else torch.zeros_like(t) for n, t in update.items()}
@@ -27,6 +35,8 @@ def noisy_sum_step(global_state: State, names: list[str], deltas: list[State], n
     """DP-FedAvg: global + (Σ_k clip(Δ_k) + noise) / divisor over `names`. The divisor is fixed (the
     expected number of clients), so one client moves the result by at most clip / divisor whatever the
     round's size: the sensitivity the accountant assumes."""
+    import torch
+
     clipped = [clip_update({n: d[n] for n in names}, clip) for d in deltas]
     new_state = dict(global_state)
     for name in names:

@@ -21,10 +21,10 @@ mechanism is one module in `privacy/mechanisms/`, registered with `@register_mec
 `--dp-level`.
 """
 
-import math
-from typing import ClassVar
+from __future__ import annotations
 
-import torch
+import math
+from typing import TYPE_CHECKING, ClassVar
 
 from dpfl_bench.config import RunConfig
 from dpfl_bench.partition import clients_per_round
@@ -32,6 +32,9 @@ from dpfl_bench.privacy.accounting import Exposure, calibrate_noise, epsilon
 from dpfl_bench.privacy.randomness import Stream
 from dpfl_bench.registry import Registry
 from dpfl_bench.server import State, fedavg_step
+
+if TYPE_CHECKING:
+    import torch
 
 Schedule = list[list[int]]  # the clients that take part in each round
 
@@ -130,6 +133,8 @@ class Mechanism:
         """Batches of --batch-size examples for a round's `steps` local steps: each the head of a fresh
         shuffle (`fresh`), or consecutive slices of one shuffle, a short last batch and then a new shuffle
         (`epoch`, as a shuffling data loader walked from the start of each round)."""
+        import torch
+
         size, batch = self.client_sizes[client], self.config.training.batch_size
         if self.config.training.batch_order == "fresh":
             return [torch.from_numpy(stream.permutation(size)[:batch]) for _ in range(steps)]
@@ -149,6 +154,8 @@ class Mechanism:
     def client_records(self, clients_labels: list[torch.Tensor], num_classes: int, secret: bool) -> list[dict]:
         """What the results record about each client. With secret randomness only what the accounting
         treats as public: nothing by default (a mechanism says what it publishes)."""
+        import torch
+
         if secret:
             return []
         return [

@@ -17,12 +17,17 @@ one (peft's and timm's initializers) gets torch's generator seeded from its stre
 draws per example from `example_seeds` (see `example_draws`).
 """
 
+from __future__ import annotations
+
 import enum
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SERVER = 2**32 - 1  # the `client` key of the server's own streams (client ids are below it)
 MODES = ("seeded", "secure")
@@ -72,6 +77,8 @@ class Stream:
         Hardened: (z1 + z2 + z3 + z4) / 2 of four float64 draws, the fix of Holohan & Braghin (arXiv
         2107.10138, §5.1) that Opacus's secure_mode uses: an attacker who sees a noisy value can no longer
         tell from its floating-point pattern which values a single draw can produce."""
+        import torch
+
         size = tuple(shape)
         if self._hardened:
             z = self._generator.standard_normal((4, *size)).sum(axis=0) / 2

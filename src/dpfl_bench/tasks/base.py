@@ -103,6 +103,8 @@ class Task:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flat options that suit this task
     synthetic: bool = False  # generated data and random weights: for tests, not for conclusions
     images: bool = False  # its model takes images (and --center-crop applies)
+    # The size of `load_data`'s training split, read without loading it (so `dpfl-bench privacy` need not)
+    count_train: Callable[[SourcesConfig], int] | None = None
 
     def load(self, sources: SourcesConfig) -> TaskData:
         """The task's data with its validation split carved out of the training data: the same examples
@@ -121,6 +123,13 @@ class Task:
         if not sources.data_dir:
             _LOADED[key] = data
         return data
+
+    def train_size(self, sources: SourcesConfig) -> int:
+        """How many examples `load(sources).train` holds: counted without loading where the task can."""
+        if self.count_train is None:
+            return len(self.load(sources).train)
+        total = self.count_train(sources)
+        return total - held_out(total, self.validation_size, self.name)
 
 
 _LOADED: dict[tuple[str, SourcesConfig], TaskData] = {}  # see Task.load
@@ -146,16 +155,22 @@ def validation_split(num_train: int, size: int, task: str) -> tuple[torch.Tensor
     """(train, validation) indices into a training split of `num_train` examples, each in ascending order:
     `size` examples drawn with a fixed seed, or a fifth of the split if that is fewer (so a small local
     mirror of a hub dataset still leaves most of its examples to train on)."""
-    held_out = min(size, num_train // 5)
-    if held_out < 1:
+    count = held_out(num_train, size, task)
+    import torch
+
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[count:].sort().values, order[:count].sort().values
+
+
+def held_out(num_train: int, size: int, task: str) -> int:
+    """How many of `num_train` training examples `validation_split` holds out."""
+    count = min(size, num_train // 5)
+    if count < 1:
         raise UserError(
             f"{task}'s training split has {num_train} examples, too few to hold out a validation split; "
             "a task needs at least 5 training examples"
         )
-    import torch
-
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    return order[held_out:].sort().values, order[:held_out].sort().values
+    return count
 
 
 TASKS: Registry[Task] = Registry("task")

@@ -37,6 +37,11 @@ def load_data(sources: SourcesConfig) -> TrainTestSplit:
     return TrainTestSplit(train=_examples(TRAIN_SIZE, generator), test=_examples(TEST_SIZE, generator), num_classes=2)
 
 
+def count_data(sources: SourcesConfig) -> int:
+    refuse_sources("synthetic", sources)
+    return TRAIN_SIZE
+
+
 def build_model(num_classes: int, sources: SourcesConfig) -> BuiltModel:
     from transformers import BertConfig, BertModel
 
@@ -63,6 +68,7 @@ register_task(
         "(for tests, not conclusions)",
         model_name=MODEL_NAME,
         load_data=load_data,
+        count_train=count_data,
         build_model=build_model,
         lora_targets=LORA_TARGETS,
         validation_size=VALIDATION_SIZE,

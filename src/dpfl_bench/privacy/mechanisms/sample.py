@@ -5,8 +5,11 @@ gradient to C, adds N(0, σ²C²) to the sum and divides by the *expected* batch
 one subsampled Gaussian mechanism at q_k per local step a client runs: K per round it takes part in.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
@@ -14,6 +17,9 @@ from dpfl_bench.privacy.accounting import Exposure, check_delta
 from dpfl_bench.privacy.mechanism import Mechanism, Schedule, noise_like, register_mechanism
 from dpfl_bench.privacy.randomness import Stream
 from dpfl_bench.server import State
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_mechanism
@@ -42,6 +48,8 @@ class SampleDP(Mechanism):
 
     def draw_batches(self, client: int, steps: int, stream: Stream) -> list[torch.Tensor]:
         """Poisson sampling, the amplification the accountant assumes: at each step each example joins with rate q_k."""
+        import torch
+
         size, rate = self.client_sizes[client], self.sample_rates[client]
         return [torch.from_numpy(np.flatnonzero(stream.bernoulli(size, rate))) for _ in range(steps)]
 
