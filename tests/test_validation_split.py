@@ -202,3 +202,6 @@ def test_sizes_are_counted_only_where_counts_decide_them():
     assert counted_client_sizes(mnist, build_config({"task": "mnist"}, mnist.defaults)) is None  # mnist cannot count
     fixed = build_config({"task": "mnist", "client-size": 50, "clients": 4}, mnist.defaults)
     assert counted_client_sizes(mnist, fixed) == [50] * 4
+    too_many = build_config({"task": "synthetic", "client-size": 200, "clients": 4}, synthetic.defaults)
+    with pytest.raises(UserError, match="need 800 training examples"):  # refused as `run` refuses it
+        counted_client_sizes(synthetic, too_many)

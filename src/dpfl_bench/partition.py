@@ -33,12 +33,13 @@ def counted_client_sizes(task: Task, config: RunConfig) -> list[int] | None:
     client --client-size examples, or an iid split of a task that counts its training examples without
     loading them (`Task.count_train`). None where only the data can tell (a label-skewed split)."""
     fed = config.federated
+    total = None if task.count_train is None else task.train_size(config.sources)
+    if total is not None:
+        check_client_size(total, fed.clients, fed.client_size)  # as `partition` would, without the data
     if fed.client_size:
         return [fed.client_size] * fed.clients
-    if fed.partition != "iid" or task.count_train is None:
+    if fed.partition != "iid" or total is None:
         return None
-    total = task.train_size(config.sources)
-    check_client_size(total, fed.clients, 0)
     return [total // fed.clients + (k < total % fed.clients) for k in range(fed.clients)]  # as np.array_split
 
 

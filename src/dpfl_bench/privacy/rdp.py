@@ -14,7 +14,8 @@ import math
 import numpy as np
 
 NEGLIGIBLE = -30.0  # a fractional order's series stops after the first term pair below e^-30 (both)
-ERFC_TAIL = 25.0  # from here on log erfc(x) comes from its asymptotic series (math.erfc underflows at 27)
+MAX_TERMS = 2**22  # a series still going after this many terms is not trusted (+inf), rather than run on
+ERFC_TAIL = 8.0  # from here on log erfc(x) comes from its asymptotic series, vectorized (math.erfc is not)
 
 
 def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders: np.ndarray) -> np.ndarray:
@@ -28,8 +29,9 @@ def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders:
         return orders / (2 * sigma**2)
     whole = orders == np.round(orders)
     log_a = np.empty(len(orders))
-    log_a[whole] = [_log_a_integer(q, sigma, int(alpha)) for alpha in orders[whole]]
-    log_a[~whole] = _log_a_fractional(q, sigma, orders[~whole])
+    with np.errstate(all="ignore"):  # an overflow becomes a term of +inf or NaN, and its order's RDP +inf
+        log_a[whole] = [_log_a_integer(q, sigma, int(alpha)) for alpha in orders[whole]]
+        log_a[~whole] = _log_a_fractional(q, sigma, orders[~whole])
     return log_a / (orders - 1)
 
 
@@ -40,7 +42,7 @@ def epsilon_from_rdp(rdp: np.ndarray, orders: np.ndarray, delta: float) -> tuple
     if np.isnan(eps).all():
         return math.inf, math.nan
     best = int(np.nanargmin(eps))
-    return float(eps[best]), float(orders[best])
+    return max(0.0, float(eps[best])), float(orders[best])  # past α ≈ 1/δ it dips below 0; dp_accounting clamps too
 
 
 def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
@@ -53,16 +55,15 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
 
 def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """log A_α at fractional α: the two series of Mironov et al. §3.3, each term with its erfc factor, summed
-    with the signs of C(α, k) (they alternate once k > α) until both of a term's parts are negligible."""
-    if len(alphas) == 0:
-        return np.empty(0)
+    with the signs of C(α, k) (they alternate once k > α) until both of a term's parts are negligible. An
+    order whose series does not end within MAX_TERMS, or whose terms overflow, gets +inf: no claim."""
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    terms = 64
-    while True:
-        k = np.arange(terms, dtype=float)[None, :]
-        alpha = alphas[:, None]
+    log_a = np.full(len(alphas), math.inf)
+    pending, terms = np.arange(len(alphas)), 64
+    while len(pending) and terms <= MAX_TERMS:
+        alpha, k = alphas[pending][:, None], np.arange(terms, dtype=float)[None, :]
         j = alpha - k
-        log_binomial, sign = _log_binomials(alphas, terms)
+        log_binomial, sign = _log_binomials(alphas[pending], terms)
         log_s0 = (
             log_binomial + k * math.log(q) + j * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
             + math.log(0.5) + _log_erfc((k - z0) / (math.sqrt(2) * sigma))
@@ -71,14 +72,13 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
             log_binomial + j * math.log(q) + k * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
             + math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
         )
-        negligible = np.maximum(log_s0, log_s1) < NEGLIGIBLE
-        if negligible.any(axis=1).all():
-            break
-        terms *= 2
-    kept = np.cumsum(negligible, axis=1) - negligible == 0  # up to and including a row's first negligible pair
-    both = np.concatenate([np.where(kept, log_s0, -np.inf), np.where(kept, log_s1, -np.inf)], axis=1)
-    signs = np.concatenate([sign, sign], axis=1)
-    return np.array([_log_sum(row, row_signs) for row, row_signs in zip(both, signs)])
+        ended = ~(np.maximum(log_s0, log_s1) >= NEGLIGIBLE)  # a NaN ends it too, and its sum is then +inf
+        kept = np.cumsum(ended, axis=1) - ended == 0  # up to and including a row's first negligible pair
+        for row in np.flatnonzero(ended.any(axis=1)):
+            terms_kept = np.concatenate([log_s0[row, kept[row]], log_s1[row, kept[row]]])
+            log_a[pending[row]] = _log_sum(terms_kept, np.tile(sign[row, kept[row]], 2))
+        pending, terms = pending[~ended.any(axis=1)], terms * 2
+    return log_a
 
 
 def _log_binomials(alphas: np.ndarray, terms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,17 +92,25 @@ def _log_binomials(alphas: np.ndarray, terms: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _log_sum(log_terms: np.ndarray, signs: np.ndarray) -> float:
-    """log Σ signs·exp(log_terms), shifted by the largest term so nothing overflows."""
+    """log Σ signs·exp(log_terms), shifted by the largest term so nothing overflows. A sum that cannot be
+    trusted (a NaN or +inf term, or a positive sum that cancellation left ≤ 0) is +inf: no claim."""
     top = log_terms.max()
-    total = float(np.sum(signs * np.exp(log_terms - top)))
-    return top + math.log(total) if total > 0 else -math.inf
+    if top == -math.inf:
+        return -math.inf
+    total = float(np.sum(signs * np.exp(log_terms - top))) if top < math.inf else math.nan
+    return top + math.log(total) if total > 0 else math.inf
 
 
 def _log_erfc(x: np.ndarray) -> np.ndarray:
-    """log erfc(x), elementwise; in the far right tail from erfc(x) ~ exp(−x²)/(x√π)·(1 − 1/2x² + 3/4x⁴ − 15/8x⁶)."""
+    """log erfc(x), elementwise: math.erfc below ERFC_TAIL; from there the asymptotic series
+    erfc(x) = exp(−x²)/(x√π)·Σ_n (−1)^n (2n − 1)!!/(2x²)^n, whose 13th term is below 4e-15 at x = 8."""
     out = np.empty_like(x)
     tail = x >= ERFC_TAIL
     out[~tail] = np.log(np.frompyfunc(math.erfc, 1, 1)(x[~tail]).astype(float))
     t = x[tail]
-    out[tail] = -t * t - np.log(t * math.sqrt(math.pi)) + np.log1p(-1 / (2 * t**2) + 3 / (4 * t**4) - 15 / (8 * t**6))
+    series, term = np.ones_like(t), np.ones_like(t)
+    for n in range(1, 13):
+        term = term * -(2 * n - 1) / (2 * t * t)
+        series += term
+    out[tail] = -t * t - np.log(t * math.sqrt(math.pi)) + np.log(series)
     return out

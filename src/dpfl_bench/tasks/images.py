@@ -109,13 +109,16 @@ def load_fashion(sources: SourcesConfig) -> TrainTestSplit:
 
 
 def count_fashion(sources: SourcesConfig) -> int:
-    """The training split's size from its label file's header (magic number, then the count, big-endian)."""
+    """The training split's size from its label file's header (magic number 2049, then the count, big-endian)."""
     refuse_sources("fashion", sources)
-    labels = FASHION_DIR / "train-labels-idx1-ubyte.gz"
-    if not labels.exists():
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise UserError(FASHION_HINT)
+    labels = FASHION_DIR / "train-labels-idx1-ubyte.gz"
     with gzip.open(labels, "rb") as f:
-        return int.from_bytes(f.read(8)[4:], "big")
+        header = f.read(8)
+    if int.from_bytes(header[:4], "big") != 2049:
+        raise UserError(f"{labels} is not an IDX label file; reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`")
+    return int.from_bytes(header[4:], "big")
 
 
 def load_mnist(sources: SourcesConfig) -> TrainTestSplit:
