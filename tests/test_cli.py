@@ -403,3 +403,21 @@ def test_every_default_in_run_help_is_the_configurations_own():
         if option in TASK_TUNED:
             assert re.search(rf"--{option} <\w+> [^[]*\[default: [^]]*a task may set its own", text), option
     assert checked >= 25
+
+
+@pytest.mark.parametrize("damage", ["not gzip at all", "truncated", "wrong magic"])
+def test_a_damaged_fashion_mnist_file_is_one_line(monkeypatch, tmp_path, damage):
+    import gzip
+
+    from dpfl_bench.tasks import images
+
+    monkeypatch.setattr(images, "FASHION_DIR", tmp_path)
+    header = {"truncated": b"\x00\x00\x08", "wrong magic": (2051).to_bytes(4, "big") + (60000).to_bytes(4, "big")}
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        path = tmp_path / name
+        path.write_bytes(b"plain bytes") if damage == "not gzip at all" else path.write_bytes(gzip.compress(header[damage]))
+    with pytest.raises(UserError, match="--reinstall dataset-fashion-mnist"):
+        images.count_fashion(SourcesConfig())
+    if damage != "wrong magic":  # the loader trusts the header it skips; the count reads it
+        with pytest.raises(UserError, match="--reinstall dataset-fashion-mnist"):
+            images.load_fashion(SourcesConfig())

