@@ -4,7 +4,8 @@
     python benchmarks/gpu/check.py --smoke    # every part at toy sizes on the CPU, in about a minute
 
 Prints a table per part and saves results/gpu_check.json (under $OUT when set, so the device tool brings it
-back). It needs torch, timm, transformers and peft (all on the device machine); nothing is downloaded.
+back). It needs torch, timm, transformers and peft (all on the device machine) and what
+`tools/prepare_device.sh` carries in `.device/`; nothing is downloaded.
 
 1. Correctness on the device: one round of every method under every mechanism on `synthetic`; the
    per-example engine against autograd on a small transformer and a 1x1-conv network; the same noise from
@@ -16,18 +17,26 @@ back). It needs torch, timm, transformers and peft (all on the device machine); 
    against a non-private step, fp32 against bf16. LA-LoRA's paper reports 0.57× DP-LoRA's time and 0.50× its
    memory; here the frozen factor never gets a per-example gradient, so a one-factor step saves only that
    factor's own products.
+3. One real answer: the default task (`fashion`, pretrained EfficientNet-Lite0) at ε = 1 for every method,
+   seeds 0-2, exactly as `benchmarks/fashion-seeds.toml` runs it, beside the committed CPU run of the same
+   configuration and seed (`results/fashion-seeds/`). It needs the Fashion-MNIST files and the
+   EfficientNet-Lite0 weights, which `tools/prepare_device.sh` puts in `.device/` to be carried;
+   `--fashion-dir` says where the files are (default: `.device/fashion-mnist` when it exists).
 Each part has a time cap and reports what it finished.
 """
 
 import argparse
+import glob
 import json
 import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +49,12 @@ from dpfl_bench.method import Factor, create_method, load_methods
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.randomness import Purpose, Randomness
-from dpfl_bench.tasks import TASKS
+from dpfl_bench.sweep import load_suite
+from dpfl_bench.tasks import TASKS, images
+
+ROOT = Path(__file__).parents[2]
+DEFAULT_SUITE = ROOT / "benchmarks" / "fashion-seeds.toml"  # the default task at ε = 1; its CPU runs are committed
+CARRIED_FASHION = ROOT / ".device" / "fashion-mnist"
 
 LEVELS = {"none": {"eps": math.inf}, "sample": {"eps": 8.0}, "client": {"eps": 8.0, "dp-level": "client", "clients": 6,
           "participation": 0.5}, "authors": {"dp-level": "authors"}}
@@ -211,6 +225,35 @@ def _one_step(build, method: str, factors: frozenset, dp: bool, precision: str, 
     return {"seconds": statistics.median(times[1:]), "peak_mib": peak}
 
 
+def default_task_answer(device: torch.device, smoke: bool, deadline: float) -> list[dict[str, Any]]:
+    """Every method's seed 0 first, then seeds 1 and 2, so that a time cap still leaves every method a run.
+    Smoke: one method, one seed, one round of one step on 256 examples a client."""
+    if not (images.FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        return [{"skipped": f"no Fashion-MNIST files in {images.FASHION_DIR}: run tools/prepare_device.sh and carry .device"}]
+    suite = load_suite(DEFAULT_SUITE)
+    cpu = {}
+    for path in glob.glob(str(ROOT / suite.out / "*.parquet")):
+        last = pd.read_parquet(path, columns=["method", "seed", "test_accuracy"]).iloc[-1]
+        cpu[(last["method"], int(last["seed"]))] = float(last["test_accuracy"])
+    out = Path(out_dir()) / "gpu-check-fashion"
+    points = sorted((c for c in suite.points if c.seed < 3), key=lambda c: c.seed)
+    rows = []
+    for config in points[:1] if smoke else points:
+        if time.perf_counter() > deadline:
+            break
+        config = replace(config, device=device.type, out=str(out))
+        if smoke:
+            config = replace(config, federated=replace(config.federated, rounds=1, local_steps=1, client_size=256),
+                             training=replace(config.training, batch_size=64))
+        start = time.perf_counter()
+        last = run_federated(config).rows[-1]
+        rows.append({"method": config.method, "seed": config.seed, "test_accuracy": last["test_accuracy"],
+                     "cpu_test_accuracy": math.nan if smoke else cpu.get((config.method, config.seed), math.nan),
+                     "eps_spent": last["eps_spent"], "seconds": time.perf_counter() - start,
+                     "peak_memory_mib": last["peak_memory_bytes"] / 2**20})
+    return rows
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,7 +267,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes, on the CPU: every part in about a minute")
     parser.add_argument("--minutes", type=float, default=7.0, help="stop starting new work after this long")
+    parser.add_argument("--fashion-dir", type=Path, default=CARRIED_FASHION if CARRIED_FASHION.exists() else None,
+                        help="the Fashion-MNIST IDX files (default: the carried .device/fashion-mnist, else the task's own)")
     args = parser.parse_args()
+    if args.fashion_dir:
+        images.FASHION_DIR = args.fashion_dir  # the real loader, reading the carried copy of the same files
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     started = time.perf_counter()
     budget = args.minutes * 60
@@ -233,9 +280,10 @@ def main() -> None:
     report["every_method_round"] = every_method_round(str(device), started + 0.3 * budget)
     report["engine_against_autograd"] = engine_against_autograd(device)
     report["noise_on_both"] = noise_on_both(device)
-    report["step_cost"] = step_cost(device, args.smoke, started + budget)
+    report["step_cost"] = step_cost(device, args.smoke, started + 0.6 * budget)
+    report["default_task_answer"] = default_task_answer(device, args.smoke, started + budget)
     report["seconds"] = time.perf_counter() - started
-    for part in ("every_method_round", "engine_against_autograd", "step_cost"):
+    for part in ("every_method_round", "engine_against_autograd", "step_cost", "default_task_answer"):
         print(f"\n{part}:")
         for row in report[part]:
             print("  " + " · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
