@@ -17,7 +17,11 @@ back). It needs torch, timm, transformers and peft (all on the device machine) a
    against a non-private step, fp32 against bf16. LA-LoRA's paper reports 0.57× DP-LoRA's time and 0.50× its
    memory; here the frozen factor never gets a per-example gradient, so a one-factor step saves only that
    factor's own products.
-3. One real answer: the default task (`fashion`, pretrained EfficientNet-Lite0) at ε = 1 for every method,
+3. A round at the paper's size: Swin-B at random initialization on random 32 px images resized to 224 (as
+   the authors feed CIFAR), 4 clients of K = 20 steps of batch 16, rank 16: seconds per round and peak memory
+   for DP-LoRA and LA-LoRA at ε = 1 and without DP, and DP-LoRA's round with its clients batched against one
+   by one (a task registered here, as a user would add one: `paper_round_task`).
+4. One real answer: the default task (`fashion`, pretrained EfficientNet-Lite0) at ε = 1 for every method,
    seeds 0-2, exactly as `benchmarks/fashion-seeds.toml` runs it, beside the committed CPU run of the same
    configuration and seed (`results/fashion-seeds/`). It needs the Fashion-MNIST files and the
    EfficientNet-Lite0 weights, which `tools/prepare_device.sh` puts in `.device/` to be carried;
@@ -44,17 +48,20 @@ from torch import nn
 from dpfl_bench.adapters import add_lora
 from dpfl_bench.config import AdapterConfig
 from dpfl_bench.configure import build_config
+from dpfl_bench.errors import UserError
 from dpfl_bench.federated import run_federated
 from dpfl_bench.method import Factor, create_method, load_methods
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.randomness import Purpose, Randomness
 from dpfl_bench.sweep import load_suite
-from dpfl_bench.tasks import TASKS, images
+from dpfl_bench.tasks import TASKS, Examples, Task, TrainTestSplit, images, register_task
+from dpfl_bench.tasks.base import BuiltModel
 
 ROOT = Path(__file__).parents[2]
 DEFAULT_SUITE = ROOT / "benchmarks" / "fashion-seeds.toml"  # the default task at ε = 1; its CPU runs are committed
 CARRIED_FASHION = ROOT / ".device" / "fashion-mnist"
+PAPER_CLIENT_SIZE = 400  # examples per client in the paper-sized round (a step samples 16 of them)
 
 LEVELS = {"none": {"eps": math.inf}, "sample": {"eps": 8.0}, "client": {"eps": 8.0, "dp-level": "client", "clients": 6,
           "participation": 0.5}, "authors": {"dp-level": "authors"}}
@@ -225,6 +232,66 @@ def _one_step(build, method: str, factors: frozenset, dp: bool, precision: str, 
     return {"seconds": statistics.median(times[1:]), "peak_mib": peak}
 
 
+class _ResizedImages(nn.Module):
+    """uint8 images [batch, H, W, 3] -> floats resized to the network's input size -> logits."""
+
+    def __init__(self, network: nn.Module, size: int) -> None:
+        super().__init__()
+        self.network, self.size = network, size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float().div(255)
+        return self.network(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+def paper_round_task(smoke: bool) -> str:
+    """Register a task of random CIFAR-sized images and a random-init Swin-B (toy sizes in smoke): cost only."""
+    name, build = "gpu-check-swin-b", paper_models(smoke)["swin-b"]
+    size = 32 if smoke else 224
+
+    def load_data(sources) -> TrainTestSplit:
+        generator = torch.Generator().manual_seed(0)
+
+        def examples(n: int) -> Examples:
+            pixels = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
+            return Examples({"pixels": pixels}, torch.randint(0, 100, (n,), generator=generator))
+
+        return TrainTestSplit(train=examples(4 * PAPER_CLIENT_SIZE + 100), test=examples(64), num_classes=100)
+
+    def build_model(num_classes: int, sources) -> BuiltModel:
+        network, targets, heads, _ = build()
+        return BuiltModel(_ResizedImages(network, size), "swin-b (random init)", targets, tuple(f"network.{h}" for h in heads))
+
+    if name not in TASKS.names():
+        register_task(Task(name=name, description="random images, random-init Swin-B: for cost only", model_name="swin-b",
+                           load_data=load_data, build_model=build_model, lora_targets=("attn.qkv", "attn.proj"),
+                           validation_size=100, synthetic=True, images=True))
+    return name
+
+
+def paper_round_cost(device: torch.device, smoke: bool, deadline: float) -> list[dict[str, Any]]:
+    task = paper_round_task(smoke)
+    setting = {"task": task, "device": device.type, "clients": 4, "participation": 1.0, "rounds": 1,
+               "local-steps": 2 if smoke else 20, "batch-size": 16, "rank": 16, "lora-alpha": 16.0}
+    cases = [("dp-lora", 1.0, "on"), ("dp-lora", 1.0, "off"), ("dp-lora", math.inf, "on"), ("la-lora", 1.0, "on"),
+             ("la-lora", math.inf, "on")]
+    rows = []
+    for method, eps, batching in cases:
+        if time.perf_counter() > deadline:
+            break
+        # Its own folder: batching is not part of a run's identity, so one folder would hand back the first run
+        out = os.path.join(out_dir(), "gpu-check-paper-round", f"{method}-eps{eps:g}-batching-{batching}")
+        config = build_config({**setting, "method": method, "eps": eps, "client-batching": batching, "out": out})
+        try:
+            last = run_federated(config).rows[-1]
+        except UserError as error:  # e.g. a model client batching cannot take: say so, go on
+            rows.append({"method": method, "eps": eps, "client_batching": batching, "error": str(error)})
+            continue
+        rows.append({"method": method, "eps": eps, "client_batching": batching, "train_seconds": last["train_seconds"],
+                     "peak_memory_mib": last["peak_memory_bytes"] / 2**20, "clients_together": last["clients_together"]})
+    return rows
+
+
 def default_task_answer(device: torch.device, smoke: bool, deadline: float) -> list[dict[str, Any]]:
     """Every method's seed 0 first, then seeds 1 and 2, so that a time cap still leaves every method a run.
     Smoke: one method, one seed, one round of one step on 256 examples a client."""
@@ -280,10 +347,11 @@ def main() -> None:
     report["every_method_round"] = every_method_round(str(device), started + 0.3 * budget)
     report["engine_against_autograd"] = engine_against_autograd(device)
     report["noise_on_both"] = noise_on_both(device)
-    report["step_cost"] = step_cost(device, args.smoke, started + 0.6 * budget)
+    report["step_cost"] = step_cost(device, args.smoke, started + 0.45 * budget)
+    report["paper_round_cost"] = paper_round_cost(device, args.smoke, started + 0.7 * budget)
     report["default_task_answer"] = default_task_answer(device, args.smoke, started + budget)
     report["seconds"] = time.perf_counter() - started
-    for part in ("every_method_round", "engine_against_autograd", "step_cost", "default_task_answer"):
+    for part in ("every_method_round", "engine_against_autograd", "step_cost", "paper_round_cost", "default_task_answer"):
         print(f"\n{part}:")
         for row in report[part]:
             print("  " + " · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
