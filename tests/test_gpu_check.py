@@ -23,7 +23,7 @@ def test_the_smoke_mode_runs_every_part_and_reports_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     rounds = report["every_method_round"]
-    levels = ("none", "sample", "client", "authors")
+    levels = ("none", "sample", "client", "authors", "sample, secure rng")
     assert {(r["method"], r["level"]) for r in rounds} == {(m, level) for m in load_methods().names() for level in levels}
     assert all(r["finite"] for r in rounds)
     assert [r["exact_to_float_tolerance"] for r in report["engine_against_autograd"]] == [True, True]

@@ -7,8 +7,9 @@ Prints a table per part and saves results/gpu_check.json (under $OUT when set, s
 back). It needs torch, timm, transformers and peft (all on the device machine) and what
 `tools/prepare_device.sh` carries in `.device/`; nothing is downloaded.
 
-1. Correctness on the device: one round of every method under every mechanism on `synthetic`; the
-   per-example engine against autograd on a small transformer and a 1x1-conv network; the same noise from
+1. Correctness on the device: one round of every method under every mechanism on `synthetic` (and sample
+   level with `--rng secure`); the per-example engine against autograd on a small transformer and a 1x1-conv
+   network; the same noise from
    the same seed on the CPU and on the device (the noise is drawn on the CPU, then moved).
 2. Cost at the paper's sizes, models built from their configurations at random initialization (Swin-T and
    Swin-B at 224 px through timm, RoBERTa-base at 128 tokens through transformers): seconds and peak
@@ -64,7 +65,7 @@ CARRIED_FASHION = ROOT / ".device" / "fashion-mnist"
 PAPER_CLIENT_SIZE = 400  # examples per client in the paper-sized round (a step samples 16 of them)
 
 LEVELS = {"none": {"eps": math.inf}, "sample": {"eps": 8.0}, "client": {"eps": 8.0, "dp-level": "client", "clients": 6,
-          "participation": 0.5}, "authors": {"dp-level": "authors"}}
+          "participation": 0.5}, "authors": {"dp-level": "authors"}, "sample, secure rng": {"eps": 8.0, "rng": "secure"}}
 FACTOR_SETS = {"A+B (dp-lora)": ("dp-lora", frozenset({Factor.A, Factor.B})), "B (ffa-lora)": ("ffa-lora", frozenset({Factor.B})),
                "R (fed-sb)": ("fed-sb", frozenset({Factor.R}))}
 
