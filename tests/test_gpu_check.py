@@ -28,13 +28,13 @@ def test_the_smoke_mode_runs_every_part_and_reports_every_row(tmp_path):
     assert all(r["finite"] for r in rounds)
     assert [r["exact_to_float_tolerance"] for r in report["engine_against_autograd"]] == [True, True]
     assert report["noise_on_both"]["same_noise"]
-    assert len(report["step_cost"]) == 3 * 3 * 2 * 2  # models × trained factors × DP or not × precision
+    assert len(report["step_cost"]) == 3 * 3 * 2 * 3  # models × trained factors × DP or not × precision
     assert all(r["seconds"] > 0 for r in report["step_cost"])
     paper = report["paper_round_cost"]  # a paper-sized round (toy sizes here), through a task the script registers
-    assert [(r["method"], r["eps"], r["client_batching"]) for r in paper] == [
-        ("dp-lora", 1.0, "on"), ("dp-lora", 1.0, "off"), ("dp-lora", float("inf"), "on"), ("la-lora", 1.0, "on"),
-        ("la-lora", float("inf"), "on")]
-    assert [r["clients_together"] for r in paper] == [True, False, True, True, True]
+    assert [(r["method"], r["eps"], r["client_batching"], r["physical_batch_size"]) for r in paper] == [
+        ("dp-lora", 1.0, "on", "auto"), ("dp-lora", 1.0, "off", "auto"), ("dp-lora", float("inf"), "on", "auto"),
+        ("la-lora", 1.0, "on", "auto"), ("la-lora", float("inf"), "on", "auto"), ("dp-lora", 1.0, "on", 64)]
+    assert [r["clients_together"] for r in paper] == [True, False, True, True, True, True]
     assert all(r["train_seconds"] > 0 for r in paper)
     if FASHION_DIR.exists():  # the default task's real answer, at toy size: one method, one seed
         (answer,) = report["default_task_answer"]

@@ -9,19 +9,21 @@ back). It needs torch, timm, transformers and peft (all on the device machine) a
 
 1. Correctness on the device: one round of every method under every mechanism on `synthetic` (and sample
    level with `--rng secure`); the per-example engine against autograd on a small transformer and a 1x1-conv
-   network; the same noise from
-   the same seed on the CPU and on the device (the noise is drawn on the CPU, then moved).
+   network; the same noise from the same seed on the CPU and on the device (the noise is drawn on the CPU,
+   then moved).
 2. Cost at the paper's sizes, models built from their configurations at random initialization (Swin-T and
    Swin-B at 224 px through timm, RoBERTa-base at 128 tokens through transformers): seconds and peak
    memory of one local step of batch 16 with LoRA rank 16, for each set of trained factors the methods use
    (A and B: DP-LoRA; one factor: FFA-LoRA, RoLoRA and LA-LoRA's steps; R: Fed-SB), per-example clipping
-   against a non-private step, fp32 against bf16. LA-LoRA's paper reports 0.57× DP-LoRA's time and 0.50× its
-   memory; here the frozen factor never gets a per-example gradient, so a one-factor step saves only that
-   factor's own products.
+   against a non-private step, strict fp32 against TF32 (what runs use in fp32 on CUDA) against bf16.
+   LA-LoRA's paper reports 0.57× DP-LoRA's time and 0.50× its memory; here the frozen factor never gets a
+   per-example gradient, so a one-factor step saves only that factor's own products.
 3. A round at the paper's size: Swin-B at random initialization on random 32 px images resized to 224 (as
    the authors feed CIFAR), 4 clients of K = 20 steps of batch 16, rank 16: seconds per round and peak memory
    for DP-LoRA and LA-LoRA at ε = 1 and without DP, and DP-LoRA's round with its clients batched against one
-   by one (a task registered here, as a user would add one: `paper_round_task`).
+   by one, and with a physical batch of exactly the expected batch (a second pass whenever a Poisson batch
+   exceeds its mean) against the default of twice that (a task registered here, as a user would add one:
+   `paper_round_task`).
 4. One real answer: the default task (`fashion`, pretrained EfficientNet-Lite0) at ε = 1 for every method,
    seeds 0-2, exactly as `benchmarks/fashion-seeds.toml` runs it, beside the committed CPU run of the same
    configuration and seed (`results/fashion-seeds/`). It needs the Fashion-MNIST files and the
@@ -191,7 +193,7 @@ def step_cost(device: torch.device, smoke: bool, deadline: float) -> list[dict[s
     for model_name, build in paper_models(smoke).items():
         for label, (method, factors) in FACTOR_SETS.items():
             for dp in (True, False):
-                for precision in ("fp32", "bf16"):
+                for precision in ("fp32", "tf32", "bf16"):
                     if time.perf_counter() > deadline:
                         return rows
                     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -211,6 +213,8 @@ def _one_step(build, method: str, factors: frozenset, dp: bool, precision: str, 
     features = {k: v.to(device) for k, v in features.items()}
     labels = torch.zeros(16, dtype=torch.long, device=device)
     dtype = torch.bfloat16 if precision == "bf16" else None
+    # fp32 here is strict (torch's default for matmuls); tf32 is what dpfl-bench's runs use for fp32 on CUDA
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -274,22 +278,26 @@ def paper_round_cost(device: torch.device, smoke: bool, deadline: float) -> list
     task = paper_round_task(smoke)
     setting = {"task": task, "device": device.type, "clients": 4, "participation": 1.0, "rounds": 1,
                "local-steps": 2 if smoke else 20, "batch-size": 16, "rank": 16, "lora-alpha": 16.0}
-    cases = [("dp-lora", 1.0, "on"), ("dp-lora", 1.0, "off"), ("dp-lora", math.inf, "on"), ("la-lora", 1.0, "on"),
-             ("la-lora", math.inf, "on")]
+    # The last case passes exactly the expected batch, so a Poisson batch over its mean takes a second pass
+    # (the default physical batch on CUDA is twice the expected one, to avoid that).
+    cases = [("dp-lora", 1.0, "on", 0), ("dp-lora", 1.0, "off", 0), ("dp-lora", math.inf, "on", 0),
+             ("la-lora", 1.0, "on", 0), ("la-lora", math.inf, "on", 0), ("dp-lora", 1.0, "on", 4 * 16)]
     rows = []
-    for method, eps, batching in cases:
+    for method, eps, batching, physical in cases:
         if time.perf_counter() > deadline:
             break
-        # Its own folder: batching is not part of a run's identity, so one folder would hand back the first run
-        out = os.path.join(out_dir(), "gpu-check-paper-round", f"{method}-eps{eps:g}-batching-{batching}")
-        config = build_config({**setting, "method": method, "eps": eps, "client-batching": batching, "out": out})
+        case = {"method": method, "eps": eps, "client_batching": batching, "physical_batch_size": physical or "auto"}
+        # Its own folder: neither batching nor the physical batch is part of a run's identity
+        out = os.path.join(out_dir(), "gpu-check-paper-round", f"{method}-eps{eps:g}-batching-{batching}-physical-{physical}")
+        config = build_config({**setting, "method": method, "eps": eps, "client-batching": batching,
+                               "physical-batch-size": physical, "out": out})
         try:
             last = run_federated(config).rows[-1]
         except UserError as error:  # e.g. a model client batching cannot take: say so, go on
-            rows.append({"method": method, "eps": eps, "client_batching": batching, "error": str(error)})
+            rows.append({**case, "error": str(error)})
             continue
-        rows.append({"method": method, "eps": eps, "client_batching": batching, "train_seconds": last["train_seconds"],
-                     "peak_memory_mib": last["peak_memory_bytes"] / 2**20, "clients_together": last["clients_together"]})
+        rows.append({**case, "train_seconds": last["train_seconds"], "peak_memory_mib": last["peak_memory_bytes"] / 2**20,
+                     "clients_together": last["clients_together"]})
     return rows
 
 
