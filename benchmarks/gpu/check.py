@@ -33,7 +33,6 @@ Each part has a time cap and reports what it finished.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -43,12 +42,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dpfl_bench.adapters import add_lora
+from dpfl_bench.compare import results_files
 from dpfl_bench.config import AdapterConfig
 from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
@@ -57,6 +56,7 @@ from dpfl_bench.method import Factor, create_method, load_methods
 from dpfl_bench.privacy.mechanism import create_mechanism
 from dpfl_bench.privacy.per_example import PerExampleGradients
 from dpfl_bench.privacy.randomness import Purpose, Randomness
+from dpfl_bench.results import read_run
 from dpfl_bench.sweep import load_suite
 from dpfl_bench.tasks import TASKS, Examples, Task, TrainTestSplit, images, register_task
 from dpfl_bench.tasks.base import BuiltModel
@@ -308,8 +308,8 @@ def default_task_answer(device: torch.device, smoke: bool, deadline: float) -> l
         return [{"skipped": f"no Fashion-MNIST files in {images.FASHION_DIR}: run tools/prepare_device.sh and carry .device"}]
     suite = load_suite(DEFAULT_SUITE)
     cpu = {}
-    for path in glob.glob(str(ROOT / suite.out / "*.parquet")):
-        last = pd.read_parquet(path, columns=["method", "seed", "test_accuracy"]).iloc[-1]
+    for path in results_files(ROOT / suite.out):
+        last = read_run(path).iloc[-1]
         cpu[(last["method"], int(last["seed"]))] = float(last["test_accuracy"])
     out = Path(out_dir()) / "gpu-check-fashion"
     points = sorted((c for c in suite.points if c.seed < 3), key=lambda c: c.seed)

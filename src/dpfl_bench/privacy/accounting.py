@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from dpfl_bench.errors import UserError
+from dpfl_bench.privacy.rdp import epsilon_from_rdp, subsampled_gaussian_rdp
 
 MAX_NOISE_MULTIPLIER = 1e4
 
@@ -46,8 +47,6 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
 def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """RDP over RDP_ORDERS, continued until the best order is not the largest (or is past MAX_RDP_ORDER:
     every order's ε is a valid bound, and by then the best one is a sliver tighter)."""
-    from dpfl_bench.privacy.rdp import epsilon_from_rdp, subsampled_gaussian_rdp
-
     orders = list(RDP_ORDERS)
     while True:
         grid = np.array(orders, dtype=float)

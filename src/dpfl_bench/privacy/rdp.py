@@ -1,12 +1,13 @@
 """Rényi DP of the Poisson-subsampled Gaussian mechanism, and its conversion to (ε, δ), in NumPy alone.
 
-The mathematics is Mironov, Talwar and Zhang, "Rényi Differential Privacy of the Sampled Gaussian
-Mechanism" (arXiv 1908.10530, §3.3): RDP at order α is log(A_α) / (α − 1), with A_α a finite binomial sum
-at integer α and two series with erfc factors at fractional α. The conversion to (ε, δ) is Balle et al.,
-"Hypothesis Testing Interpretations and Rényi Differential Privacy" (AISTATS 2020, Theorem 21). Opacus's
-`accountants/analysis/rdp.py` computes the same quantities one term at a time (read here; this is written
-from the formulas, vectorized, and tested against it to 1e-9); ours needs no torch, so `dpfl-bench privacy`
-answers at once, and sums a fractional order's series as one array instead of a Python loop.
+RDP at order α is log(A_α) / (α − 1), with A_α a finite binomial sum at integer α and two series with erfc
+factors at fractional α; the best order's RDP becomes (ε, δ) by a closed form. Where these come from: the
+formulas as Opacus's `accountants/analysis/rdp.py` computes them, one term at a time (read here), which
+cites Mironov, Talwar and Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism" (arXiv
+1908.10530, §3.3) for A_α and Balle et al., "Hypothesis Testing Interpretations and Rényi Differential
+Privacy" (arXiv 1905.09982, Theorem 21) for the conversion; beyond their abstracts, the papers themselves
+were not readable from here. Ours is written from the formulas, vectorized (a fractional order's series as
+one array), and tested against Opacus to 2e-9; it needs no torch, so `dpfl-bench privacy` answers at once.
 """
 
 import math
@@ -36,7 +37,7 @@ def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders:
 
 
 def epsilon_from_rdp(rdp: np.ndarray, orders: np.ndarray, delta: float) -> tuple[float, float]:
-    """(ε, the order that gives it): the smallest ε over the orders (Balle et al. 2020, Theorem 21)."""
+    """(ε, the order that gives it): the smallest ε over the orders (Balle et al.'s Theorem 21, as Opacus cites it)."""
     with np.errstate(invalid="ignore"):
         eps = rdp - (math.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
     if np.isnan(eps).all():
@@ -54,7 +55,7 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
 
 
 def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_α at fractional α: the two series of Mironov et al. §3.3, each term with its erfc factor, summed
+    """log A_α at fractional α: the two series (Mironov et al. §3.3, as Opacus cites it), each term with its erfc factor, summed
     with the signs of C(α, k) (they alternate once k > α) until both of a term's parts are negligible. An
     order whose series does not end within MAX_TERMS, or whose terms overflow, gets +inf: no claim."""
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
@@ -74,10 +75,11 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         )
         ended = ~(np.maximum(log_s0, log_s1) >= NEGLIGIBLE)  # a NaN ends it too, and its sum is then +inf
         kept = np.cumsum(ended, axis=1) - ended == 0  # up to and including a row's first negligible pair
-        for row in np.flatnonzero(ended.any(axis=1)):
+        done = ended.any(axis=1)
+        for row in np.flatnonzero(done):
             terms_kept = np.concatenate([log_s0[row, kept[row]], log_s1[row, kept[row]]])
             log_a[pending[row]] = _log_sum(terms_kept, np.tile(sign[row, kept[row]], 2))
-        pending, terms = pending[~ended.any(axis=1)], terms * 2
+        pending, terms = pending[~done], terms * 2
     return log_a
 
 
