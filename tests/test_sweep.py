@@ -303,3 +303,31 @@ def test_a_dry_run_estimates_the_time_left_from_the_runs_saved_so_far(tmp_path):
     assert runs == 1 and seconds == pytest.approx(per_round * (dp_lora_left + la_lora_left))
     result = invoke("sweep", suite_file(tmp_path, RUNNABLE), "--dry-run", "--jobs", "2")
     assert f"about {seconds / 3600 / 2:.1f} h with --jobs 2" in " ".join(result.output.split())
+    la_lora_only = estimate_seconds([c for c in suite.points if c.method == "la-lora"], measured=suite.points)
+    assert la_lora_only == (pytest.approx(per_round * la_lora_left), 1)  # timed from dp-lora's saved run
+
+
+def test_where_selects_points_by_option_value_and_variant_label(tmp_path):
+    from dpfl_bench.sweep import select_points
+
+    text = TINY + "seed = [0, 1]\n" + '[grid.method-options.la-lora]\nfilter = ["laplacian", "gaussian"]\n'
+    points = load_suite(suite_file(tmp_path, text)).points
+    assert [(c.method, c.seed) for c in select_points(points, {"eps": "inf", "seed": "1"})] == [
+        ("dp-lora", 1), ("la-lora", 1), ("la-lora", 1)]
+    assert {c.privacy.eps for c in select_points(points, {"eps": "1.0"})} == {1.0}  # numbers as numbers
+    filtered = select_points(points, {"method_options.filter": "laplacian", "eps": "1"})
+    assert [(c.method, dict(c.method_options)["filter"], c.seed) for c in filtered] == [("la-lora", "laplacian", s) for s in (0, 1)]
+    assert select_points(points, {"dp-level": "sample"}) == points  # dashes as on the command line
+    with pytest.raises(UserError, match="--where colour: not an option of this suite's runs"):
+        select_points(points, {"colour": "red"})
+    with pytest.raises(UserError, match="--where eps=2: no point of the suite matches"):
+        select_points(points, {"eps": "2"})
+
+
+def test_a_sweep_where_runs_only_the_chosen_points(tmp_path):
+    path = suite_file(tmp_path, RUNNABLE)
+    result = invoke("sweep", path, "--where", "method=la-lora", "--where", "seed=1")
+    assert result.exit_code == 0, result.output
+    assert "1 runs (of 4, by --where), 0 finished, 1 to run" in " ".join(result.output.split())
+    assert [(c.method, c.seed) for c in load_suite(path).points if is_finished(c)] == [("la-lora", 1)]
+    assert_user_error(invoke("sweep", path, "--where", "seed"), "--where takes KEY=VALUE, got 'seed'")

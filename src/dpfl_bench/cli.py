@@ -1,5 +1,6 @@
 """The `dpfl-bench` command line: thin wrappers over the library, user errors printed as one red line."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -181,7 +182,7 @@ def run(
         options = load_toml(config) if config else {}
         options.update(flags)
         if method_opt:
-            options["method_options"] = {**options.get("method_options", {}), **_key_values(method_opt)}
+            options["method_options"] = {**options.get("method_options", {}), **_key_values(method_opt, "--method-opt")}
         if "out" in options:
             options["out"] = str(options["out"])
         chosen = TASKS.get(options.get("task", RunConfig.task))
@@ -366,6 +367,7 @@ def sweep(
     out: Annotated[Optional[Path], _opt("Results folder; overrides the suite's `out`.", Section)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid, what is finished and the time left (from the runs saved so far); run nothing.")] = False,
     probe: Annotated[bool, typer.Option("--probe", help="With --dry-run and nothing saved yet: time one round of the first point to estimate from.")] = False,
+    where: Annotated[Optional[list[str]], typer.Option(help="Only the points whose OPTION equals VALUE (repeatable), e.g. --where method=dp-lora --where eps=inf; the others stay as they are.", show_default=False)] = None,
     backend: Annotated[str, typer.Option(help="`local`: --jobs worker processes on this machine, each running points one after another (torch, the data and the noise calibration loaded once; a crash fails only its point); `ray`: Ray tasks on a local instance or a cluster (pip install dpfl-bench\\[ray]).", rich_help_panel=Execution)] = "local",
     jobs: Annotated[int, typer.Option(help="Points at once. \\[default: local 1; ray: as many as the resources allow]", show_default=False, rich_help_panel=Execution)] = 0,
     address: Annotated[str, typer.Option(help="Ray cluster to join: auto or HOST:PORT (results folder on shared storage). \\[default: a local instance]", show_default=False, rich_help_panel=Execution)] = "",
@@ -385,7 +387,7 @@ def sweep(
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.execution import ExecutionConfig, create_backend
         from dpfl_bench.federated import writable_folder
-        from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, probe_seconds_per_round, rounds_done
+        from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, probe_seconds_per_round, rounds_done, select_points
 
         if log_to is not None:
             from dpfl_bench.trackers import check_tracker
@@ -396,10 +398,14 @@ def sweep(
             retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint),
         )
         loaded = load_suite(suite, out)
+        everything = loaded.points
+        if where:
+            loaded = dataclasses.replace(loaded, points=select_points(loaded.points, _key_values(where, "--where")))
         saved = [rounds_done(config) for config in loaded.points]
         todo = [c for c, r in zip(loaded.points, saved) if r < c.federated.rounds]
+        selected = f" (of {len(everything)}, by --where)" if where else ""
         console.print(
-            f"[bold]{suite}[/]: {len(loaded.points)} runs, {len(loaded.points) - len(todo)} finished, "
+            f"[bold]{suite}[/]: {len(loaded.points)} runs{selected}, {len(loaded.points) - len(todo)} finished, "
             f"{len(todo)} to run · results in {loaded.out}"
         )
         if dry_run:
@@ -407,7 +413,7 @@ def sweep(
                 console.print(loaded.description, highlight=False)
             console.print(_grid_table(loaded, saved))
             if todo:
-                estimate = estimate_seconds(loaded.points)
+                estimate = estimate_seconds(loaded.points, measured=everything)
                 parallel = max(jobs, 1)
                 if estimate is None and not probe:
                     console.print("time: no run of this suite has saved a round yet; add --probe to time one round of its first point")
@@ -468,7 +474,7 @@ def runs(
         if format not in ("table", "csv"):
             raise UserError(f"--format must be table or csv, got {format!r}")
         listed, warnings = list_runs(results)
-        for column, value in _key_values(where or []).items():
+        for column, value in _key_values(where or [], "--where").items():
             if column not in RUN_COLUMNS:
                 raise UserError(f"--where {column}: not a column of this list; use one of {', '.join(RUN_COLUMNS)}")
             listed = listed[listed[column].astype(str).str.lower() == value.lower()]
@@ -736,12 +742,12 @@ def _grid_table(loaded: Any, saved: list[int]) -> Table:
     return table
 
 
-def _key_values(pairs: list[str]) -> dict[str, str]:
+def _key_values(pairs: list[str], option: str) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--method-opt takes KEY=VALUE, got {pair!r}")
+            raise UserError(f"{option} takes KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
 

@@ -161,6 +161,40 @@ def _per_method(table: Any, path: Path, where: str) -> dict[str, dict[str, Any]]
     return table
 
 
+def select_points(points: Sequence[RunConfig], where: Mapping[str, str]) -> list[RunConfig]:
+    """The points whose option equals its value for every `option: value` of `where`: option names as `run`
+    takes them (dashes or underscores, `method_options.<name>` for a method's own), values as written on
+    the command line (`inf`, `1e-3`, `true`); `method` matches a method's name or its variant's label.
+    Raises UserError for an option no point has, or when no point matches (a misspelt value)."""
+    from dpfl_bench.method import create_method
+    from dpfl_bench.results import flat_options
+
+    options = [flat_options(config.to_json()) for config in points]
+    labels = [create_method(config.method, config.method_options).label for config in points]
+    chosen = list(range(len(points)))
+    for key, wanted in where.items():
+        name = key.replace("-", "_")
+        if not any(name in o for o in options):
+            raise UserError(f"--where {key}: not an option of this suite's runs; e.g. method, eps, lr, seed, dp-level")
+        chosen = [i for i in chosen if _equals(options[i].get(name), wanted) or (name == "method" and labels[i] == wanted)]
+    if not chosen:
+        pairs = " ".join(f"--where {k}={v}" for k, v in where.items())
+        raise UserError(f"{pairs}: no point of the suite matches; `dpfl-bench sweep SUITE --dry-run` lists them")
+    return [points[i] for i in chosen]
+
+
+def _equals(value: Any, text: str) -> bool:
+    """Whether an option's value is what the command line wrote: numbers as numbers (1e-3 is 0.001)."""
+    if isinstance(value, bool):
+        return text.lower() in (("true", "1", "yes") if value else ("false", "0", "no"))
+    if isinstance(value, (int, float)):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return str(value).lower() == text.lower()
+
+
 def rounds_done(config: RunConfig) -> int:
     """How many rounds of this point are saved (0 when none, or when the file cannot be read)."""
     rows = saved_rows(config)
@@ -171,16 +205,16 @@ def is_finished(config: RunConfig) -> bool:
     return rounds_done(config) >= config.federated.rounds
 
 
-def estimate_seconds(points: Sequence[RunConfig]) -> tuple[float, int] | None:
+def estimate_seconds(points: Sequence[RunConfig], measured: Sequence[RunConfig] = ()) -> tuple[float, int] | None:
     """Seconds the unfinished `points` need one after another, from the seconds per round (wall time,
-    evaluation and start-up included) the suite's saved runs took: each point at its method's median, or
-    at all methods' when its method has none. With the number of runs it is estimated from; None before
-    any run has saved a round."""
+    evaluation and start-up included) the saved runs among `points` and `measured` (the rest of the suite)
+    took: each point at its method's median, or at all methods' when its method has none. With the number
+    of runs it is estimated from; None before any run has saved a round."""
     per_round: dict[str, list[float]] = {}
     saved = {}
-    for config in points:
+    for config in {run_id(c): c for c in [*points, *measured]}.values():
         rows = saved_rows(config)
-        saved[id(config)] = int(rows[-1]["round"]) if rows else 0
+        saved[run_id(config)] = int(rows[-1]["round"]) if rows else 0
         if rows:
             per_round.setdefault(config.method, []).append(float(rows[-1]["wall_seconds"]) / int(rows[-1]["round"]))
     if not per_round:
@@ -188,7 +222,7 @@ def estimate_seconds(points: Sequence[RunConfig]) -> tuple[float, int] | None:
     everyone = statistics.median(s for seconds in per_round.values() for s in seconds)
     total = 0.0
     for config in points:
-        left = config.federated.rounds - saved[id(config)]
+        left = config.federated.rounds - saved[run_id(config)]
         total += left * (statistics.median(per_round[config.method]) if config.method in per_round else everyone)
     return total, sum(map(len, per_round.values()))
 
