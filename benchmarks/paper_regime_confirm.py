@@ -4,21 +4,29 @@
     dpfl-bench sweep benchmarks/paper-regime-confirm.toml --jobs 2
     dpfl-bench compare results/paper-regime-confirm --format markdown --plot benchmarks/figures/paper-regime.png
 
-Reads stage 1 (`benchmarks/paper-regime.toml`, every learning rate on seed 0), chooses per cell (method
-variant × regime) the rate with the best final validation accuracy (as `compare --select lr` does), and
-refuses, naming the cells, while any cell is unfinished or chose an edge of its grid (extend that cell's
-grid and run stage 1 again). Then it copies the chosen seed-0 runs into `--out` and writes
-`benchmarks/paper-regime-confirm.toml`, whose points are the same configurations on seeds 1 and 2, so that
-`--out` holds exactly one learning rate per cell on three seeds.
+Reads stage 1 (`benchmarks/paper-regime.toml`, every learning rate on seed 0) and takes each cell (method
+variant × regime) whose stage-1 runs have all finished: it chooses the rate with the best final validation
+accuracy (as `compare --select lr` does) and holds back, naming it, a cell that chose an edge of its grid
+(extend that cell's grid and run stage 1 again). Cells still running are listed and left for a later call,
+so that a column's confirmation can start while stage 1 works on the others. It copies the chosen seed-0
+runs into `--out` and writes `benchmarks/paper-regime-confirm.toml`, whose points are the same
+configurations on seeds 1 and 2, so that `--out` holds one learning rate per ready cell on three seeds. Run
+it again as stage 1 goes on: the suite grows, and the points already confirmed keep their run ids.
 """
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
-from dpfl_bench.compare import load_results, select_best
-from dpfl_bench.sweep import load_suite
+import pandas as pd
+
+from dpfl_bench.compare import load_results, regime, select_best
+from dpfl_bench.config import RunConfig
+from dpfl_bench.federated import run_id
+from dpfl_bench.method import create_method
+from dpfl_bench.sweep import Suite, load_suite
 
 STAGE_1 = Path("benchmarks/paper-regime.toml")
 SUITE = Path("benchmarks/paper-regime-confirm.toml")
@@ -29,26 +37,54 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("results/paper-regime"))
     parser.add_argument("--out", type=Path, default=Path("results/paper-regime-confirm"))
     args = parser.parse_args()
-    stage_1 = load_suite(STAGE_1, args.results)
-    loaded = load_results(args.results)
-    missing = len(stage_1.points) - len(loaded.finals)
-    if missing:
-        raise SystemExit(f"stage 1 is not finished: {missing} of {len(stage_1.points)} runs to go "
-                         f"(dpfl-bench sweep {STAGE_1} --jobs 2)")
-    chosen, _ = select_best(loaded.finals, ["lr"], ["method"])
-    grids = loaded.finals.groupby(["method", "regime"], observed=True)["lr"].agg(["min", "max"])
-    edges = [f"{m} · {r}: lr {lr:g}" for m, r, lr in zip(chosen["method"], chosen["regime"], chosen["lr"])
-             if lr in (grids.loc[(m, r), "min"], grids.loc[(m, r), "max"])]
-    if edges:
-        raise SystemExit("these cells chose an edge of their grid; extend it and run stage 1 again:\n  " + "\n  ".join(edges))
+    chosen, held_back = choose(load_suite(STAGE_1, args.results), load_results(args.results).finals)
+    for line in held_back:
+        print(f"held back: {line}")
+    if chosen.empty:
+        raise SystemExit(f"no cell of stage 1 is ready yet (dpfl-bench sweep {STAGE_1} --jobs 2)")
     args.out.mkdir(parents=True, exist_ok=True)
     points = []
-    for run_id, config_json in zip(chosen["run_id"], chosen["config_json"]):
-        shutil.copy2(args.results / f"{run_id}.parquet", args.out / f"{run_id}.parquet")
-        config = json.loads(config_json)
-        points.append(_point(config))
+    for name, config_json in zip(chosen["run_id"], chosen["config_json"]):
+        shutil.copy2(args.results / f"{name}.parquet", args.out / f"{name}.parquet")
+        points.append(_point(json.loads(config_json)))
     SUITE.write_text(_suite_text(points, args.out))
     print(f"{len(points)} cells chosen; seed-0 runs copied to {args.out}; wrote {SUITE} ({2 * len(points)} runs)")
+
+
+def choose(stage_1: Suite, finals: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The chosen seed-0 run of every cell whose stage-1 runs have all finished and whose choice is not an
+    edge of its grid; and a line for each cell held back (unfinished, or at an edge)."""
+    cells: dict[tuple, list[str]] = {}
+    for config in stage_1.points:
+        cells.setdefault(_cell(config), []).append(run_id(config))
+    finished = set(finals["run_id"])
+    held_back = [f"{_name(cell)}: {len(set(ids) & finished)} of {len(ids)} learning rates finished"
+                 for cell, ids in cells.items() if not set(ids) <= finished]
+    ready = {i for ids in cells.values() if set(ids) <= finished for i in ids}
+    if not ready:
+        return finals.iloc[:0], held_back
+    runs = finals[finals["run_id"].isin(ready)]
+    chosen, _ = select_best(runs, ["lr"], ["method"])
+    grids = runs.groupby(["method", "regime"], observed=True)["lr"].agg(["min", "max"])
+    at_edge = [lr in (grids.loc[(m, r), "min"], grids.loc[(m, r), "max"])
+               for m, r, lr in zip(chosen["method"], chosen["regime"], chosen["lr"])]
+    held_back += [f"{m} · {r}: chose lr {lr:g}, an edge of its grid; extend it and run stage 1 again"
+                  for (m, r, lr), edge in zip(zip(chosen["method"], chosen["regime"], chosen["lr"]), at_edge) if edge]
+    return chosen[[not edge for edge in at_edge]].reset_index(drop=True), held_back
+
+
+def _cell(config: RunConfig) -> tuple:
+    """What makes a stage-1 cell: the method variant and the regime, everything but the learning rate."""
+    privacy = config.privacy
+    noise = (privacy.dp_sigma,) if privacy.dp_level == "authors" else (privacy.eps,)
+    return create_method(config.method, config.method_options).label, privacy.dp_level, *noise
+
+
+def _name(cell: tuple) -> str:
+    """A cell as compare's tables name it."""
+    label, level, noise = cell
+    column = regime(level, False, math.nan, noise) if level == "authors" else regime(level, math.isfinite(noise), noise, math.nan)
+    return f"{label} · {column.label}"
 
 
 def _point(config: dict) -> str:

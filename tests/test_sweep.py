@@ -331,3 +331,25 @@ def test_a_sweep_where_runs_only_the_chosen_points(tmp_path):
     assert "1 runs (of 4, by --where), 0 finished, 1 to run" in " ".join(result.output.split())
     assert [(c.method, c.seed) for c in load_suite(path).points if is_finished(c)] == [("la-lora", 1)]
     assert_user_error(invoke("sweep", path, "--where", "seed"), "--where takes KEY=VALUE, got 'seed'")
+
+
+def test_stage_2_takes_each_finished_cell_and_holds_back_edges_and_unfinished_cells(tmp_path, monkeypatch):
+    """paper_regime_confirm.choose: a cell is confirmed once all its learning rates have finished, at the
+    rate with the best validation accuracy, unless that rate is an edge of its grid."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    import paper_regime_confirm as confirm
+
+    from dpfl_bench.compare import load_results
+
+    path = suite_file(tmp_path, RUNNABLE.replace("seed = [0, 1]", "lr = [0.01, 0.03, 0.1]"))
+    assert invoke("sweep", path, "--where", "method=dp-lora").exit_code == 0
+    stage_1, finals = load_suite(path), load_results(tmp_path / "results").finals
+    for best, expected in ((0.03, "chosen"), (0.1, "edge")):
+        scores = finals.assign(val_accuracy=[0.9 if lr == best else 0.5 for lr in finals["lr"]])
+        chosen, held_back = confirm.choose(stage_1, scores)
+        assert "la-lora · ε=∞ (no DP): 0 of 3 learning rates finished" in held_back
+        if expected == "chosen":
+            assert list(chosen["lr"]) == [0.03] and list(chosen["method"]) == ["dp-lora"] and len(held_back) == 1
+        else:
+            assert chosen.empty and "dp-lora · ε=∞ (no DP): chose lr 0.1, an edge of its grid; extend it and run stage 1 again" in held_back
