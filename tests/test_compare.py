@@ -437,6 +437,19 @@ def test_runs_lists_finished_and_unfinished_runs_and_filters_them(tmp_path):
     assert_user_error(invoke("runs", tmp_path, "--where", "colour=red"), "--where colour: not a column")
 
 
+def test_late_gain_is_the_last_fifth_of_the_rounds_against_the_fifth_before(tmp_path):
+    from dpfl_bench.stats import late_gain
+
+    rising = pd.Series([r / 10 for r in range(1, 11)], index=range(1, 11))
+    assert late_gain(rising) == pytest.approx(0.95 - 0.75)  # rounds 9-10 against 7-8
+    every_third = pd.Series([0.5, 0.6, 0.9, 0.7, 0.8], index=[3, 6, 9, 12, 15])  # windows by round, not by row
+    assert late_gain(every_third) == pytest.approx(0.8 - 0.7)
+    assert math.isnan(late_gain(pd.Series([0.5], index=[1])))  # no fifth before the last
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5] * 10, val_accuracies=list(rising), eps=1.0)
+    listed = pd.read_csv(__import__("io").StringIO(invoke("runs", tmp_path, "--format", "csv").stdout))
+    assert listed["late_gain"].tolist() == pytest.approx([0.2])
+
+
 @pytest.mark.parametrize("width", [80, 160])
 def test_runs_on_a_narrow_terminal_leaves_out_options_never_figures(tmp_path, monkeypatch, width):
     from dpfl_bench import cli

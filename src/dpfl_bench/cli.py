@@ -466,7 +466,9 @@ def runs(
     format: Annotated[str, typer.Option("--format", help="table or csv.")] = "table",
 ) -> None:
     """List the runs in a results folder, finished or not: task, method, regime, seed, key options, rounds
-    done of planned, last test accuracy and ε spent. Example: dpfl-bench runs results/ --where finished=false
+    done of planned, last test accuracy, ε spent, and how much validation accuracy still rose at the end
+    (late gain: the mean over the last fifth of the rounds less that over the fifth before; under 0.01, a
+    point of accuracy, reads as converged). Example: dpfl-bench runs results/ --where finished=false
     """
     with _user_errors():
         from dpfl_bench.compare import RUN_COLUMNS, list_runs
@@ -483,14 +485,16 @@ def runs(
         if format == "csv":
             print(listed.to_csv(index=False), end="")
             return
-        headers = {"local_steps": "K", "batch_size": "batch", "finished": "done", "test_accuracy": "test acc", "eps_spent": "ε spent"}
+        headers = {"local_steps": "K", "batch_size": "batch", "finished": "done", "test_accuracy": "test acc",
+                   "late_gain": "late gain", "eps_spent": "ε spent"}
         shown = [c for c in RUN_COLUMNS if c != "run_id"]  # in the csv; too long for a terminal's table
-        cells = {k: [f"{v:.4f}" if k in ("test_accuracy", "eps_spent") else escape(f"{v:g}" if isinstance(v, float) else str(v))
-                     for v in listed[k]] for k in shown}
+        figures = {"test_accuracy": "{:.4f}", "eps_spent": "{:.4f}", "late_gain": "{:+.4f}"}
+        cells = {k: ["–" if k in figures and math.isnan(v) else figures[k].format(v) if k in figures
+                     else escape(f"{v:g}" if isinstance(v, float) else str(v)) for v in listed[k]] for k in shown}
         words = ("task", "method", "regime")  # may fold on a narrow terminal; figures are never cut
         widths = {k: min(max(map(len, [headers.get(k, k), *cells[k]])), 7 if k in words else 99) for k in shown}
         left_out = []
-        for k in ("batch_size", "local_steps", "rank", "finished"):  # what a narrow terminal can do without
+        for k in ("batch_size", "local_steps", "rank", "finished", "late_gain"):  # what a narrow terminal can do without
             if sum(w + 3 for w in widths.values()) <= console.width:  # padding and the space between
                 break
             left_out.append(headers.get(k, k))

@@ -81,13 +81,16 @@ def load_results(folder: Path) -> Results:
 
 
 RUN_COLUMNS = ("task", "method", "regime", "seed", "lr", "rank", "local_steps", "batch_size", "rounds", "finished",
-               "test_accuracy", "eps_spent", "run_id")
+               "test_accuracy", "late_gain", "eps_spent", "run_id")
 
 
 def list_runs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
     """Every results file under `folder`, finished or not, a line each: what ran (task, method, privacy
-    regime, seed, key options), how far it got ("done/planned" rounds) and its last figures; and a warning
-    per file that is not a readable results file."""
+    regime, seed, key options), how far it got ("done/planned" rounds), its last figures and how much its
+    validation accuracy still rises (`stats.late_gain`); and a warning per file that is not a readable
+    results file."""
+    from dpfl_bench.stats import late_gain
+
     files = results_files(folder)
     lines, warnings = [], []
     for path in files:
@@ -97,13 +100,15 @@ def list_runs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
             warnings.append(f"skipped {path}: {_short(str(e).removeprefix(f'{path} is '))}")
             continue
         for _, last in run.sort_values("round").groupby("run_id", sort=False).tail(1).iterrows():
+            curve = run[run["run_id"] == last["run_id"]].set_index("round")["val_accuracy"]
             options = flat_options(last["config_json"])
             column = regime(last["dp_level"], bool(last["guarantee"]), float(last["eps_target"]), options.get("dp_sigma", math.nan))
             lines.append({
                 "task": last["task"], "method": last["method"], "seed": int(last["seed"]), "regime": column.label,
                 **{k: options.get(k) for k in ("lr", "rank", "local_steps", "batch_size")},
                 "rounds": f"{int(last['round'])}/{int(last['rounds_total'])}", "finished": bool(last["round"] >= last["rounds_total"]),
-                "test_accuracy": float(last["test_accuracy"]), "eps_spent": float(last["eps_spent"]), "run_id": last["run_id"],
+                "test_accuracy": float(last["test_accuracy"]), "late_gain": late_gain(curve),
+                "eps_spent": float(last["eps_spent"]), "run_id": last["run_id"],
                 "config_json": last["config_json"],
             })
     runs = pd.DataFrame(lines, columns=[*RUN_COLUMNS, "config_json"])

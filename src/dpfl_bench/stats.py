@@ -47,3 +47,17 @@ def mean_interval(values: pd.Series) -> tuple[float, float, int]:
     if n < 2:
         return (values.mean() if n else math.nan), math.nan, n
     return values.mean(), stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n), n
+
+
+def late_gain(curve: pd.Series) -> float:
+    """How much a learning curve (values indexed by round) still rises at its end: its mean over the last
+    fifth of the rounds less its mean over the fifth before; NaN where either window holds no value. Our
+    rule for "converged" (the paper-regime protocol's) is a late gain under one point of accuracy."""
+    curve = curve.dropna()
+    if curve.empty:
+        return math.nan
+    last = curve.index.max()
+    late = curve[curve.index > 0.8 * last]
+    before = curve[(curve.index > 0.6 * last) & (curve.index <= 0.8 * last)]
+    return late.mean() - before.mean() if len(late) and len(before) else math.nan
+
