@@ -472,3 +472,17 @@ def test_the_plot_names_the_values_select_chose_and_the_seeds(tmp_path, monkeypa
     assert invoke("compare", tmp_path, "--select", "lr", "--plot", tmp_path / "chosen.svg").exit_code == 0
     assert (tmp_path / "chosen.svg").read_text().startswith("<?xml")
     assert [line.get_label() for line in saved["axes"][0].get_lines()] == ["dp-lora · lr=0.01 (2 seeds)"]
+
+
+def test_the_plot_by_several_options_draws_a_curve_per_configuration(tmp_path, monkeypatch):
+    """An option column that only some files' rows carry (files of other versions) reads back as floats
+    (3.0 beside NaN), which once broke the legend's lookup with a traceback."""
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5, 0.6], eps=math.inf, rounds=2, lr=0.001)
+    longer = write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5, 0.6, 0.7], eps=math.inf, rounds=3, lr=0.001)
+    pd.read_parquet(longer).assign(rounds=3).to_parquet(longer)
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.4, 0.5], eps=math.inf, rounds=2, lr=0.0001)
+    saved = saved_figure(monkeypatch)
+    result = invoke("compare", tmp_path, "--by", "lr,rounds", "--plot", tmp_path / "curves.png")
+    assert result.exit_code == 0, result.output
+    assert sorted(line.get_label() for line in saved["axes"][0].get_lines()) == [
+        "0.0001 · 2 (1 seed)", "0.001 · 2 (1 seed)", "0.001 · 3 (1 seed)"]

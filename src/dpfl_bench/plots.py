@@ -28,8 +28,10 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
 
     order = regimes_in(finals[COLUMN_KEY])
     finals = finals.assign(**{COLUMN_KEY: finals[COLUMN_KEY].astype(str)})  # plain labels; `order` keeps their order
-    # Only `finals`' runs: after --select, the chosen configurations.
-    rows = rows.merge(finals[["run_id", COLUMN_KEY, *[c for c in [*by, *selected] if c not in rows.columns]]], on="run_id")
+    # Only `finals`' runs (after --select, the chosen configurations), with their row and option values as
+    # `finals` has them, so that a curve and the legend's colours name a configuration alike.
+    keys = list(dict.fromkeys([COLUMN_KEY, *by, *selected]))
+    rows = rows.drop(columns=[c for c in keys if c in rows.columns]).merge(finals[["run_id", *keys]], on="run_id")
     tables = list(finals.groupby(TABLE_KEYS, sort=True))
     names = sorted({_label(values) for values in finals[by].itertuples(index=False)})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
