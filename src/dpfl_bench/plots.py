@@ -47,7 +47,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     grid_rows = [math.ceil((len(curves) + 1) / columns) for *_, curves in layouts]
     figure, axes = plt.subplots(sum(grid_rows), columns, figsize=(4.2 * columns, 3.4 * sum(grid_rows)), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    start = 0
+    start, below = 0, []
     for (task, model, table, run_rows, regimes, curves), height in zip(layouts, grid_rows):
         panels = flat[start : start + height * columns]
         start += height * columns
@@ -81,21 +81,27 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
             seeds = max(n for _, _, n in stats)
             ax.errorbar(positions, means, yerr=halves, marker="o", markersize=4, capsize=2.5, linestyle="none",
                         label=f"{name} ({_seeds(seeds)})", color=colours[name])
-        ax.set_xticks(list(range(len(regimes))), [r.removeprefix("ε=").replace(" (", "\n(") for r in regimes], fontsize=8)
+        ticks = [r.removeprefix("ε=").replace(" (", "\n(") for r in regimes]
+        ax.set_xticks(list(range(len(regimes))), ticks, fontsize=8)
         ax.set_xlim(-0.5, len(regimes) - 0.5)
         ax.set_title(f"{task} · final {readable}", fontsize=10)
         ax.set_xlabel("privacy budget ε, or regime")
         ax.set_ylabel(readable)
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)  # below: never over a point
-        panels[0].annotate(model, (0, 1.12), xycoords="axes fraction", fontsize=8, color="grey")
+        ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)  # moved below the axis once laid out
+        below.append(ax)
+        panels[0].annotate(model, (0, 1.16), xycoords="axes fraction", fontsize=8, color="grey")
         for unused in panels[len(curves) + 1 :]:
             unused.set_visible(False)
 
     figure.tight_layout()
+    renderer = figure.canvas.get_renderer()
+    for ax in below:  # under the tick labels and the axis label, whatever their height: never over a point
+        bottom = ax.transAxes.inverted().transform((0, ax.xaxis.get_tightbbox(renderer).y0))[1]
+        ax.get_legend().set_bbox_to_anchor((0.5, bottom - 0.02), transform=ax.transAxes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(figure)
 
 
