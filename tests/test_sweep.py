@@ -264,9 +264,9 @@ def test_the_run_id_ignores_where_results_go_and_how_many_workers_load_data():
     assert run_id(base) != run_id(build_config({"task": "synthetic", "precision": "bf16"}))
 
 
-def test_the_paper_regime_confirm_suite_repeats_stage_1s_configurations_on_other_seeds(tmp_path, monkeypatch):
-    """Stage 2 of benchmarks/paper-regime.toml must run the very configurations stage 1 chose from, so each
-    written point, on seed 0, has the run id of its stage-1 run."""
+def test_the_paper_regime_confirm_suite_repeats_stage_1s_configurations_longer_on_three_seeds(tmp_path, monkeypatch):
+    """Stage 2 of benchmarks/paper-regime.toml must run the very configurations stage 1 chose from, only
+    longer, so each written point, on seed 0 and at stage 1's rounds, has the run id of its stage-1 run."""
     benchmarks = Path(__file__).parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))
     monkeypatch.chdir(benchmarks.parent)
@@ -276,10 +276,13 @@ def test_the_paper_regime_confirm_suite_repeats_stage_1s_configurations_on_other
 
     stage_1 = load_suite(confirm.STAGE_1, tmp_path)
     picked = stage_1.points[::7]  # every regime and method variant turns up
-    text = confirm._suite_text([confirm._point(json.loads(c.to_json())) for c in picked], tmp_path)
+    text = confirm._suite_text([confirm._point(json.loads(c.to_json())) for c in picked])
+    (tmp_path / "stage-2.toml").write_text(text)
+    stage_2 = load_suite(tmp_path / "stage-2.toml", tmp_path)
+    assert {(c.seed, c.federated.rounds) for c in stage_2.points} == {(s, confirm.ROUNDS) for s in (0, 1, 2)}
     path = tmp_path / "confirm.toml"
-    path.write_text(text.replace("seed = [1, 2]", "seed = [0]"))
-    again = load_suite(path)
+    path.write_text(text.replace("seed = [0, 1, 2]", "seed = [0]").replace(f"rounds = {confirm.ROUNDS}", "rounds = 100"))
+    again = load_suite(path, tmp_path)
     assert [run_id(c) for c in again.points] == [run_id(c) for c in picked]
     assert len({c.method_options.get("filter") for c in picked if c.method == "la-lora"}) == 2
 
