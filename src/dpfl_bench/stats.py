@@ -60,4 +60,3 @@ def late_gain(curve: pd.Series) -> float:
     late = curve[curve.index > 0.8 * last]
     before = curve[(curve.index > 0.6 * last) & (curve.index <= 0.8 * last)]
     return late.mean() - before.mean() if len(late) and len(before) else math.nan
-
