@@ -65,11 +65,13 @@ def choose(stage_1: Suite, finals: pd.DataFrame) -> tuple[pd.DataFrame, list[str
     runs = finals[finals["run_id"].isin(ready)]
     chosen, _ = select_best(runs, ["lr"], ["method"])
     grids = runs.groupby(["method", "regime"], observed=True)["lr"].agg(["min", "max"])
-    at_edge = [lr in (grids.loc[(m, r), "min"], grids.loc[(m, r), "max"])
-               for m, r, lr in zip(chosen["method"], chosen["regime"], chosen["lr"])]
-    held_back += [f"{m} · {r}: chose lr {lr:g}, an edge of its grid; extend it and run stage 1 again"
-                  for (m, r, lr), edge in zip(zip(chosen["method"], chosen["regime"], chosen["lr"]), at_edge) if edge]
-    return chosen[[not edge for edge in at_edge]].reset_index(drop=True), held_back
+    inside = []
+    for method, column, lr in zip(chosen["method"], chosen["regime"], chosen["lr"]):
+        low, high = grids.loc[(method, column)]
+        inside.append(low < lr < high)
+        if not inside[-1]:
+            held_back.append(f"{method} · {column}: chose lr {lr:g}, an edge of its grid; extend it and run stage 1 again")
+    return chosen[inside].reset_index(drop=True), held_back
 
 
 def _cell(config: RunConfig) -> tuple:

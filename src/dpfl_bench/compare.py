@@ -99,8 +99,8 @@ def list_runs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
         except Exception as e:  # a foreign or damaged file: said, and the others still listed
             warnings.append(f"skipped {path}: {_short(str(e).removeprefix(f'{path} is '))}")
             continue
-        for _, last in run.sort_values("round").groupby("run_id", sort=False).tail(1).iterrows():
-            curve = run[run["run_id"] == last["run_id"]].set_index("round")["val_accuracy"]
+        for _, rows in run.sort_values("round").groupby("run_id", sort=False):
+            last, curve = rows.iloc[-1], rows.set_index("round")["val_accuracy"]
             options = flat_options(last["config_json"])
             column = regime(last["dp_level"], bool(last["guarantee"]), float(last["eps_target"]), options.get("dp_sigma", math.nan))
             lines.append({
