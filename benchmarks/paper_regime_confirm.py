@@ -3,7 +3,7 @@ convergence (200 rounds) on seeds 0, 1 and 2.
 
     python benchmarks/paper_regime_confirm.py [--results results/paper-regime]
     dpfl-bench sweep benchmarks/paper-regime-confirm.toml --jobs 2
-    dpfl-bench compare results/paper-regime-confirm --format markdown --plot benchmarks/figures/paper-regime.png
+    dpfl-bench compare results/paper-regime-confirm --format markdown --plot benchmarks/figures/paper-regime-confirm.png
 
 Reads stage 1 (`benchmarks/paper-regime.toml`, every learning rate on seed 0, 100 rounds) and takes each
 cell (method variant × regime) whose stage-1 runs have all finished: it chooses the rate with the best final
