@@ -2,6 +2,7 @@
 paired gains with their intervals, columns without a guarantee, and files it must skip with a warning
 instead of crashing."""
 
+import itertools
 import json
 import math
 
@@ -180,6 +181,9 @@ def saved_figure(monkeypatch) -> dict:
 
     def spy(figure, path, **kwargs):
         saved["axes"] = [ax for ax in figure.axes if ax.get_visible()]
+        renderer = figure.canvas.get_renderer()
+        saved["extents"] = [(ax.get_window_extent(renderer), legend and legend.get_window_extent(renderer))
+                            for ax in saved["axes"] for legend in [ax.get_legend()]]
         return original(figure, path, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
@@ -486,3 +490,21 @@ def test_the_plot_by_several_options_draws_a_curve_per_configuration(tmp_path, m
     assert result.exit_code == 0, result.output
     assert sorted(line.get_label() for line in saved["axes"][0].get_lines()) == [
         "0.0001 · 2 (1 seed)", "0.001 · 2 (1 seed)", "0.001 · 3 (1 seed)"]
+
+
+def test_plot_legends_cover_no_panel_even_with_many_methods_and_two_rows_of_panels(tmp_path, monkeypatch):
+    """Eight methods' curves in four regimes (two rows of panels): a legend inside a panel would hide
+    curves, one below a panel of the first row would run into the second."""
+    methods = ["dp-lora", "ffa-lora", "rolora", "la-lora", "fedsvd", "fed-sb"]
+    variants = [{"method_options": {"smooth_sigma": 0.0}}, {"method_options": {"first_factor": "A"}}]
+    configurations = [{"method": m} for m in methods] + [{"method": "la-lora", **v} for v in variants]
+    regimes = [{"eps": 1.0}, {"eps": 3.0}, {"eps": math.inf}, {"dp_level": "authors", "dp_sigma": 0.2}]
+    for configuration, regime in itertools.product(configurations, regimes):
+        write_run(tmp_path, seed=0, accuracies=[0.3, 0.5, 0.6], **configuration, **regime)
+    saved = saved_figure(monkeypatch)
+    assert invoke("compare", tmp_path, "--plot", tmp_path / "many.png").exit_code == 0
+    axes = saved["axes"]
+    assert len(axes) == 5 and all(len(ax.get_legend().get_texts()) == 8 for ax in axes)
+    for ax, (_, legend) in zip(axes, saved["extents"]):
+        for other, (panel, _) in zip(axes, saved["extents"]):
+            assert not legend.overlaps(panel), f"{ax.get_title()}'s legend covers {other.get_title()}"

@@ -4,7 +4,8 @@ regime without a guarantee, which its title says), and the final metric per regi
 A line per method (or `--by` group), its band the 95% interval of the mean over seeds, the number of seeds
 (and, after `--select`, the chosen values) in its label. Regimes are categories, so the final panel shows
 grouped points with 95% intervals, never a line across them. Panels wrap at three a row; a regime whose
-runs were evaluated only once has no curve to draw and gets no learning-curve panel. The format follows the
+runs were evaluated only once has no curve to draw and gets no learning-curve panel. Legends hang under
+their panels, never over a curve. The format follows the
 file name: .png, or .pdf and .svg for vector figures.
 """
 
@@ -17,6 +18,7 @@ from dpfl_bench.compare import COLUMN_KEY, TABLE_KEYS, regimes_in
 from dpfl_bench.stats import mean_interval
 
 COLUMNS = 3  # panels a row: readable at a page's width
+LEGEND_FONT = 7  # points
 
 
 def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: list[str], path: Path, selected: list[str] = []) -> None:
@@ -47,7 +49,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     grid_rows = [math.ceil((len(curves) + 1) / columns) for *_, curves in layouts]
     figure, axes = plt.subplots(sum(grid_rows), columns, figsize=(4.2 * columns, 3.4 * sum(grid_rows)), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    start, below = 0, []
+    start, below, legend_inches = 0, [], []
     for (task, model, table, run_rows, regimes, curves), height in zip(layouts, grid_rows):
         panels = flat[start : start + height * columns]
         start += height * columns
@@ -66,7 +68,8 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
             ax.set_xlabel("round")
             ax.set_ylabel(readable)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            legend_inches.append(_legend_below(ax, columns=1))
+            below.append(ax)
 
         # Final metric per regime: categories, a group of points with 95% intervals at each.
         ax = panels[len(curves)]
@@ -89,20 +92,33 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         ax.set_ylabel(readable)
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
-        ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)  # moved below the axis once laid out
+        legend_inches.append(_legend_below(ax, columns=2))
         below.append(ax)
         panels[0].annotate(model, (0, 1.16), xycoords="axes fraction", fontsize=8, color="grey")
         for unused in panels[len(curves) + 1 :]:
             unused.set_visible(False)
 
-    figure.tight_layout()
+    # Legends hang under their panels, outside the layout: each row gets the height of its tallest legend.
+    tallest = max(legend_inches)
+    figure.set_size_inches(4.2 * columns, (3.4 + tallest) * sum(grid_rows))
+    figure.tight_layout(h_pad=1.08 + tallest * 72 / plt.rcParams["font.size"])
     renderer = figure.canvas.get_renderer()
-    for ax in below:  # under the tick labels and the axis label, whatever their height: never over a point
+    for ax in below:  # just under the tick labels and the axis label, whatever their height
         bottom = ax.transAxes.inverted().transform((0, ax.xaxis.get_tightbbox(renderer).y0))[1]
-        ax.get_legend().set_bbox_to_anchor((0.5, bottom - 0.02), transform=ax.transAxes)
+        legend = ax.get_legend()
+        legend.set_bbox_to_anchor((0.5, bottom - 0.02), transform=ax.transAxes)
+        legend.set_in_layout(True)  # so that the saved figure's tight box holds it
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(figure)
+
+
+def _legend_below(ax, columns: int) -> float:
+    """A legend for the panel, to hang under it once the panels are laid out, never over a line or a point
+    (a panel may hold eight methods' curves); the inches of height it needs."""
+    legend = ax.legend(fontsize=LEGEND_FONT, loc="upper center", ncol=columns, frameon=False)
+    legend.set_in_layout(False)
+    return math.ceil(len(legend.get_texts()) / columns) * LEGEND_FONT * 1.6 / 72 + 0.1
 
 
 def _chosen(cell_runs: pd.DataFrame, by: list[str], values: object, selected: list[str]) -> str:
