@@ -5,8 +5,8 @@ A line per method (or `--by` group), its band the 95% interval of the mean over 
 (and, after `--select`, the chosen values) in its label. Regimes are categories, so the final panel shows
 grouped points with 95% intervals, never a line across them. Panels wrap at three a row; a regime whose
 runs were evaluated only once has no curve to draw and gets no learning-curve panel. Legends hang under
-their panels, never over a curve. The format follows the
-file name: .png, or .pdf and .svg for vector figures.
+their panels, never over a curve. The format follows the file name: .png, or .pdf and .svg for vector
+figures.
 """
 
 import math
