@@ -49,7 +49,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     grid_rows = [math.ceil((len(curves) + 1) / columns) for *_, curves in layouts]
     figure, axes = plt.subplots(sum(grid_rows), columns, figsize=(4.2 * columns, 3.4 * sum(grid_rows)), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    start, below, legend_inches = 0, [], []
+    start, legend_inches = 0, {}  # each panel's legend, to hang under it: the inches it needs
     for (task, model, table, run_rows, regimes, curves), height in zip(layouts, grid_rows):
         panels = flat[start : start + height * columns]
         start += height * columns
@@ -68,8 +68,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
             ax.set_xlabel("round")
             ax.set_ylabel(readable)
             ax.grid(alpha=0.3)
-            legend_inches.append(_legend_below(ax, columns=1))
-            below.append(ax)
+            legend_inches[ax] = _legend_below(ax, columns=1)
 
         # Final metric per regime: categories, a group of points with 95% intervals at each.
         ax = panels[len(curves)]
@@ -92,18 +91,17 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         ax.set_ylabel(readable)
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
-        legend_inches.append(_legend_below(ax, columns=2))
-        below.append(ax)
+        legend_inches[ax] = _legend_below(ax, columns=2)
         panels[0].annotate(model, (0, 1.16), xycoords="axes fraction", fontsize=8, color="grey")
         for unused in panels[len(curves) + 1 :]:
             unused.set_visible(False)
 
     # Legends hang under their panels, outside the layout: each row gets the height of its tallest legend.
-    tallest = max(legend_inches)
+    tallest = max(legend_inches.values())
     figure.set_size_inches(4.2 * columns, (3.4 + tallest) * sum(grid_rows))
     figure.tight_layout(h_pad=1.08 + tallest * 72 / plt.rcParams["font.size"])
     renderer = figure.canvas.get_renderer()
-    for ax in below:  # just under the tick labels and the axis label, whatever their height
+    for ax in legend_inches:  # just under the tick labels and the axis label, whatever their height
         bottom = ax.transAxes.inverted().transform((0, ax.xaxis.get_tightbbox(renderer).y0))[1]
         legend = ax.get_legend()
         legend.set_bbox_to_anchor((0.5, bottom - 0.02), transform=ax.transAxes)
