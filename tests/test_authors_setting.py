@@ -174,8 +174,23 @@ def test_the_authors_la_lora_and_the_default_never_share_a_row(tmp_path):
     finals = load_results(tmp_path).finals
     summary = summarize(finals)
     assert sorted(summary["method"]) == ["dp-lora", "la-lora", "la-lora (authors' code)", "la-lora (no filter)"]
-    (gain,) = paired_gains(finals, summary, "test_accuracy", ["method"]).values()
-    assert gain[0] == "dp-lora"  # measured against another method, never against its own variant
+    gains = paired_gains(finals, summary, "test_accuracy", ["method"])
+    measured = {variant: (over, round(gain.mean, 6)) for (*_, variant), (over, gain) in gains.items()}
+    # each variant against the best method that is no LA-LoRA variant, never against another variant
+    assert measured == {"la-lora": ("dp-lora", 0.1), "la-lora (authors' code)": ("dp-lora", 0.2), "la-lora (no filter)": ("dp-lora", 0.15)}
+
+
+def test_a_variant_as_baseline_measures_what_the_others_add_to_it(tmp_path):
+    for seed, (default, unfiltered) in enumerate([(0.6, 0.5), (0.7, 0.65), (0.8, 0.7)]):
+        write_run(tmp_path, method="la-lora", seed=seed, accuracies=[default], eps=1.0)
+        write_run(tmp_path, method="la-lora", seed=seed, accuracies=[unfiltered], eps=1.0, method_options={"smooth_sigma": 0.0})
+        write_run(tmp_path, method="dp-lora", seed=seed, accuracies=[0.9], eps=1.0)
+    result = invoke("compare", tmp_path, "--baseline", "la-lora (no filter)", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| la-lora − la-lora (no filter) | **+0.0833 [+0.0116, +0.1550] (3 pairs)** * |" in result.output
+    assert "la-lora (no filter) − la-lora (no filter)" not in result.output  # a variant is not measured against itself
+    plain = invoke("compare", tmp_path, "--format", "markdown").output
+    assert "| la-lora gain | -0.2000 [" in plain and "| la-lora (no filter) gain | **-0.2833 [" in plain
 
 
 def test_a_run_records_its_methods_variant(tmp_path):

@@ -58,15 +58,15 @@ def test_best_cell_per_column_and_la_lora_gain_over_the_best_other_method(folder
     (table,) = tables_of(folder)
     assert table.columns == ["ε=1", "ε=∞ (no DP)"], "∞ comes last, and says it is not private"
     assert table.best == {"ε=1": {"la-lora"}, "ε=∞ (no DP)": {"dp-lora"}}
-    assert table.gains["ε=1"][0] == "dp-lora"
-    assert table.gains["ε=1"][1].mean == pytest.approx(0.1)
-    assert table.gains["ε=∞ (no DP)"][1].mean == pytest.approx(0.8 - 2.5 / 3)
+    assert table.gains["la-lora gain"]["ε=1"][0] == "dp-lora"
+    assert table.gains["la-lora gain"]["ε=1"][1].mean == pytest.approx(0.1)
+    assert table.gains["la-lora gain"]["ε=∞ (no DP)"][1].mean == pytest.approx(0.8 - 2.5 / 3)
 
 
 def test_lower_is_better_metrics_pick_the_smallest_mean(folder):
     (table,) = tables_of(folder, "test_loss")
     assert table.best == {"ε=1": {"la-lora"}, "ε=∞ (no DP)": {"dp-lora"}}  # loss = 1 - accuracy here
-    gain = table.gains["ε=1"][1]
+    gain = table.gains["la-lora gain"]["ε=1"][1]
     assert gain.mean == pytest.approx(0.1), "a gain is an improvement, whichever direction is better"
     assert 0 < gain.high and gain.low == pytest.approx(0.1 - T_975[2] * 0.05 / math.sqrt(3))
 
@@ -233,7 +233,7 @@ def test_a_diverged_run_is_counted_apart_and_an_all_nan_column_does_not_crash(tm
     write_run(tmp_path, method="la-lora", eps=math.inf, seed=0, accuracies=[math.nan])
     (table,) = tables_of(tmp_path)
     assert table.best == {"ε=1": {"dp-lora"}}, "no best cell in a column of NaN"
-    assert list(table.gains) == ["ε=1"] and table.gains["ε=1"][1].mean == pytest.approx(-0.1)
+    assert list(table.gains["la-lora gain"]) == ["ε=1"] and table.gains["la-lora gain"]["ε=1"][1].mean == pytest.approx(-0.1)
     result = invoke("compare", tmp_path)
     assert result.exit_code == 0, result.output
     assert "0.5000 (1, 1 NaN)" in result.output and "— (0, 1 NaN)" in result.output
@@ -339,7 +339,7 @@ def test_the_gain_is_the_mean_paired_difference_with_a_student_t_interval(paired
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
     half = T_975[3] * sd / math.sqrt(4)
     (table,) = tables_of(paired)
-    over, gain = table.gains["ε=1"]
+    over, gain = table.gains["la-lora gain"]["ε=1"]
     assert over == "dp-lora" and gain.pairs == 4
     assert (gain.mean, gain.low, gain.high) == pytest.approx((mean, mean - half, mean + half), abs=1e-12)
     assert gain.significant and mean - half > 0
@@ -355,7 +355,7 @@ def test_the_gain_is_the_mean_paired_difference_with_a_student_t_interval(paired
 
 def test_an_interval_that_contains_zero_is_not_significant(folder):
     (table,) = tables_of(folder)
-    gain = table.gains["ε=1"][1]  # differences 0.15, 0.1, 0.05: sd 0.05
+    gain = table.gains["la-lora gain"]["ε=1"][1]  # differences 0.15, 0.1, 0.05: sd 0.05
     assert (gain.low, gain.high) == pytest.approx((0.1 - T_975[2] * 0.05 / math.sqrt(3), 0.1 + T_975[2] * 0.05 / math.sqrt(3)))
     assert not gain.significant
     assert "+0.1000 [-0.0242, +0.2242] (3 pairs) |" in invoke("compare", folder, "--format", "markdown").output

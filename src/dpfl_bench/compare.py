@@ -24,7 +24,7 @@ from dpfl_bench.stats import Gain, paired_gain
 
 TABLE_KEYS = ["task", "model"]  # one table per task and model
 COLUMN_KEY = "regime"  # the columns of a table: privacy regimes (see `regime`), in their order
-HIGHLIGHTED_METHOD = "la-lora"  # the method whose gain over the best other method gets its own row
+HIGHLIGHTED_METHOD = "la-lora"  # the method whose variants each get a row: their gain over the best other method
 SELECTION_METRIC = "val_accuracy"  # --select chooses on validation data, never on the test split it reports
 LOWER_IS_BETTER = ("loss", "seconds", "bytes", "memory", "eps_spent", "audit_eps", "noise")  # audit ε: less leaked
 NO_GUARANTEE = "(no guarantee)"
@@ -268,27 +268,35 @@ def _validation_score(runs: pd.DataFrame) -> float:
     return -math.inf if math.isnan(score) else score  # a value whose runs all diverged is never chosen over one
 
 
+def highlighted(method: str) -> bool:
+    """Whether a row's method is LA-LoRA or one of its variants, e.g. "la-lora (authors' code)"."""
+    return method.partition(" (")[0] == HIGHLIGHTED_METHOD
+
+
 def check_baseline(finals: pd.DataFrame, baseline: str, by: list[str]) -> None:
-    """Raises UserError unless `baseline` is a method with runs, other than the highlighted one, in tables
-    whose rows are methods."""
+    """Raises UserError unless `baseline` is a method with runs, in tables whose rows are methods, and some
+    LA-LoRA variant other than it has runs (a variant is a fine baseline: the default against the filterless
+    one measures the filter)."""
     if by != ["method"]:
         raise UserError(f"--baseline compares methods: use it with --by method, not --by {','.join(by)}")
     methods = sorted(finals["method"].unique())
-    if baseline == HIGHLIGHTED_METHOD or baseline not in methods:
-        others = ", ".join(m for m in methods if m != HIGHLIGHTED_METHOD) or "none"
+    variants = {m for m in methods if highlighted(m)}
+    if baseline not in methods or not variants - {baseline}:
+        others = ", ".join(m for m in methods if variants - {m}) or "none"
         raise UserError(f"--baseline {baseline}: give a method to measure {HIGHLIGHTED_METHOD} against; these runs have {others}")
 
 
-GainCell = tuple[str, Gain]  # the method compared with, and the highlighted method's gain over it
+GainCell = tuple[str, Gain]  # the method compared with, and an LA-LoRA variant's gain over it
 GAIN_FIELDS = ["gain_over", "gain", "gain_low", "gain_high", "gain_pairs", "significant"]  # csv and json
 
 
 def paired_gains(
     finals: pd.DataFrame, summary: pd.DataFrame, metric: str, by: list[str], baseline: str | None = None
 ) -> dict[tuple, GainCell]:
-    """(task, model, regime) -> the highlighted method's gain, seed by seed, over `baseline`, or else over
-    the other method with the best mean in that column; positive is better, whichever direction the metric
-    is. Only for tables whose rows are methods, and cells where both have a mean."""
+    """(task, model, regime, variant) -> each LA-LoRA variant's gain, seed by seed, over `baseline`, or else
+    over the method with the best mean in that column that is no LA-LoRA variant; positive is better,
+    whichever direction the metric is. Only for tables whose rows are methods, and cells where both have a
+    mean."""
     if by != ["method"]:
         return {}
     lower = lower_is_better(metric)
@@ -296,15 +304,20 @@ def paired_gains(
     gains = {}
     for key, column in summary.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True):
         means = column.set_index("method")["mean"].dropna()
-        others = means[[m.partition(" (")[0] != HIGHLIGHTED_METHOD for m in means.index]]  # nor its variants
-        if HIGHLIGHTED_METHOD not in means or others.empty:
+        others = means[[not highlighted(m) for m in means.index]]
+        if baseline is not None:
+            over = baseline
+        elif len(others):
+            over = others.idxmin() if lower else others.idxmax()
+        else:
             continue
-        over = baseline or (others.idxmin() if lower else others.idxmax())
-        if over not in others:  # the baseline has no mean in this column
+        if over not in means:  # the baseline has no mean in this column
             continue
         per_seed = runs[key].groupby(["method", "seed"])[metric].mean()
-        ours, theirs = per_seed[HIGHLIGHTED_METHOD], per_seed[over]
-        gains[key] = (over, paired_gain(theirs, ours) if lower else paired_gain(ours, theirs))
+        theirs = per_seed[over]
+        for variant in (m for m in means.index if highlighted(m) and m != over):
+            ours = per_seed[variant]
+            gains[(*key, variant)] = (over, paired_gain(theirs, ours) if lower else paired_gain(ours, theirs))
     return gains
 
 
@@ -317,8 +330,7 @@ class Pivot:
     columns: list[str]  # regime labels, in order
     cells: dict[tuple[str, str], pd.Series]  # (row, regime) -> a summary row
     best: dict[str, set[str]]  # regime -> the rows with the best mean (absent when no row has one)
-    gains: dict[str, GainCell]  # regime -> the highlighted method's gain, where there is one
-    gain_name: str  # the gain row's name
+    gains: dict[str, dict[str, GainCell]]  # a gain row's name -> regime -> an LA-LoRA variant's gain there
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
     selected: list[str]  # the options --select chose per cell
     notes: list[str]  # what the reader must know to read the cells
@@ -345,7 +357,6 @@ def pivots(
 ) -> list[Pivot]:
     tables = []
     lower = lower_is_better(metric)
-    gain_name = f"{HIGHLIGHTED_METHOD} − {baseline}" if baseline else f"{HIGHLIGHTED_METHOD} gain"
     for (task, model), table in summary.groupby(TABLE_KEYS, sort=True):
         table = table.assign(row=[row_name(values) for values in table[by].itertuples(index=False)])
         row_names = list(dict.fromkeys(table["row"]))
@@ -356,26 +367,30 @@ def pivots(
             means = table[table[COLUMN_KEY] == column].set_index("row")["mean"].dropna()
             if len(means):  # ties are all best
                 best[column] = set(means.index[means == (means.min() if lower else means.max())])
-        table_gains = {key[2]: gain for key, gain in gains.items() if key[:2] == (task, model)}
+        table_gains: dict[str, dict[str, GainCell]] = {}
+        for (*where, regime, variant), gain in sorted(gains.items(), key=lambda item: item[0][3]):
+            if tuple(where) == (task, model):
+                name = f"{variant} − {baseline}" if baseline else f"{variant} gain"
+                table_gains.setdefault(name, {})[regime] = gain
         costs = {
             row: (group["seconds_per_round"].mean(), group["bytes_uploaded_per_round"].mean())
             for row, group in table.groupby("row", sort=False)
         }
-        notes = _notes(selected, gain_name if table_gains else None, baseline)
-        tables.append(Pivot(f"{task} · {model}", row_names, columns, cells, best, table_gains, gain_name, costs, selected, notes))
+        notes = _notes(selected, bool(table_gains), baseline)
+        tables.append(Pivot(f"{task} · {model}", row_names, columns, cells, best, table_gains, costs, selected, notes))
     return tables
 
 
-def _notes(selected: list[str], gain_name: str | None, baseline: str | None) -> list[str]:
+def _notes(selected: list[str], gains: bool, baseline: str | None) -> list[str]:
     notes = []
     if selected:
         names = ", ".join(map(option_name, selected))
         notes.append(f"{names}: chosen per cell by the best mean final {SELECTION_METRIC} over seeds")
-    if gain_name:
-        over = baseline or "the best other method of the column"
+    if gains:
+        over = baseline or f"the column's best method other than {HIGHLIGHTED_METHOD}'s variants"
         notes.append(
-            f"{gain_name}: mean paired difference from {over} over the seeds both ran (positive: better) "
-            "[95% Student-t interval]; * excludes 0"
+            f"gain rows: each {HIGHLIGHTED_METHOD} variant's mean paired difference from {over}, over the seeds "
+            "both ran (positive: better) [95% Student-t interval]; * excludes 0"
         )
     return notes
 
@@ -428,9 +443,9 @@ def to_markdown(tables: list[Pivot], metric: str) -> str:
         lines = [f"**{t.title}**: {metric}, mean ± std (seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in t.row_names:
             lines.append("| " + " | ".join(t.row_texts(row, lambda text: f"**{text}**")) + " |")
-        if t.gains:
-            gains = [_markdown_gain(t.gains[c][1]) if c in t.gains else "—" for c in t.columns]
-            lines.append("| " + " | ".join([t.gain_name, *gains, "", ""]) + " |")
+        for name, row in t.gains.items():
+            gains = [_markdown_gain(row[c][1]) if c in row else "—" for c in t.columns]
+            lines.append("| " + " | ".join([name, *gains, "", ""]) + " |")
         lines += ["", *t.notes] if t.notes else []
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
@@ -455,8 +470,9 @@ def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
             table.add_row(*t.row_texts(row, lambda text: f"[bold green]{text}[/]"))
         if t.gains:
             table.add_section()
-            gains = [_rich_gain(t.gains[c][1]) if c in t.gains else "—" for c in t.columns]
-            table.add_row(f"[italic]{escape(t.gain_name)}[/]", *gains, "", "")
+        for name, row in t.gains.items():
+            gains = [_rich_gain(row[c][1]) if c in row else "—" for c in t.columns]
+            table.add_row(f"[italic]{escape(name)}[/]", *gains, "", "")
         rendered.append(table)
     return rendered
 
@@ -469,12 +485,12 @@ def _rich_gain(gain: Gain) -> str:
 
 
 def to_records(summary: pd.DataFrame, gains: dict[tuple, GainCell] = {}) -> pd.DataFrame:
-    """The long form for csv and json, with the gain columns on the highlighted method's cells when there
+    """The long form for csv and json, with the gain columns on each LA-LoRA variant's cells when there
     are gains; ±inf written as "inf"/"-inf" (JSON has no infinity, and null would read as "no data")."""
     records = summary.astype(object)
     if gains:
         keys = zip(summary["task"], summary["model"], summary[COLUMN_KEY].astype(str), summary["method"])
-        fields = [_gain_fields(gains.get(key[:3]) if key[3] == HIGHLIGHTED_METHOD else None) for key in keys]
+        fields = [_gain_fields(gains.get(key)) for key in keys]
         records = records.join(pd.DataFrame(fields, index=records.index, dtype=object))  # object: pairs stay whole numbers
     for column in records.columns:
         records[column] = [("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for v in records[column]]

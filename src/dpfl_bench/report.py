@@ -62,9 +62,9 @@ def _table(t: Pivot, metric: str) -> str:
     marked = lambda text: f"\x00{text}\x01"  # noqa: E731  (every cell is escaped; the marks become the emphasis)
     cell = lambda text: html.escape(text).replace("\x00", "<span class='best'>").replace("\x01", "</span>")  # noqa: E731
     rows = ["<tr>" + "".join(f"<td>{cell(text)}</td>" for text in t.row_texts(row, marked)) + "</tr>" for row in t.row_names]
-    if t.gains:
-        gains = [html.escape(gain_text(t.gains[c][1])) if c in t.gains else "—" for c in t.columns]
-        rows.append("<tr>" + "".join(f"<td>{g}</td>" for g in [html.escape(t.gain_name), *gains, "", ""]) + "</tr>")
+    for name, row in t.gains.items():
+        gains = [html.escape(gain_text(row[c][1])) if c in row else "—" for c in t.columns]
+        rows.append("<tr>" + "".join(f"<td>{g}</td>" for g in [html.escape(name), *gains, "", ""]) + "</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in t.notes)
     return f"<h2>{html.escape(t.title)}: {html.escape(metric)}</h2><table><tr>{header}</tr>{''.join(rows)}</table>{notes}"
 
