@@ -2,6 +2,7 @@
 head, LoRA dropout, center crop), the authors' LA-LoRA as its own row, and one client round of every
 method against the authors' step re-derived here in plain torch (from their `DP_lora.py` / `DP_LLM.py`)."""
 
+import json
 import math
 import statistics
 from typing import Any
@@ -191,6 +192,17 @@ def test_a_variant_as_baseline_measures_what_the_others_add_to_it(tmp_path):
     assert "la-lora (no filter) − la-lora (no filter)" not in result.output  # a variant is not measured against itself
     plain = invoke("compare", tmp_path, "--format", "markdown").output
     assert "| la-lora gain | -0.2000 [" in plain and "| la-lora (no filter) gain | **-0.2833 [" in plain
+    against_default = invoke("compare", tmp_path, "--baseline", "la-lora", "--format", "markdown").output
+    assert "| la-lora (no filter) − la-lora | **-0.0833 [" in against_default
+    records = json.loads(invoke("compare", tmp_path, "--baseline", "la-lora (no filter)", "--format", "json").output)
+    over = {r["method"]: r["gain_over"] for r in records}
+    assert over == {"dp-lora": None, "la-lora": "la-lora (no filter)", "la-lora (no filter)": None}
+
+
+def test_a_baseline_without_any_la_lora_run_is_one_line(tmp_path):
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.5], eps=1.0)
+    write_run(tmp_path, method="ffa-lora", seed=0, accuracies=[0.6], eps=1.0)
+    assert_user_error(invoke("compare", tmp_path, "--baseline", "dp-lora"), "--baseline dp-lora: these runs have no la-lora variant")
 
 
 def test_a_run_records_its_methods_variant(tmp_path):

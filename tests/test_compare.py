@@ -349,6 +349,7 @@ def test_the_gain_is_the_mean_paired_difference_with_a_student_t_interval(paired
     records = json.loads(invoke("compare", paired, "--format", "json").output)
     ours = next(r for r in records if r["method"] == "la-lora")
     assert ours["gain_over"] == "dp-lora" and ours["gain_pairs"] == 4 and ours["significant"] is True
+    assert type(ours["gain_pairs"]) is int, "a count of pairs is written as a whole number"
     assert (ours["gain"], ours["gain_low"], ours["gain_high"]) == pytest.approx((mean, mean - half, mean + half))
     assert all(r["gain"] is None for r in records if r["method"] != "la-lora")
 
@@ -379,7 +380,8 @@ def test_cells_without_a_common_seed_say_so(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--baseline", "la-lora"], "--baseline la-lora: give a method to measure la-lora against; these runs have dp-lora, ffa-lora"),
+        (["--baseline", "la-lora"], "--baseline la-lora: give a method to measure the la-lora variants against; "
+                                    "these runs have dp-lora, ffa-lora"),
         (["--baseline", "rolora"], "--baseline rolora: give a method"),
         (["--baseline", "dp-lora", "--by", "method,rank"], "use it with --by method"),
     ],

@@ -24,7 +24,7 @@ from dpfl_bench.stats import Gain, paired_gain
 
 TABLE_KEYS = ["task", "model"]  # one table per task and model
 COLUMN_KEY = "regime"  # the columns of a table: privacy regimes (see `regime`), in their order
-HIGHLIGHTED_METHOD = "la-lora"  # the method whose variants each get a row: their gain over the best other method
+LA_LORA = "la-lora"  # the method whose variants each get a row under the table: their gain over the best other
 SELECTION_METRIC = "val_accuracy"  # --select chooses on validation data, never on the test split it reports
 LOWER_IS_BETTER = ("loss", "seconds", "bytes", "memory", "eps_spent", "audit_eps", "noise")  # audit ε: less leaked
 NO_GUARANTEE = "(no guarantee)"
@@ -268,9 +268,9 @@ def _validation_score(runs: pd.DataFrame) -> float:
     return -math.inf if math.isnan(score) else score  # a value whose runs all diverged is never chosen over one
 
 
-def highlighted(method: str) -> bool:
+def is_la_lora_variant(method: str) -> bool:
     """Whether a row's method is LA-LoRA or one of its variants, e.g. "la-lora (authors' code)"."""
-    return method.partition(" (")[0] == HIGHLIGHTED_METHOD
+    return method.partition(" (")[0] == LA_LORA
 
 
 def check_baseline(finals: pd.DataFrame, baseline: str, by: list[str]) -> None:
@@ -280,10 +280,12 @@ def check_baseline(finals: pd.DataFrame, baseline: str, by: list[str]) -> None:
     if by != ["method"]:
         raise UserError(f"--baseline compares methods: use it with --by method, not --by {','.join(by)}")
     methods = sorted(finals["method"].unique())
-    variants = {m for m in methods if highlighted(m)}
+    variants = {m for m in methods if is_la_lora_variant(m)}
+    if not variants:
+        raise UserError(f"--baseline {baseline}: these runs have no {LA_LORA} variant to measure against it")
     if baseline not in methods or not variants - {baseline}:
-        others = ", ".join(m for m in methods if variants - {m}) or "none"
-        raise UserError(f"--baseline {baseline}: give a method to measure {HIGHLIGHTED_METHOD} against; these runs have {others}")
+        others = ", ".join(m for m in methods if variants - {m})
+        raise UserError(f"--baseline {baseline}: give a method to measure the {LA_LORA} variants against; these runs have {others}")
 
 
 GainCell = tuple[str, Gain]  # the method compared with, and an LA-LoRA variant's gain over it
@@ -304,7 +306,7 @@ def paired_gains(
     gains = {}
     for key, column in summary.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True):
         means = column.set_index("method")["mean"].dropna()
-        others = means[[not highlighted(m) for m in means.index]]
+        others = means[[not is_la_lora_variant(m) for m in means.index]]
         if baseline is not None:
             over = baseline
         elif len(others):
@@ -315,7 +317,7 @@ def paired_gains(
             continue
         per_seed = runs[key].groupby(["method", "seed"])[metric].mean()
         theirs = per_seed[over]
-        for variant in (m for m in means.index if highlighted(m) and m != over):
+        for variant in (m for m in means.index if is_la_lora_variant(m) and m != over):
             ours = per_seed[variant]
             gains[(*key, variant)] = (over, paired_gain(theirs, ours) if lower else paired_gain(ours, theirs))
     return gains
@@ -387,9 +389,10 @@ def _notes(selected: list[str], gains: bool, baseline: str | None) -> list[str]:
         names = ", ".join(map(option_name, selected))
         notes.append(f"{names}: chosen per cell by the best mean final {SELECTION_METRIC} over seeds")
     if gains:
-        over = baseline or f"the column's best method other than {HIGHLIGHTED_METHOD}'s variants"
+        over = baseline or f"the column's best method other than {LA_LORA}'s variants"
+        each = "each other" if baseline and is_la_lora_variant(baseline) else "each"
         notes.append(
-            f"gain rows: each {HIGHLIGHTED_METHOD} variant's mean paired difference from {over}, over the seeds "
+            f"gain rows: {each} {LA_LORA} variant's mean paired difference from {over}, over the seeds "
             "both ran (positive: better) [95% Student-t interval]; * excludes 0"
         )
     return notes
@@ -493,7 +496,8 @@ def to_records(summary: pd.DataFrame, gains: dict[tuple, GainCell] = {}) -> pd.D
         fields = [_gain_fields(gains.get(key)) for key in keys]
         records = records.join(pd.DataFrame(fields, index=records.index, dtype=object))  # object: pairs stay whole numbers
     for column in records.columns:
-        records[column] = [("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for v in records[column]]
+        values = [("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for v in records[column]]
+        records[column] = pd.Series(values, index=records.index, dtype=object)  # a list would be re-inferred: 4 -> 4.0
     return records
 
 

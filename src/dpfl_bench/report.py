@@ -36,8 +36,8 @@ def write_report(path: Path, loaded: Results, finals: pd.DataFrame, tables: list
         f"<h1>dpfl-bench report: {html.escape(str(source))}</h1>",
         f"<p class='note'>{len(finals)} finished runs; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
         f"dpfl-bench {dpfl_bench.__version__}. Cells: final {html.escape(metric)}, mean ± std over seeds (count); "
-        "the gain row: paired by seed, with a 95% interval. A column marked <span class='no-guarantee'>no guarantee"
-        "</span> has no accounted (ε, δ).</p>",
+        "the gain rows (one per LA-LoRA variant): paired by seed, with a 95% interval. "
+        "A column marked <span class='no-guarantee'>no guarantee</span> has no accounted (ε, δ).</p>",
     ]
     parts += [_table(t, metric) for t in tables]
     parts.append(f"<h2>Figure</h2>{_figure(loaded, finals, metric, by, selected)}")
