@@ -510,3 +510,18 @@ def test_plot_legends_cover_no_panel_even_with_many_methods_and_two_rows_of_pane
     for ax, (_, legend) in zip(axes, saved["extents"]):
         for other, (panel, _) in zip(axes, saved["extents"]):
             assert not legend.overlaps(panel), f"{ax.get_title()}'s legend covers {other.get_title()}"
+
+
+def test_the_plot_axis_follows_the_means_not_a_two_seed_band(tmp_path, monkeypatch):
+    """Two seeds far apart give a 95% interval of ±12.7 half-differences: the axis may not stretch to it (it
+    would flatten every curve), yet every mean stays in view."""
+    write_run(tmp_path, method="dp-lora", seed=0, accuracies=[0.2, 0.3, 0.4], eps=1.0, rounds=3)
+    write_run(tmp_path, method="dp-lora", seed=1, accuracies=[0.3, 0.4, 0.5], eps=1.0, rounds=3)
+    for seed in (0, 1):
+        write_run(tmp_path, method="la-lora", seed=seed, accuracies=[0.35, 0.35, 0.35 + 0.001 * seed], eps=1.0, rounds=3)
+    saved = saved_figure(monkeypatch)
+    assert invoke("compare", tmp_path, "--plot", tmp_path / "curves.png").exit_code == 0
+    bottom, top = saved["axes"][0].get_ylim()
+    means = [0.25, 0.35, 0.45]  # dp-lora's; its band reaches 0.45 ± 0.64
+    span = max(means) - min(means)
+    assert min(means) - span < bottom < min(means) and max(means) < top < max(means) + span, (bottom, top)

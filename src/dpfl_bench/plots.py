@@ -1,7 +1,8 @@
 """The comparison figure, per task: the metric against round in a panel per privacy regime (an ε, or a
 regime without a guarantee, which its title says), and the final metric per regime.
 
-A line per method (or `--by` group), its band the 95% interval of the mean over seeds, the number of seeds
+A line per method (or `--by` group), its band the 95% interval of the mean over seeds (the axis follows the
+means: a band of few seeds may run off it), the number of seeds
 (and, after `--select`, the chosen values) in its label. Regimes are categories, so the final panel shows
 grouped points with 95% intervals, never a line across them. Panels wrap at three a row; a regime whose
 runs were evaluated only once has no curve to draw and gets no learning-curve panel. Legends hang under
@@ -54,7 +55,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         panels = flat[start : start + height * columns]
         start += height * columns
         for ax, regime in zip(panels, curves):
-            in_regime = run_rows[run_rows[COLUMN_KEY] == regime]
+            in_regime, drawn = run_rows[run_rows[COLUMN_KEY] == regime], []
             for values, group in in_regime.groupby(by, sort=True):
                 name = _label(values)
                 seeds = group["run_id"].nunique()
@@ -63,6 +64,8 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
                 mean, half = curve[0], curve[1].fillna(0.0)
                 ax.plot(curve.index, mean, marker="o", markersize=2.5, label=f"{name}{chosen} ({_seeds(seeds)})", color=colours[name])
                 ax.fill_between(curve.index, mean - half, mean + half, alpha=0.2, color=colours[name], linewidth=0)
+                drawn.extend(zip(mean, half))
+            _fit_to_means(ax, drawn)
             ax.set_title(f"{task} · {regime}", fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
             ax.set_xlabel("round")
@@ -73,13 +76,14 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         # Final metric per regime: categories, a group of points with 95% intervals at each.
         ax = panels[len(curves)]
         groups = list(table.groupby(by, sort=True))
-        spread = 0.7 / max(len(groups), 1)
+        spread, drawn = 0.7 / max(len(groups), 1), []
         for i, (values, group) in enumerate(groups):
             name = _label(values)
             stats = [mean_interval(group[group[COLUMN_KEY] == r][metric]) for r in regimes]
             positions = [p + (i - (len(groups) - 1) / 2) * spread for p in range(len(regimes))]
             means = [m for m, _, _ in stats]
             halves = [0.0 if math.isnan(h) else h for _, h, _ in stats]
+            drawn.extend(zip(means, halves))
             seeds = max(n for _, _, n in stats)
             ax.errorbar(positions, means, yerr=halves, marker="o", markersize=4, capsize=2.5, linestyle="none",
                         label=f"{name} ({_seeds(seeds)})", color=colours[name])
@@ -90,7 +94,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         ax.set_xlabel("privacy budget ε, or regime")
         ax.set_ylabel(readable)
         ax.grid(alpha=0.3, axis="y")
-        ax.margins(y=0.12)
+        _fit_to_means(ax, drawn)
         legend_inches[ax] = _legend_below(ax, columns=2)
         panels[0].annotate(model, (0, 1.16), xycoords="axes fraction", fontsize=8, color="grey")
         for unused in panels[len(curves) + 1 :]:
@@ -109,6 +113,19 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(figure)
+
+
+def _fit_to_means(ax, drawn: list[tuple[float, float]]) -> None:
+    """Scale the y axis to the (mean, half-width) pairs drawn, but reach at most half the means' span beyond
+    them: with two seeds a 95% interval uses t = 12.7 and would flatten every curve; such a band runs off
+    the panel, which reads as "too few seeds to tell"."""
+    drawn = [(m, h) for m, h in drawn if math.isfinite(m)]
+    low, high = min(m for m, _ in drawn), max(m for m, _ in drawn)
+    reach = 0.5 * (high - low) or 0.05 * max(abs(high), 1e-3)
+    bottom = max(min(m - h for m, h in drawn), low - reach)
+    top = min(max(m + h for m, h in drawn), high + reach)
+    pad = 0.08 * (top - bottom)
+    ax.set_ylim(bottom - pad, top + pad)
 
 
 def _legend_below(ax, columns: int) -> float:
