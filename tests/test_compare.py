@@ -525,3 +525,11 @@ def test_the_plot_axis_follows_the_means_not_a_two_seed_band(tmp_path, monkeypat
     means = [0.25, 0.35, 0.45]  # dp-lora's; its band reaches 0.45 ± 0.64
     span = max(means) - min(means)
     assert min(means) - span < bottom < min(means) and max(means) < top < max(means) + span, (bottom, top)
+
+
+def test_the_plot_of_a_metric_no_run_recorded_is_drawn_empty_not_a_traceback(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, method="dp-lora", seed=seed, accuracies=[0.2, 0.3, 0.4], val_accuracies=[math.nan] * 3, eps=1.0, rounds=3)
+    result = invoke("compare", tmp_path, "--metric", "val_accuracy", "--plot", tmp_path / "empty.png")
+    assert result.exit_code == 0, repr(result.exception)
+    assert (tmp_path / "empty.png").read_bytes().startswith(b"\x89PNG")

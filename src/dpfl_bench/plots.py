@@ -2,12 +2,11 @@
 regime without a guarantee, which its title says), and the final metric per regime.
 
 A line per method (or `--by` group), its band the 95% interval of the mean over seeds (the axis follows the
-means: a band of few seeds may run off it), the number of seeds
-(and, after `--select`, the chosen values) in its label. Regimes are categories, so the final panel shows
-grouped points with 95% intervals, never a line across them. Panels wrap at three a row; a regime whose
-runs were evaluated only once has no curve to draw and gets no learning-curve panel. Legends hang under
-their panels, never over a curve. The format follows the file name: .png, or .pdf and .svg for vector
-figures.
+means: a band of few seeds may run off it), the number of seeds (and, after `--select`, the chosen values)
+in its label. Regimes are categories, so the final panel shows grouped points with 95% intervals, never a
+line across them. Panels wrap at three a row; a regime whose runs were evaluated only once has no curve to
+draw and gets no learning-curve panel. Legends hang under their panels, never over a curve. The format
+follows the file name: .png, or .pdf and .svg for vector figures.
 """
 
 import math
@@ -118,8 +117,11 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
 def _fit_to_means(ax, drawn: list[tuple[float, float]]) -> None:
     """Scale the y axis to the (mean, half-width) pairs drawn, but reach at most half the means' span beyond
     them: with two seeds a 95% interval uses t = 12.7 and would flatten every curve; such a band runs off
-    the panel, which reads as "too few seeds to tell"."""
+    the panel, which reads as "too few seeds to tell". A panel with no finite mean keeps matplotlib's
+    own limits."""
     drawn = [(m, h) for m, h in drawn if math.isfinite(m)]
+    if not drawn:
+        return
     low, high = min(m for m, _ in drawn), max(m for m, _ in drawn)
     reach = 0.5 * (high - low) or 0.05 * max(abs(high), 1e-3)
     bottom = max(min(m - h for m, h in drawn), low - reach)
