@@ -344,8 +344,8 @@ def test_the_gain_is_the_mean_paired_difference_with_a_student_t_interval(paired
     assert (gain.mean, gain.low, gain.high) == pytest.approx((mean, mean - half, mean + half), abs=1e-12)
     assert gain.significant and mean - half > 0
     text = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (4 pairs)"
-    assert f"| la-lora gain | **{text}** * |" in invoke("compare", paired, "--format", "markdown").output
-    assert f"{text} *" in invoke("compare", paired).output
+    assert f"| la-lora gain | **{text} vs dp-lora** * |" in invoke("compare", paired, "--format", "markdown").output
+    assert f"{text} vs dp-lora *" in invoke("compare", paired).output
     records = json.loads(invoke("compare", paired, "--format", "json").output)
     ours = next(r for r in records if r["method"] == "la-lora")
     assert ours["gain_over"] == "dp-lora" and ours["gain_pairs"] == 4 and ours["significant"] is True
@@ -359,7 +359,7 @@ def test_an_interval_that_contains_zero_is_not_significant(folder):
     gain = table.gains["la-lora gain"]["ε=1"][1]  # differences 0.15, 0.1, 0.05: sd 0.05
     assert (gain.low, gain.high) == pytest.approx((0.1 - T_975[2] * 0.05 / math.sqrt(3), 0.1 + T_975[2] * 0.05 / math.sqrt(3)))
     assert not gain.significant
-    assert "+0.1000 [-0.0242, +0.2242] (3 pairs) |" in invoke("compare", folder, "--format", "markdown").output
+    assert "+0.1000 [-0.0242, +0.2242] (3 pairs) vs dp-lora |" in invoke("compare", folder, "--format", "markdown").output
 
 
 def test_baseline_measures_la_lora_against_the_method_named(paired):
@@ -374,7 +374,25 @@ def test_baseline_measures_la_lora_against_the_method_named(paired):
 def test_cells_without_a_common_seed_say_so(tmp_path):
     write_run(tmp_path, method="la-lora", eps=1.0, seed=1, accuracies=[0.7])
     write_run(tmp_path, method="dp-lora", eps=1.0, seed=0, accuracies=[0.6])
-    assert "— (no seed in common)" in invoke("compare", tmp_path).output
+    assert "— (no seed in common) vs dp-lora" in invoke("compare", tmp_path).output
+
+
+def test_the_best_other_method_is_chosen_on_the_seeds_every_method_ran(tmp_path):
+    """rolora's two seeds average above dp-lora's three, but on the seeds both ran dp-lora is ahead: a
+    method still missing its low seed must not become the comparator."""
+    for seed, (la_lora, dp_lora) in enumerate([(0.60, 0.62), (0.70, 0.75), (0.40, 0.45)]):
+        write_run(tmp_path, method="la-lora", eps=1.0, seed=seed, accuracies=[la_lora])
+        write_run(tmp_path, method="dp-lora", eps=1.0, seed=seed, accuracies=[dp_lora])
+    for seed, rolora in enumerate([0.61, 0.74]):  # mean 0.675 > dp-lora's 0.6067, but 0.675 < 0.685 on seeds 0-1
+        write_run(tmp_path, method="rolora", eps=1.0, seed=seed, accuracies=[rolora])
+    (table,) = tables_of(tmp_path)
+    assert table.best == {"ε=1": {"rolora"}}, "the cells still show each row's own mean"
+    over, gain = table.gains["la-lora gain"]["ε=1"]
+    assert over == "dp-lora" and gain.pairs == 3 and gain.mean == pytest.approx(-0.04)
+    assert "-0.0400 [" in (text := invoke("compare", tmp_path, "--format", "markdown").output) and "vs dp-lora" in text
+    write_run(tmp_path, method="rolora", eps=1.0, seed=2, accuracies=[0.50])  # its third seed: now ahead on all three
+    (table,) = tables_of(tmp_path)
+    assert table.gains["la-lora gain"]["ε=1"][0] == "rolora"
 
 
 @pytest.mark.parametrize(

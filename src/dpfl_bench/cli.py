@@ -542,7 +542,7 @@ def compare(
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json (csv and json: one line per cell).")] = "table",
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the metric against round (a panel per privacy regime) and the final metric against regime, to this .png, .pdf or .svg file.", show_default=False)] = None,
     select: Annotated[str, typer.Option(help="Run options to tune per cell, comma-separated, e.g. lr or lr,smooth_sigma: each cell keeps the value with the best mean final val_accuracy (ties: the smaller) and reports its --metric.")] = "",
-    baseline: Annotated[Optional[str], typer.Option(help="The method each LA-LoRA variant's gain row is measured against, e.g. dp-lora, or `la-lora (no filter)` to measure the filter. \\[default: each column's best method other than LA-LoRA]", show_default=False)] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="The method each LA-LoRA variant's gain row is measured against, e.g. dp-lora, or `la-lora (no filter)` to measure the filter. \\[default: each column's best method other than LA-LoRA, on the seeds they all ran, named in each cell]", show_default=False)] = None,
 ) -> None:
     """Compare finished runs: per task, methods × privacy regime, each cell the final metric's mean ± std over seeds.
 

@@ -296,9 +296,9 @@ def paired_gains(
     finals: pd.DataFrame, summary: pd.DataFrame, metric: str, by: list[str], baseline: str | None = None
 ) -> dict[tuple, GainCell]:
     """(task, model, regime, variant) -> each LA-LoRA variant's gain, seed by seed, over `baseline`, or else
-    over the method with the best mean in that column that is no LA-LoRA variant; positive is better,
-    whichever direction the metric is. Only for tables whose rows are methods, and cells where both have a
-    mean."""
+    over the best method in that column that is no LA-LoRA variant (`best_on_shared_seeds`); positive is
+    better, whichever direction the metric is. Only for tables whose rows are methods, and cells where both
+    have a mean."""
     if by != ["method"]:
         return {}
     lower = lower_is_better(metric)
@@ -306,21 +306,29 @@ def paired_gains(
     gains = {}
     for key, column in summary.groupby([*TABLE_KEYS, COLUMN_KEY], observed=True):
         means = column.set_index("method")["mean"].dropna()
-        others = means[[not is_la_lora_variant(m) for m in means.index]]
-        if baseline is not None:
-            over = baseline
-        elif len(others):
-            over = others.idxmin() if lower else others.idxmax()
-        else:
+        others = [m for m in means.index if not is_la_lora_variant(m)]
+        if baseline is None and not others:
             continue
-        if over not in means:  # the baseline has no mean in this column
-            continue
-        per_seed = runs[key].groupby(["method", "seed"])[metric].mean()
-        theirs = per_seed[over]
-        for variant in (m for m in means.index if is_la_lora_variant(m) and m != over):
+        per_seed = runs[key].groupby(["method", "seed"])[metric].mean().dropna()
+        for variant in (m for m in means.index if is_la_lora_variant(m) and m != baseline):
             ours = per_seed[variant]
+            over = baseline or best_on_shared_seeds(per_seed, others, ours.index, lower)
+            if over not in means:  # the baseline has no mean in this column
+                continue
+            theirs = per_seed[over]
             gains[(*key, variant)] = (over, paired_gain(theirs, ours) if lower else paired_gain(ours, theirs))
     return gains
+
+
+def best_on_shared_seeds(per_seed: pd.Series, methods: list[str], seeds: pd.Index, lower: bool) -> str:
+    """The method with the best mean over the seeds that it, every other of `methods` and `seeds` all have
+    (our decision: means over different seeds are not comparable, and a method still missing its low seeds
+    would otherwise win); over each method's own seeds where they have none in common."""
+    shared = set(seeds).intersection(*(per_seed[m].index for m in methods))
+    scores = pd.Series({m: per_seed[m][per_seed[m].index.isin(shared)].mean() for m in methods}).dropna()
+    if scores.empty:
+        scores = pd.Series({m: per_seed[m].mean() for m in methods})
+    return scores.idxmin() if lower else scores.idxmax()
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,7 @@ class Pivot:
     costs: dict[str, tuple[float, float]]  # row -> (seconds, bytes uploaded) per round, mean over its runs
     selected: list[str]  # the options --select chose per cell
     notes: list[str]  # what the reader must know to read the cells
+    baseline: str | None  # what every gain row is measured against (named in the row); None: each cell names its own
 
     def row_texts(self, row: str, emphasize: Callable[[str], str]) -> list[str]:
         """A row as text: its name, a cell per regime (emphasized where it is the column's best), then its
@@ -347,6 +356,19 @@ class Pivot:
             texts.append(emphasize(text) if row in self.best.get(column, ()) else text)
         seconds, size = self.costs[row]
         return [*texts, f"{seconds:.1f}", megabytes(size)]
+
+    def gain_cells(self, name: str) -> list[tuple[str, Gain] | None]:
+        """A gain row's cells, a regime each, as (text, gain), None where the column has no gain; without a
+        baseline each text names its comparator, since columns and variants may differ in it."""
+        cells = []
+        for column in self.columns:
+            over, gain = self.gains[name].get(column, (None, None))
+            if gain is None:
+                cells.append(None)
+                continue
+            text = gain_text(gain) if self.baseline else f"{gain_text(gain)} vs {over}"
+            cells.append((text, gain))
+        return cells
 
 
 def pivots(
@@ -379,7 +401,8 @@ def pivots(
             for row, group in table.groupby("row", sort=False)
         }
         notes = _notes(selected, bool(table_gains), baseline)
-        tables.append(Pivot(f"{task} · {model}", row_names, columns, cells, best, table_gains, costs, selected, notes))
+        pivot = Pivot(f"{task} · {model}", row_names, columns, cells, best, table_gains, costs, selected, notes, baseline)
+        tables.append(pivot)
     return tables
 
 
@@ -389,7 +412,9 @@ def _notes(selected: list[str], gains: bool, baseline: str | None) -> list[str]:
         names = ", ".join(map(option_name, selected))
         notes.append(f"{names}: chosen per cell by the best mean final {SELECTION_METRIC} over seeds")
     if gains:
-        over = baseline or f"the column's best method other than {LA_LORA}'s variants"
+        over = baseline or (
+            f"the method its cell names, the column's best other than {LA_LORA}'s variants on the seeds they all ran"
+        )
         each = "each other" if baseline and is_la_lora_variant(baseline) else "each"
         notes.append(
             f"gain rows: {each} {LA_LORA} variant's mean paired difference from {over}, over the seeds "
@@ -446,16 +471,16 @@ def to_markdown(tables: list[Pivot], metric: str) -> str:
         lines = [f"**{t.title}**: {metric}, mean ± std (seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in t.row_names:
             lines.append("| " + " | ".join(t.row_texts(row, lambda text: f"**{text}**")) + " |")
-        for name, row in t.gains.items():
-            gains = [_markdown_gain(row[c][1]) if c in row else "—" for c in t.columns]
+        for name in t.gains:
+            gains = [_markdown_gain(*cell) if cell else "—" for cell in t.gain_cells(name)]
             lines.append("| " + " | ".join([name, *gains, "", ""]) + " |")
         lines += ["", *t.notes] if t.notes else []
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
-def _markdown_gain(gain: Gain) -> str:
-    return f"**{gain_text(gain)}** *" if gain.significant else gain_text(gain)
+def _markdown_gain(text: str, gain: Gain) -> str:
+    return f"**{text}** *" if gain.significant else text
 
 
 def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
@@ -473,18 +498,18 @@ def to_rich(tables: list[Pivot], metric: str) -> list[Table]:
             table.add_row(*t.row_texts(row, lambda text: f"[bold green]{text}[/]"))
         if t.gains:
             table.add_section()
-        for name, row in t.gains.items():
-            gains = [_rich_gain(row[c][1]) if c in row else "—" for c in t.columns]
+        for name in t.gains:
+            gains = [_rich_gain(*cell) if cell else "—" for cell in t.gain_cells(name)]
             table.add_row(f"[italic]{escape(name)}[/]", *gains, "", "")
         rendered.append(table)
     return rendered
 
 
-def _rich_gain(gain: Gain) -> str:
+def _rich_gain(text: str, gain: Gain) -> str:
     if not gain.significant:
-        return escape(gain_text(gain))
+        return escape(text)
     colour = "green" if gain.mean > 0 else "red"
-    return f"[{colour}]{escape(gain_text(gain))} *[/]"
+    return f"[{colour}]{escape(text)} *[/]"
 
 
 def to_records(summary: pd.DataFrame, gains: dict[tuple, GainCell] = {}) -> pd.DataFrame:

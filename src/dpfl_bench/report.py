@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 import dpfl_bench
-from dpfl_bench.compare import Pivot, Results, gain_text
+from dpfl_bench.compare import Pivot, Results
 from dpfl_bench.plots import plot_comparison
 
 STYLE = """
@@ -62,8 +62,8 @@ def _table(t: Pivot, metric: str) -> str:
     marked = lambda text: f"\x00{text}\x01"  # noqa: E731  (every cell is escaped; the marks become the emphasis)
     cell = lambda text: html.escape(text).replace("\x00", "<span class='best'>").replace("\x01", "</span>")  # noqa: E731
     rows = ["<tr>" + "".join(f"<td>{cell(text)}</td>" for text in t.row_texts(row, marked)) + "</tr>" for row in t.row_names]
-    for name, row in t.gains.items():
-        gains = [html.escape(gain_text(row[c][1])) if c in row else "—" for c in t.columns]
+    for name in t.gains:
+        gains = [html.escape(cell[0]) if cell else "—" for cell in t.gain_cells(name)]
         rows.append("<tr>" + "".join(f"<td>{g}</td>" for g in [html.escape(name), *gains, "", ""]) + "</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in t.notes)
     return f"<h2>{html.escape(t.title)}: {html.escape(metric)}</h2><table><tr>{header}</tr>{''.join(rows)}</table>{notes}"
