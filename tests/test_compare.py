@@ -362,6 +362,18 @@ def test_an_interval_that_contains_zero_is_not_significant(folder):
     assert "+0.1000 [-0.0242, +0.2242] (3 pairs) vs dp-lora |" in invoke("compare", folder, "--format", "markdown").output
 
 
+def test_paired_differences_all_equal_have_no_interval_and_are_not_significant(tmp_path):
+    """Two seeds with the same difference: a zero-width t interval would call +0.005 significant."""
+    for seed, (ours, theirs) in enumerate([(0.1550, 0.1500), (0.1720, 0.1670)]):  # 0.005 both, not equal in floating point
+        write_run(tmp_path, method="la-lora", eps=1.0, seed=seed, accuracies=[ours])
+        write_run(tmp_path, method="dp-lora", eps=1.0, seed=seed, accuracies=[theirs])
+    (table,) = tables_of(tmp_path)
+    gain = table.gains["la-lora gain"]["ε=1"][1]
+    assert gain.pairs == 2 and gain.mean == pytest.approx(0.005) and math.isnan(gain.low) and not gain.significant
+    markdown = invoke("compare", tmp_path, "--format", "markdown").output
+    assert "| la-lora gain | +0.0050 (2 pairs, all equal: no interval) vs dp-lora |" in markdown
+
+
 def test_baseline_measures_la_lora_against_the_method_named(paired):
     result = invoke("compare", paired, "--baseline", "ffa-lora", "--format", "markdown")
     assert result.exit_code == 0, result.output

@@ -457,6 +457,8 @@ def gain_text(gain: Gain) -> str:
         return "— (no seed in common)"
     if gain.pairs == 1:
         return f"{gain.mean:+.4f} (1 pair: no interval)"
+    if math.isnan(gain.low):
+        return f"{gain.mean:+.4f} ({gain.pairs} pairs, all equal: no interval)"
     return f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}] ({gain.pairs} pairs)"
 
 

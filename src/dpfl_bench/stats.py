@@ -12,12 +12,13 @@ import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95
+EQUAL = 1e-12  # a spread of paired differences below this is rounding, not seeds disagreeing
 
 
 @dataclass(frozen=True)
 class Gain:
     mean: float  # mean paired difference (NaN without a pair)
-    low: float  # the 95% interval; NaN with fewer than 2 pairs
+    low: float  # the 95% interval; NaN with fewer than 2 pairs or differences all equal
     high: float
     pairs: int  # seeds with a finite value in both cells
 
@@ -29,13 +30,16 @@ class Gain:
 
 def paired_gain(better: pd.Series, worse: pd.Series) -> Gain:
     """`better` − `worse`, seed by seed (both indexed by seed): the mean and its Student-t interval with
-    n − 1 degrees of freedom. A seed missing or NaN in either is left out."""
+    n − 1 degrees of freedom. A seed missing or NaN in either is left out. Differences all equal (two seeds
+    of a discrete accuracy can give that) have no interval: the t interval would have zero width and call
+    any nonzero mean significant, from a spread the seeds did not show."""
     differences = (better - worse).dropna()  # index alignment pairs the seeds
     n = len(differences)
     mean = differences.mean() if n else math.nan
-    if n < 2:
+    spread = differences.std(ddof=1) if n >= 2 else 0.0
+    if spread <= EQUAL:
         return Gain(mean, math.nan, math.nan, n)
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * spread / math.sqrt(n)
     return Gain(mean, mean - half, mean + half, n)
 
 
