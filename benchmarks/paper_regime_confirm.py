@@ -2,7 +2,7 @@
 convergence (200 rounds) on seeds 0, 1 and 2.
 
     python benchmarks/paper_regime_confirm.py [--results results/paper-regime]
-    dpfl-bench sweep benchmarks/paper-regime-confirm.toml --jobs 2
+    dpfl-bench sweep benchmarks/paper-regime-confirm.toml --jobs 2 --extend-from results/paper-regime
     dpfl-bench compare results/paper-regime-confirm --format markdown --plot benchmarks/figures/paper-regime-confirm.png
 
 Reads stage 1 (`benchmarks/paper-regime.toml`, every learning rate on seed 0, 100 rounds) and takes each
@@ -14,7 +14,9 @@ later call, so that a column's confirmation can start while stage 1 works on the
 three seeds: the non-private DP-LoRA curve flattens (our rule: under one point of validation accuracy
 gained in the last fifth of the rounds) by 200 rounds and not by 100 (docs/benchmarks.md, "How many
 rounds"), while tuning every rate at 200 rounds would double stage 1. Run it again as stage 1 goes on: the
-suite grows, and the points already run keep their run ids.
+suite grows, and the points already run keep their run ids. Where stage 1 ran with --keep-checkpoint, a
+seed-0 point without an accountant (the authors' regime, no DP) goes on from its stage-1 run's final state
+(--extend-from), whose 100 rounds are exactly its first 100.
 """
 
 import argparse
@@ -47,7 +49,8 @@ def main() -> None:
         raise SystemExit(f"no cell of stage 1 is ready yet (dpfl-bench sweep {STAGE_1} --jobs 2)")
     points = [_point(json.loads(config_json)) for config_json in chosen["config_json"]]
     SUITE.write_text(_suite_text(points))
-    print(f"{len(points)} cells chosen; wrote {SUITE} ({3 * len(points)} runs of {ROUNDS} rounds)")
+    print(f"{len(points)} cells chosen; wrote {SUITE} ({3 * len(points)} runs of {ROUNDS} rounds); run it with"
+          f" dpfl-bench sweep {SUITE} --jobs 2 --extend-from {args.results}")
 
 
 def choose(stage_1: Suite, finals: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

@@ -14,7 +14,7 @@ from dpfl_bench.checkpoint import CheckpointConfig, checkpoint_path, load_checkp
 from dpfl_bench.config import RunConfig
 from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
-from dpfl_bench.federated import results_path, run_federated
+from dpfl_bench.federated import find_resume, results_path, run_federated
 from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
 
@@ -150,7 +150,53 @@ def test_checkpoint_every_n_rounds_and_keep_checkpoint(tmp_path):
     result = invoke("run", *flags(opts), "--checkpoint-every", 2, "--keep-checkpoint")
     assert "resuming from round 2 of 5" in result.output
     assert read_run(results_path(config))["round"].tolist() == [1, 2, 3, 4, 5]
-    assert load_checkpoint(saved, config).rounds_done == 4, "kept: the last one written, before the last round"
+    assert load_checkpoint(saved, config).rounds_done == 5, "kept: the final state"
+
+
+EXTENSIBLE = {  # no accountant: what a round does does not depend on how many follow it
+    "non-private": KINDS["non-private"],
+    "authors-preset-like": {**KINDS["authors-regime"], "batch-order": "epoch", "lr-decay": 0.9, "lora-dropout": 0.05},
+    "local-heads": {**KINDS["local-heads"], "eps": "inf"},
+    "server-hook": {**KINDS["server-hook"], "eps": "inf"},
+    "alternating-method": {"method": "la-lora", "eps": "inf"},  # its factor alternates by round
+}
+
+
+@pytest.mark.parametrize("kind", EXTENSIBLE)
+def test_a_run_extended_from_a_shorter_ones_kept_checkpoint_equals_a_run_of_that_length(kind, tmp_path):
+    """3 rounds kept, then 6 from them: the rows of 6 rounds run from the start (evaluated every second
+    round: the 3-round run's forced last evaluation is not one of them)."""
+    long = options(tmp_path, **EXTENSIBLE[kind], rounds=6, eval_every=2)
+    short = {**long, "rounds": 3, "out": str(tmp_path / "short")}
+    config = configure(long)
+    expected = read_run(run_federated(config).path)
+    results_path(config).rename(tmp_path / "from-the-start.parquet")
+    run_federated(configure(short), checkpointing=CheckpointConfig(keep=True))
+    assert read_run(results_path(configure(short)))["round"].tolist() == [2, 3]
+
+    result = invoke("run", *flags(long), "--extend-from", tmp_path / "short")
+    assert result.exit_code == 0, result.output
+    assert f"extending {checkpoint_path(results_path(configure(short)))} from round 3 to 6" in " ".join(result.output.split())
+    extended = read_run(results_path(config))
+    assert extended["round"].tolist() == [2, 4, 6]
+    assert extended.drop(columns=TIMING).equals(expected.drop(columns=TIMING))
+
+
+def test_an_accounted_or_audited_run_is_not_extended_and_says_why(tmp_path):
+    short = options(tmp_path / "short", rounds=2)
+    run_federated(configure(short), checkpointing=CheckpointConfig(keep=True))
+    extend = CheckpointConfig(extend_from=str(tmp_path / "short" / "results"))
+    resume = find_resume(configure(options(tmp_path)), extend)
+    assert resume.checkpoint is None and "the noise is calibrated to the whole run" in resume.note
+    resume = find_resume(configure(options(tmp_path, eps="inf", audit_canaries=10)), extend)
+    assert resume.checkpoint is None and "an audit plans its canaries over the whole run" in resume.note
+    resume = find_resume(configure(options(tmp_path, eps="inf")), extend)
+    assert resume.checkpoint is None and "no shorter run of this configuration kept in" in resume.note
+
+
+def test_extend_from_a_missing_folder_is_a_one_line_error(tmp_path):
+    opts = options(tmp_path, eps="inf")
+    assert_one_line_error(invoke("run", *flags(opts), "--extend-from", tmp_path / "nowhere"), "no such folder", "--extend-from")
 
 
 def test_a_secure_run_writes_no_checkpoint_and_starts_over(tmp_path):

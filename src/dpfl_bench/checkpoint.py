@@ -8,6 +8,10 @@ rows equal an uninterrupted run's in every column but the timings.
 
 A `--rng secure` run is never checkpointed: its participation schedule and its ChaCha keys are secret and
 live in memory only, so it starts over when interrupted.
+
+A kept checkpoint (`--keep-checkpoint`) holds the final state, from which a longer run of the same
+configuration can go on (`--extend-from`): where nothing of a round depends on how many rounds follow it
+(see `federated.find_resume`), a run of 200 rounds begins with exactly the 100 of a run of 100.
 """
 
 import io
@@ -33,14 +37,17 @@ class CheckpointConfig:
     """How a run is checkpointed and resumed. Not part of the run's identity: none of it changes a result."""
 
     every: int = 0  # rounds between checkpoints; 0: after every evaluated round
-    keep: bool = False  # keep the checkpoint once the run has finished
+    keep: bool = False  # keep the final state once the run has finished
     restart: bool = False  # ignore an existing checkpoint and finished results: start over
+    extend_from: str = ""  # a folder where a shorter run of the same configuration kept its checkpoint
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise UserError(f"--checkpoint-every must be 0 (every evaluated round) or more, got {self.every}")
 
-    def due(self, rounds_done: int, evaluated: bool) -> bool:
+    def due(self, rounds_done: int, evaluated: bool, rounds: int) -> bool:
+        if rounds_done == rounds:
+            return self.keep  # a finished run needs no checkpoint, unless it is kept
         return rounds_done % self.every == 0 if self.every else evaluated
 
 
@@ -90,15 +97,45 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, config: RunConfig) -> No
 def load_checkpoint(path: Path, config: RunConfig) -> Checkpoint:
     """The checkpoint at `path`, refused in one line when it is damaged or from another configuration or version."""
     fix = f"run with --restart to start over (or delete {path})"
+    payload = _read(path, fix)
+    if payload["identity"] != config.identity():
+        raise UserError(f"checkpoint {path} belongs to another configuration; {fix}")
+    return _checkpoint(payload)
+
+
+def find_shorter_run(folder: Path, config: RunConfig) -> tuple[Path, Checkpoint] | None:
+    """The checkpoint in `folder` of the run that is `config` but for fewer rounds (or as many), the one
+    furthest on; None when there is none. Damaged and foreign checkpoints are passed over."""
+    found = []
+    for path in sorted(folder.glob("*.ckpt")):
+        try:
+            payload = _read(path, "")
+        except UserError:
+            continue
+        if payload["rounds_done"] <= config.federated.rounds and _but_rounds(payload["identity"]) == _but_rounds(config.identity()):
+            found.append((payload["rounds_done"], path, payload))
+    if not found:
+        return None
+    _, path, payload = max(found, key=lambda f: f[0])
+    return path, _checkpoint(payload)
+
+
+def _but_rounds(identity: dict[str, Any]) -> dict[str, Any]:
+    return {**identity, "federated": {k: v for k, v in identity["federated"].items() if k != "rounds"}}
+
+
+def _read(path: Path, fix: str) -> dict[str, Any]:
     try:
         payload = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
-        version, identity = payload["version"], json.loads(payload["identity_json"])
+        version, payload["identity"] = payload["version"], json.loads(payload["identity_json"])
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); {fix}") from None
     if payload.get("format") != FORMAT or version != dpfl_bench.__version__:
         raise UserError(f"checkpoint {path} was written by dpfl-bench {version}, this is {dpfl_bench.__version__}; {fix}")
-    if identity != config.identity():
-        raise UserError(f"checkpoint {path} belongs to another configuration; {fix}")
+    return payload
+
+
+def _checkpoint(payload: dict[str, Any]) -> Checkpoint:
     wall, train, uploaded = payload["counters"]
     return Checkpoint(
         rounds_done=payload["rounds_done"],

@@ -92,7 +92,8 @@ Partition = Annotated[Optional[str], _opt("Data split across clients: `iid`; `di
 DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of dirichlet and dirichlet-mix; smaller is more skewed.", Federated, option="dirichlet-alpha")]
 MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated, option="min-partition-size")]
 CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N rounds, to resume from when interrupted. \\[default: 0: after every evaluated round]", show_default=False, rich_help_panel=Resuming)]
-KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the checkpoint once the run has finished (it is removed by default).", rich_help_panel=Resuming)]
+KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the final state once the run has finished (the checkpoint is removed by default), for --extend-from.", rich_help_panel=Resuming)]
+ExtendFrom = Annotated[Optional[Path], typer.Option(help="A results folder where a shorter run of this configuration (fewer --rounds) kept its checkpoint: go on from it instead of round 0, where that run is exactly this one's beginning (no accountant, no audit: an accounted run's noise depends on its length, so it starts from round 0 and says why).", show_default=False, rich_help_panel=Resuming)]
 ClientSelection = Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)]
 BatchOrder = Annotated[Optional[str], _opt("`fresh`: each local step draws its batch anew (a Poisson sample under sample-level DP); `epoch`: a round's steps walk shuffled epochs of the client's data, a short last batch included (the authors' code; no sample-level guarantee). \\[default: fresh]", Training)]
 Preset = Annotated[Optional[str], _opt("A paper's setting by name: authors-vision or authors-glue (see `dpfl-bench presets`); it prints what it sets, and your options override it.", Section)]
@@ -153,6 +154,7 @@ def run(
     threads: Annotated[int, typer.Option(help="Torch threads for this run (recorded in its results). \\[default: 0: torch's own, one per core]", show_default=False, rich_help_panel=Execution)] = 0,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
+    extend_from: ExtendFrom = None,
     restart: Annotated[bool, typer.Option("--restart", help="Start over: ignore this configuration's checkpoint and finished results.", rich_help_panel=Resuming)] = False,
 ) -> None:
     """Train one federated LoRA configuration under (ε, δ)-DP and write its per-round metrics to Parquet.
@@ -161,7 +163,7 @@ def run(
     resumes from its checkpoint when run again; a finished one is not run again (--restart).
     Example: dpfl-bench run --method la-lora --eps 1
     """
-    resuming = {"checkpoint_every": checkpoint_every, "keep_checkpoint": keep_checkpoint, "restart": restart}
+    resuming = {"checkpoint_every": checkpoint_every, "keep_checkpoint": keep_checkpoint, "extend_from": extend_from, "restart": restart}
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "method_opt", "resuming", "threads", "log_to", *resuming)}
     with _user_errors(interrupted="the rounds evaluated so far are saved; run the same command again to resume from its checkpoint"):
         if threads < 0:
@@ -188,7 +190,7 @@ def run(
         chosen = TASKS.get(options.get("task", RunConfig.task))
         resolved = build_config(options, chosen.defaults)
         _print_preset(options, resolved.method)
-        checkpointing = CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, restart=restart)
+        checkpointing = CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, restart=restart, extend_from=str(extend_from or ""))
         resume = find_resume(resolved, checkpointing)
         if resume.finished_rows:
             console.print(resume.note, highlight=False)
@@ -376,6 +378,7 @@ def sweep(
     retries: Annotated[int, typer.Option(help="Ray: attempts after a crash or a lost worker, each resuming from the point's checkpoint.", rich_help_panel=Execution)] = 2,
     checkpoint_every: CheckpointEvery = 0,
     keep_checkpoint: KeepCheckpoint = False,
+    extend_from: ExtendFrom = None,
     log_to: Annotated[Optional[str], typer.Option(help="Also write each run to a tracker as it finishes: tensorboard (runs/<run id>) or mlflow (MLFLOW_TRACKING_URI, else runs/mlflow.db).", show_default=False, rich_help_panel=Execution)] = None,
 ) -> None:
     """Run every point of a benchmark suite once, locally (reused worker processes) or on Ray.
@@ -395,7 +398,7 @@ def sweep(
             check_tracker(log_to)
         execution = ExecutionConfig(
             backend=backend, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-            retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint),
+            retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, extend_from=str(extend_from or "")),
         )
         loaded = load_suite(suite, out)
         everything = loaded.points

@@ -22,7 +22,7 @@ from torch import nn
 
 import dpfl_bench
 from dpfl_bench.adapters import State, add_lora
-from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, load_checkpoint, save_checkpoint
+from dpfl_bench.checkpoint import Checkpoint, CheckpointConfig, checkpoint_path, find_shorter_run, load_checkpoint, save_checkpoint
 from dpfl_bench.client import ClientResult, RunContext, Workspace, train_client
 from dpfl_bench.client_batch import train_clients, uncovered
 from dpfl_bench.config import RunConfig
@@ -32,7 +32,7 @@ from dpfl_bench.method import Factor, create_method
 from dpfl_bench.partition import clients_per_round, partition
 from dpfl_bench.precision import autocast, to_device, use_tensor_cores
 from dpfl_bench.privacy.canaries import create_audit
-from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism
+from dpfl_bench.privacy.mechanism import Mechanism, Schedule, create_mechanism, mechanism_of
 from dpfl_bench.privacy.per_example import PerExampleGradients, check_per_example
 from dpfl_bench.privacy.randomness import SERVER, Purpose, Randomness
 from dpfl_bench.results import option_values, read_run, write_rows
@@ -190,7 +190,27 @@ def find_resume(config: RunConfig, checkpointing: CheckpointConfig = CheckpointC
     if saved.exists():
         checkpoint = load_checkpoint(saved, config)
         return Resume([], checkpoint, f"resuming from round {checkpoint.rounds_done} of {config.federated.rounds} ({saved.name})")
+    if checkpointing.extend_from:
+        return _extension(config, Path(checkpointing.extend_from))
     return Resume([], None, f"no checkpoint beside the {len(rows)} saved rounds: starting over" if rows else "")
+
+
+def _extension(config: RunConfig, folder: Path) -> Resume:
+    """Go on from a shorter run's kept checkpoint, where that run is this one's beginning: every draw of a
+    round comes from its own stream and the learning rate decays per round, so only a mechanism calibrated
+    to the whole schedule (an accountant's) or an audit, planned over all the steps, tie a round to the
+    run's length. Otherwise start from round 0, saying why."""
+    if not folder.is_dir():
+        raise UserError(f"--extend-from {folder}: no such folder; name the results folder of the shorter runs")
+    if mechanism_of(config).accounted:
+        return Resume([], None, "not extended: the noise is calibrated to the whole run, so a shorter run is not its beginning")
+    if config.audit.audit_canaries:
+        return Resume([], None, "not extended: an audit plans its canaries over the whole run")
+    found = find_shorter_run(folder, config)
+    if found is None:
+        return Resume([], None, f"no shorter run of this configuration kept in {folder}: starting from round 0")
+    path, checkpoint = found
+    return Resume([], checkpoint, f"extending {path} from round {checkpoint.rounds_done} to {config.federated.rounds}")
 
 
 def run_federated(
@@ -229,6 +249,7 @@ def _run(
     secret = randomness.secure
     client_data = json.dumps(mechanism.client_records([c.labels for c in clients], data.num_classes, secret))
     rows: list[dict[str, Any]] = []
+    run_fields = {"run_id": out.stem, "rounds_total": fed.rounds, "config_json": config.to_json(), **option_values(config.to_json())}
     train_seconds, bytes_uploaded = 0.0, 0.0
     if resume.checkpoint is not None:
         ckpt = resume.checkpoint
@@ -240,6 +261,9 @@ def _run(
         mechanism.load_state(ckpt.mechanism)
         audit.load_state(ckpt.audit)
         if rows:  # rounds saved after the checkpoint are redone
+            # Extending a shorter run: its rows as this run's, less an evaluation its last round forced.
+            on_grid = [row for row in rows if row["round"] % config.training.eval_every == 0]
+            rows = [{**row, **run_fields} for row in on_grid]
             write_rows(rows, out)
         else:
             out.unlink(missing_ok=True)
@@ -269,7 +293,7 @@ def _run(
             spent = mechanism.spent(exp.schedule[: round + 1])
             train_loss = float(np.mean([r.train_loss for r in results])) if results and not secret else math.nan
             row = {
-                "run_id": out.stem,
+                **run_fields,
                 "task": task.name,
                 "model": exp.model_name,
                 "method": method.label,
@@ -285,7 +309,6 @@ def _run(
                 "guarantee": mechanism.accounted,
                 **audit.estimates(config.privacy.delta),
                 "round": round + 1,
-                "rounds_total": fed.rounds,
                 "test_accuracy": accuracy,
                 "test_loss": loss,
                 "val_accuracy": val_accuracy,  # for tuning: --select in compare chooses on it, never on test
@@ -299,14 +322,12 @@ def _run(
                 "threads": torch.get_num_threads(),
                 "bytes_uploaded_per_round": bytes_uploaded / (round + 1),
                 "seed": config.seed,
-                "config_json": config.to_json(),
-                **option_values(config.to_json()),
                 "client_data_json": client_data,
                 **versions(),
             }
             rows.append(row)
             write_rows(rows, out)
-        if not secret and round + 1 < fed.rounds and checkpointing.due(round + 1, evaluated):
+        if not secret and checkpointing.due(round + 1, evaluated, fed.rounds):
             checkpoint = Checkpoint(round + 1, global_state, rows, mechanism.state(), audit.state(),
                                     time.perf_counter() - started, train_seconds, bytes_uploaded, ws.physical_batch_size,
                                     client_states)
