@@ -182,6 +182,14 @@ def test_a_run_extended_from_a_shorter_ones_kept_checkpoint_equals_a_run_of_that
     assert extended.drop(columns=TIMING).equals(expected.drop(columns=TIMING))
 
 
+def test_a_kept_run_extended_to_its_own_length_elsewhere_keeps_its_last_evaluation(tmp_path):
+    short = options(tmp_path / "short", eps="inf", rounds=3, eval_every=2)
+    kept = read_run(run_federated(configure(short), checkpointing=CheckpointConfig(keep=True)).path)
+    copy = configure(options(tmp_path, eps="inf", rounds=3, eval_every=2))
+    run_federated(copy, checkpointing=CheckpointConfig(extend_from=str(tmp_path / "short" / "results")))
+    assert read_run(results_path(copy)).drop(columns=["config_json"]).equals(kept.drop(columns=["config_json"]))
+
+
 def test_an_accounted_or_audited_run_is_not_extended_and_says_why(tmp_path):
     short = options(tmp_path / "short", rounds=2)
     run_federated(configure(short), checkpointing=CheckpointConfig(keep=True))

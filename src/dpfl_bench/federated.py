@@ -262,7 +262,7 @@ def _run(
         audit.load_state(ckpt.audit)
         if rows:  # rounds saved after the checkpoint are redone
             # Extending a shorter run: its rows as this run's, less an evaluation its last round forced.
-            on_grid = [row for row in rows if row["round"] % config.training.eval_every == 0]
+            on_grid = [row for row in rows if row["round"] % config.training.eval_every == 0 or row["round"] == fed.rounds]
             rows = [{**row, **run_fields} for row in on_grid]
             write_rows(rows, out)
         else:
