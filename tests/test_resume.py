@@ -14,7 +14,7 @@ from dpfl_bench.checkpoint import CheckpointConfig, checkpoint_path, load_checkp
 from dpfl_bench.config import RunConfig
 from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
-from dpfl_bench.federated import find_resume, results_path, run_federated
+from dpfl_bench.federated import find_resume, results_path, run_federated, run_id
 from dpfl_bench.results import read_run
 from dpfl_bench.tasks import TASKS
 
@@ -158,7 +158,8 @@ EXTENSIBLE = {  # no accountant: what a round does does not depend on how many f
     "authors-preset-like": {**KINDS["authors-regime"], "batch-order": "epoch", "lr-decay": 0.9, "lora-dropout": 0.05},
     "local-heads": {**KINDS["local-heads"], "eps": "inf"},
     "server-hook": {**KINDS["server-hook"], "eps": "inf"},
-    "alternating-method": {"method": "la-lora", "eps": "inf"},  # its factor alternates by round
+    "alternating-method": {"method": "rolora", "eps": "inf"},  # its factor alternates by round
+    "audited": {**KINDS["authors-regime"], "audit-canaries": 50},
 }
 
 
@@ -182,29 +183,28 @@ def test_a_run_extended_from_a_shorter_ones_kept_checkpoint_equals_a_run_of_that
     assert extended.drop(columns=TIMING).equals(expected.drop(columns=TIMING))
 
 
-def test_a_kept_run_extended_to_its_own_length_elsewhere_keeps_its_last_evaluation(tmp_path):
-    short = options(tmp_path / "short", eps="inf", rounds=3, eval_every=2)
-    kept = read_run(run_federated(configure(short), checkpointing=CheckpointConfig(keep=True)).path)
-    copy = configure(options(tmp_path, eps="inf", rounds=3, eval_every=2))
-    run_federated(copy, checkpointing=CheckpointConfig(extend_from=str(tmp_path / "short" / "results")))
-    assert read_run(results_path(copy)).drop(columns=["config_json"]).equals(kept.drop(columns=["config_json"]))
-
-
-def test_an_accounted_or_audited_run_is_not_extended_and_says_why(tmp_path):
-    short = options(tmp_path / "short", rounds=2)
-    run_federated(configure(short), checkpointing=CheckpointConfig(keep=True))
-    extend = CheckpointConfig(extend_from=str(tmp_path / "short" / "results"))
-    resume = find_resume(configure(options(tmp_path)), extend)
+def test_an_accounted_run_is_not_extended_nor_one_from_a_run_as_long_and_each_says_why(tmp_path):
+    for kept in (options(tmp_path / "accounted", rounds=2), options(tmp_path / "as-long", eps="inf")):
+        run_federated(configure(kept), checkpointing=CheckpointConfig(keep=True))
+    resume = find_resume(configure(options(tmp_path)), CheckpointConfig(extend_from=str(tmp_path / "accounted" / "results")))
     assert resume.checkpoint is None and "the noise is calibrated to the whole run" in resume.note
-    resume = find_resume(configure(options(tmp_path, eps="inf", audit_canaries=10)), extend)
-    assert resume.checkpoint is None and "an audit plans its canaries over the whole run" in resume.note
-    resume = find_resume(configure(options(tmp_path, eps="inf")), extend)
-    assert resume.checkpoint is None and "no shorter run of this configuration kept in" in resume.note
+    as_long = CheckpointConfig(extend_from=str(tmp_path / "as-long" / "results"))
+    resume = find_resume(configure(options(tmp_path, eps="inf")), as_long)
+    assert resume.checkpoint is None and resume.note.startswith("no shorter run of this configuration kept in")
+    resume = find_resume(configure(options(tmp_path, eps="inf", rounds=9)), as_long)
+    assert resume.checkpoint is not None and resume.checkpoint.rounds_done == 5, "the 5-round run is shorter than 9"
+    same_name = run_id(configure(options(tmp_path, eps="inf"))).rsplit("_", 1)[0]
+    (tmp_path / "as-long" / "results" / f"{same_name}_0000000.ckpt").write_bytes(b"damaged")
+    resume = find_resume(configure(options(tmp_path, eps="inf")), as_long)
+    assert "(1 checkpoint(s) there unreadable or of another dpfl-bench version)" in resume.note
 
 
-def test_extend_from_a_missing_folder_is_a_one_line_error(tmp_path):
+def test_extend_from_a_missing_folder_is_a_one_line_error_in_run_and_sweep(tmp_path):
     opts = options(tmp_path, eps="inf")
-    assert_one_line_error(invoke("run", *flags(opts), "--extend-from", tmp_path / "nowhere"), "no such folder", "--extend-from")
+    assert_one_line_error(invoke("run", *flags(opts), "--extend-from", tmp_path / "nowhere"), "not a folder", "--extend-from")
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'out = "{tmp_path / "sweep"}"\n[base]\ntask = "synthetic"\nrounds = 1\n[grid]\nseed = [0, 1]\n')
+    assert_one_line_error(invoke("sweep", suite, "--extend-from", tmp_path / "nowhere"), "not a folder", "--extend-from")
 
 
 def test_a_secure_run_writes_no_checkpoint_and_starts_over(tmp_path):

@@ -11,7 +11,7 @@ live in memory only, so it starts over when interrupted.
 
 A kept checkpoint (`--keep-checkpoint`) holds the final state, from which a longer run of the same
 configuration can go on (`--extend-from`): where nothing of a round depends on how many rounds follow it
-(see `federated.find_resume`), a run of 200 rounds begins with exactly the 100 of a run of 100.
+(see `federated._extension`), a run of 200 rounds begins with exactly the 100 of a run of 100.
 """
 
 import io
@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -103,21 +103,22 @@ def load_checkpoint(path: Path, config: RunConfig) -> Checkpoint:
     return _checkpoint(payload)
 
 
-def find_shorter_run(folder: Path, config: RunConfig) -> tuple[Path, Checkpoint] | None:
-    """The checkpoint in `folder` of the run that is `config` but for fewer rounds (or as many), the one
-    furthest on; None when there is none. Damaged and foreign checkpoints are passed over."""
-    found = []
-    for path in sorted(folder.glob("*.ckpt")):
+def find_shorter_run(candidates: Iterable[Path], config: RunConfig) -> tuple[tuple[Path, Checkpoint] | None, int]:
+    """Among the checkpoints `candidates`, that of the run that is `config` but for fewer rounds, the one
+    furthest on (None when there is none); and how many could not be read or are of another version."""
+    wanted, found, unusable = _but_rounds(config.identity()), [], 0
+    for path in candidates:
         try:
             payload = _read(path, "")
         except UserError:
+            unusable += 1
             continue
-        if payload["rounds_done"] <= config.federated.rounds and _but_rounds(payload["identity"]) == _but_rounds(config.identity()):
+        if payload["identity"]["federated"]["rounds"] < config.federated.rounds and _but_rounds(payload["identity"]) == wanted:
             found.append((payload["rounds_done"], path, payload))
     if not found:
-        return None
+        return None, unusable
     _, path, payload = max(found, key=lambda f: f[0])
-    return path, _checkpoint(payload)
+    return (path, _checkpoint(payload)), unusable
 
 
 def _but_rounds(identity: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,7 @@ DirichletAlpha = Annotated[Optional[float], _opt("Dirichlet concentration α of 
 MinPartitionSize = Annotated[Optional[int], _opt("Smallest client dataset a dirichlet split may give.", Federated, option="min-partition-size")]
 CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N rounds, to resume from when interrupted. \\[default: 0: after every evaluated round]", show_default=False, rich_help_panel=Resuming)]
 KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep the final state once the run has finished (the checkpoint is removed by default), for --extend-from.", rich_help_panel=Resuming)]
-ExtendFrom = Annotated[Optional[Path], typer.Option(help="A results folder where a shorter run of this configuration (fewer --rounds) kept its checkpoint: go on from it instead of round 0, where that run is exactly this one's beginning (no accountant, no audit: an accounted run's noise depends on its length, so it starts from round 0 and says why).", show_default=False, rich_help_panel=Resuming)]
+ExtendFrom = Annotated[Optional[Path], typer.Option(help="A results folder where a shorter run of this configuration (fewer --rounds) kept its checkpoint: go on from it instead of round 0, where that run is exactly this one's beginning (no accountant: an accounted run's noise depends on its length, so it starts from round 0 and says why).", show_default=False, rich_help_panel=Resuming)]
 ClientSelection = Annotated[Optional[str], _opt("Which clients take part each round: `random`, a fresh draw (what client-level DP's accountant assumes); `first`, the same first ⌈p·N⌉ every round (the authors' GLUE code). \\[default: random]", Federated)]
 BatchOrder = Annotated[Optional[str], _opt("`fresh`: each local step draws its batch anew (a Poisson sample under sample-level DP); `epoch`: a round's steps walk shuffled epochs of the client's data, a short last batch included (the authors' code; no sample-level guarantee). \\[default: fresh]", Training)]
 Preset = Annotated[Optional[str], _opt("A paper's setting by name: authors-vision or authors-glue (see `dpfl-bench presets`); it prints what it sets, and your options override it.", Section)]
@@ -389,7 +389,7 @@ def sweep(
     with _user_errors():
         from dpfl_bench.checkpoint import CheckpointConfig
         from dpfl_bench.execution import ExecutionConfig, create_backend
-        from dpfl_bench.federated import writable_folder
+        from dpfl_bench.federated import check_extend_from, writable_folder
         from dpfl_bench.sweep import estimate_seconds, is_finished, load_suite, probe_seconds_per_round, rounds_done, select_points
 
         if log_to is not None:
@@ -400,6 +400,8 @@ def sweep(
             backend=backend, jobs=jobs, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
             retries=retries, checkpointing=CheckpointConfig(every=checkpoint_every, keep=keep_checkpoint, extend_from=str(extend_from or "")),
         )
+        if extend_from is not None:
+            check_extend_from(extend_from)
         loaded = load_suite(suite, out)
         everything = loaded.points
         if where:

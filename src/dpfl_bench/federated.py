@@ -198,19 +198,23 @@ def find_resume(config: RunConfig, checkpointing: CheckpointConfig = CheckpointC
 def _extension(config: RunConfig, folder: Path) -> Resume:
     """Go on from a shorter run's kept checkpoint, where that run is this one's beginning: every draw of a
     round comes from its own stream and the learning rate decays per round, so only a mechanism calibrated
-    to the whole schedule (an accountant's) or an audit, planned over all the steps, tie a round to the
-    run's length. Otherwise start from round 0, saying why."""
-    if not folder.is_dir():
-        raise UserError(f"--extend-from {folder}: no such folder; name the results folder of the shorter runs")
+    to the whole schedule (an accountant's) ties a round to the run's length. Otherwise start from round 0,
+    saying why."""
+    check_extend_from(folder)
     if mechanism_of(config).accounted:
         return Resume([], None, "not extended: the noise is calibrated to the whole run, so a shorter run is not its beginning")
-    if config.audit.audit_canaries:
-        return Resume([], None, "not extended: an audit plans its canaries over the whole run")
-    found = find_shorter_run(folder, config)
+    same_name = folder.glob(f"{run_id(config).rsplit('_', 1)[0]}_*.ckpt")  # the readable part of a run id has no rounds
+    found, unusable = find_shorter_run(same_name, config)
     if found is None:
-        return Resume([], None, f"no shorter run of this configuration kept in {folder}: starting from round 0")
+        skipped = f" ({unusable} checkpoint(s) there unreadable or of another dpfl-bench version)" if unusable else ""
+        return Resume([], None, f"no shorter run of this configuration kept in {folder}{skipped}: starting from round 0")
     path, checkpoint = found
     return Resume([], checkpoint, f"extending {path} from round {checkpoint.rounds_done} to {config.federated.rounds}")
+
+
+def check_extend_from(folder: Path) -> None:
+    if not folder.is_dir():
+        raise UserError(f"--extend-from {folder}: not a folder; name the results folder of the shorter runs")
 
 
 def run_federated(
@@ -261,8 +265,9 @@ def _run(
         mechanism.load_state(ckpt.mechanism)
         audit.load_state(ckpt.audit)
         if rows:  # rounds saved after the checkpoint are redone
-            # Extending a shorter run: its rows as this run's, less an evaluation its last round forced.
-            on_grid = [row for row in rows if row["round"] % config.training.eval_every == 0 or row["round"] == fed.rounds]
+            # When extending a shorter run, its rows become this run's, less the evaluation its last round
+            # forced; when resuming this run, neither changes anything.
+            on_grid = [row for row in rows if row["round"] % config.training.eval_every == 0]
             rows = [{**row, **run_fields} for row in on_grid]
             write_rows(rows, out)
         else:
