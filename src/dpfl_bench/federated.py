@@ -253,7 +253,8 @@ def _run(
     secret = randomness.secure
     client_data = json.dumps(mechanism.client_records([c.labels for c in clients], data.num_classes, secret))
     rows: list[dict[str, Any]] = []
-    run_fields = {"run_id": out.stem, "rounds_total": fed.rounds, "config_json": config.to_json(), **option_values(config.to_json())}
+    config_json = config.to_json()
+    run_fields = {"run_id": out.stem, "rounds_total": fed.rounds, "config_json": config_json, **option_values(config_json)}
     train_seconds, bytes_uploaded = 0.0, 0.0
     if resume.checkpoint is not None:
         ckpt = resume.checkpoint
