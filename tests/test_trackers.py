@@ -74,3 +74,15 @@ def test_a_sweep_writes_each_run_as_it_finishes(tmp_path, monkeypatch):
     runs = sorted((tmp_path / "runs").iterdir())
     assert [p.name for p in runs] == sorted(p.stem for p in (tmp_path / "results").glob("*.parquet")) and len(runs) == 2
     assert all([e.step for e in events(run).Scalars("test_accuracy")] == [1, 2] for run in runs)
+
+
+def test_an_extended_run_logs_the_rounds_it_carries_over(tmp_path, monkeypatch):
+    """The rounds copied from the shorter run's checkpoint reach the tracker too, not only the last one."""
+    monkeypatch.chdir(tmp_path)
+    short = ("run", "--task", "synthetic", "--local-steps", "1", "--eps", "inf", "--out", "short")
+    assert invoke(*short, "--rounds", "2", "--keep-checkpoint").exit_code == 0
+    result = invoke("run", *short[1:-2], "--rounds", "3", "--extend-from", "short", "--log-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    assert "extending" in result.output
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert [e.step for e in events(folder).Scalars("val_accuracy")] == [1, 2, 3]

@@ -178,6 +178,7 @@ def run(
         from dpfl_bench.execution import quiet_libraries
         from dpfl_bench.federated import find_resume, resolve_device, results_path, run_federated, writable_folder
         from dpfl_bench.lock import check_unlocked
+        from dpfl_bench.results import read_run
         from dpfl_bench.tasks import TASKS
         from dpfl_bench.trackers import open_tracker
 
@@ -235,7 +236,9 @@ def run(
             def on_round(done: int, row: dict | None) -> None:
                 progress.update(bar, completed=done, description="training", **({"status": round_status(row)} if row else {}))
                 if row and tracker:
-                    tracker.log(row)
+                    loaded = done == resume.rounds_done  # from a checkpoint: every row it carries (a shorter run's too)
+                    for logged in read_run(results_path(resolved)).to_dict("records") if loaded else [row]:
+                        tracker.log(logged)
 
             def on_progress(done: float) -> None:
                 progress.update(bar, completed=done, description="training")
