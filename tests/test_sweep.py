@@ -310,6 +310,20 @@ def test_a_dry_run_estimates_the_time_left_from_the_runs_saved_so_far(tmp_path):
     assert la_lora_only == (pytest.approx(per_round * la_lora_left), 1)  # timed from dp-lora's saved run
 
 
+def test_a_dry_run_does_not_count_the_rounds_an_extension_copies(tmp_path):
+    from dpfl_bench.checkpoint import CheckpointConfig
+    from dpfl_bench.federated import run_federated
+    from dpfl_bench.sweep import estimate_seconds
+
+    short = load_suite(suite_file(tmp_path, RUNNABLE), tmp_path / "short")
+    long = load_suite(suite_file(tmp_path, RUNNABLE.replace("rounds = 2", "rounds = 4")), tmp_path / "long")
+    kept = run_federated(short.points[0], checkpointing=CheckpointConfig(keep=True)).rows[-1]
+    per_round = kept["wall_seconds"] / kept["round"]
+    assert estimate_seconds(long.points, measured=short.points) == (pytest.approx(per_round * 16), 1)
+    extending = CheckpointConfig(extend_from=str(tmp_path / "short"))
+    assert estimate_seconds(long.points, short.points, extending) == (pytest.approx(per_round * 14), 1), "2 of 4 rounds copied"
+
+
 def test_where_selects_points_by_option_value_and_variant_label(tmp_path):
     from dpfl_bench.sweep import select_points
 

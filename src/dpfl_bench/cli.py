@@ -421,7 +421,7 @@ def sweep(
                 console.print(loaded.description, highlight=False)
             console.print(_grid_table(loaded, saved))
             if todo:
-                estimate = estimate_seconds(loaded.points, measured=everything)
+                estimate = estimate_seconds(loaded.points, measured=everything, checkpointing=execution.checkpointing)
                 parallel = max(jobs, 1)
                 if estimate is None and not probe:
                     console.print("time: no run of this suite has saved a round yet; add --probe to time one round of its first point")
@@ -434,8 +434,9 @@ def sweep(
                 else:
                     seconds, runs = estimate
                     hours = seconds / 3600 / parallel
+                    copied = ", less the rounds --extend-from copies" if extend_from else ""
                     console.print(f"time left: about {hours:.1f} h with --jobs {parallel}, at the seconds per round of the "
-                                  f"{runs} runs saved so far (wall time, evaluation included, on the machine they ran on)")
+                                  f"{runs} runs saved so far (wall time, evaluation included, on the machine they ran on{copied})")
             return
         if not todo:
             console.print(f"nothing to run · compare the results: dpfl-bench compare {loaded.out}")

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from dpfl_bench.checkpoint import CheckpointConfig
 from dpfl_bench.config import RunConfig, read_toml
 from dpfl_bench.configure import build_config
 from dpfl_bench.errors import UserError
-from dpfl_bench.federated import run_id, saved_rows
+from dpfl_bench.federated import find_resume, run_id, saved_rows
 
 
 @dataclass(frozen=True)
@@ -205,16 +206,27 @@ def is_finished(config: RunConfig) -> bool:
     return rounds_done(config) >= config.federated.rounds
 
 
-def estimate_seconds(points: Sequence[RunConfig], measured: Sequence[RunConfig] = ()) -> tuple[float, int] | None:
+def starting_round(config: RunConfig, checkpointing: CheckpointConfig = CheckpointConfig()) -> int:
+    """The round a point would start from: its saved rows' last, or, extending (`--extend-from`) a point
+    with nothing saved, the round of the shorter run it would go on from."""
+    saved = rounds_done(config)
+    if saved or not checkpointing.extend_from:
+        return saved
+    resume = find_resume(config, checkpointing)
+    return resume.checkpoint.rounds_done if resume.checkpoint is not None else 0
+
+
+def estimate_seconds(
+    points: Sequence[RunConfig], measured: Sequence[RunConfig] = (), checkpointing: CheckpointConfig = CheckpointConfig(),
+) -> tuple[float, int] | None:
     """Seconds the unfinished `points` need one after another, from the seconds per round (wall time,
     evaluation and start-up included) the saved runs among `points` and `measured` (the rest of the suite)
-    took: each point at its method's median, or at all methods' when its method has none. With the number
-    of runs it is estimated from; None before any run has saved a round."""
+    took: each point at its method's median, or at all methods' when its method has none; the rounds an
+    extension (`checkpointing.extend_from`) copies are not counted. With the number of runs it is estimated
+    from; None before any run has saved a round."""
     per_round: dict[str, list[float]] = {}
-    saved = {}
     for config in {run_id(c): c for c in [*points, *measured]}.values():
         rows = saved_rows(config)
-        saved[run_id(config)] = int(rows[-1]["round"]) if rows else 0
         if rows:
             per_round.setdefault(config.method, []).append(float(rows[-1]["wall_seconds"]) / int(rows[-1]["round"]))
     if not per_round:
@@ -222,7 +234,7 @@ def estimate_seconds(points: Sequence[RunConfig], measured: Sequence[RunConfig] 
     everyone = statistics.median(s for seconds in per_round.values() for s in seconds)
     total = 0.0
     for config in points:
-        left = config.federated.rounds - saved[run_id(config)]
+        left = config.federated.rounds - starting_round(config, checkpointing)
         total += left * (statistics.median(per_round[config.method]) if config.method in per_round else everyone)
     return total, sum(map(len, per_round.values()))
 
