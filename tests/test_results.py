@@ -85,9 +85,8 @@ def test_failed_write_keeps_the_old_file_and_removes_the_temp_file(tmp_path, mon
     attempted = []
 
     def failing_write_table(table, where, *args, **kwargs):
-        attempted.append(where)
-        with open(where, "wb") as f:  # half a file, then the failure
-            f.write(b"PAR1 partial")
+        attempted.append(where.name)
+        where.write(b"PAR1 partial")  # half a file, then the failure
         raise failure
 
     monkeypatch.setattr(results.pq, "write_table", failing_write_table)

@@ -224,8 +224,13 @@ def test_a_negative_checkpoint_interval_is_refused(tmp_path):
     assert_one_line_error(invoke("run", "--task", "synthetic", "--checkpoint-every", -1), "--checkpoint-every must be 0")
 
 
-def test_a_checkpoint_is_written_atomically(interrupted):
-    """No temporary file is left beside the results, whatever was interrupted."""
+def test_a_checkpoint_is_written_atomically_and_shared_as_the_results_are(interrupted):
+    """No temporary file is left beside the results, whatever was interrupted; the checkpoint's permissions
+    are the umask's, like the results file's (another worker of a cluster may resume it), not owner-only."""
     _, config = interrupted
     names = sorted(os.listdir(results_path(config).parent))
     assert names == sorted([results_path(config).name, checkpoint_path(results_path(config)).name])
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (results_path(config), checkpoint_path(results_path(config))):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name

@@ -16,8 +16,6 @@ configuration can go on (`--extend-from`): where nothing of a round depends on h
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +26,7 @@ import dpfl_bench
 from dpfl_bench.adapters import State
 from dpfl_bench.config import RunConfig
 from dpfl_bench.errors import UserError
+from dpfl_bench.files import write_atomically
 
 FORMAT = 2  # bumped when the checkpoint's layout changes
 
@@ -84,14 +83,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, config: RunConfig) -> No
         "physical_batch_size": checkpoint.physical_batch_size,
         "client_states": {str(k): {n: t.detach().cpu() for n, t in state.items()} for k, state in checkpoint.client_states.items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(path: Path, config: RunConfig) -> Checkpoint:

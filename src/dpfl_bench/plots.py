@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from dpfl_bench.compare import COLUMN_KEY, TABLE_KEYS, regimes_in
+from dpfl_bench.files import write_atomically
 from dpfl_bench.stats import mean_interval
 
 COLUMNS = 3  # panels a row: readable at a page's width
@@ -109,8 +110,7 @@ def plot_comparison(rows: pd.DataFrame, finals: pd.DataFrame, metric: str, by: l
         legend = ax.get_legend()
         legend.set_bbox_to_anchor((0.5, bottom - 0.02), transform=ax.transAxes)
         legend.set_in_layout(True)  # so that the saved figure's tight box holds it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight")
+    write_atomically(path, lambda file: figure.savefig(file, format=path.suffix[1:].lower(), dpi=150, bbox_inches="tight"))
     plt.close(figure)
 
 

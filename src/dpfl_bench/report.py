@@ -5,7 +5,6 @@ Nothing is fetched from the network: no scripts, no external styles or fonts.
 
 import html
 import json
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +13,7 @@ import pandas as pd
 
 import dpfl_bench
 from dpfl_bench.compare import Pivot, Results
+from dpfl_bench.files import write_atomically
 from dpfl_bench.plots import plot_comparison
 
 STYLE = """
@@ -48,13 +48,7 @@ def write_report(path: Path, loaded: Results, finals: pd.DataFrame, tables: list
     ))
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>dpfl-bench report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        f.write(page)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # a temporary file is owner-only; a report is for sharing
-    Path(f.name).replace(path)
+    write_atomically(path, lambda file: file.write(page.encode("utf-8")))
 
 
 def _table(t: Pivot, metric: str) -> str:

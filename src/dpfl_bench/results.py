@@ -6,14 +6,14 @@ interrupted run leaves the rounds it finished and never a half-written file.
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dpfl_bench.files import write_atomically
 
 SCHEMA = pa.schema(
     [
@@ -97,18 +97,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     for name in sorted({k for row in rows for k in row} - set(SCHEMA.names)):  # the options, after the fixed columns
         table = table.append_column(name, pa.array([row.get(name) for row in rows]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda file: pq.write_table(table, file))
 
 
 class NotAResultsFile(ValueError):
