@@ -206,16 +206,6 @@ def is_finished(config: RunConfig) -> bool:
     return rounds_done(config) >= config.federated.rounds
 
 
-def starting_round(config: RunConfig, checkpointing: CheckpointConfig = CheckpointConfig()) -> int:
-    """The round a point would start from: its saved rows' last, or, extending (`--extend-from`) a point
-    with nothing saved, the round of the shorter run it would go on from."""
-    saved = rounds_done(config)
-    if saved or not checkpointing.extend_from:
-        return saved
-    resume = find_resume(config, checkpointing)
-    return resume.checkpoint.rounds_done if resume.checkpoint is not None else 0
-
-
 def estimate_seconds(
     points: Sequence[RunConfig], measured: Sequence[RunConfig] = (), checkpointing: CheckpointConfig = CheckpointConfig(),
 ) -> tuple[float, int] | None:
@@ -225,8 +215,10 @@ def estimate_seconds(
     extension (`checkpointing.extend_from`) copies are not counted. With the number of runs it is estimated
     from; None before any run has saved a round."""
     per_round: dict[str, list[float]] = {}
+    saved = {}
     for config in {run_id(c): c for c in [*points, *measured]}.values():
         rows = saved_rows(config)
+        saved[run_id(config)] = int(rows[-1]["round"]) if rows else 0
         if rows:
             per_round.setdefault(config.method, []).append(float(rows[-1]["wall_seconds"]) / int(rows[-1]["round"]))
     if not per_round:
@@ -234,9 +226,17 @@ def estimate_seconds(
     everyone = statistics.median(s for seconds in per_round.values() for s in seconds)
     total = 0.0
     for config in points:
-        left = config.federated.rounds - starting_round(config, checkpointing)
+        left = config.federated.rounds - (saved[run_id(config)] or _copied_rounds(config, checkpointing))
         total += left * (statistics.median(per_round[config.method]) if config.method in per_round else everyone)
     return total, sum(map(len, per_round.values()))
+
+
+def _copied_rounds(config: RunConfig, checkpointing: CheckpointConfig) -> int:
+    """The rounds that extending (`--extend-from`) a point with nothing saved would copy from a shorter run."""
+    if not checkpointing.extend_from:
+        return 0
+    resume = find_resume(config, checkpointing)
+    return resume.checkpoint.rounds_done if resume.checkpoint is not None else 0
 
 
 def probe_seconds_per_round(config: RunConfig) -> float:
